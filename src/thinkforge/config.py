@@ -1,0 +1,204 @@
+"""Structured configs: the schema Hydra composes into, validated before any work starts.
+
+Hydra rejects unknown keys and wrong types at composition time; the `__post_init__` checks below reject values
+that type-check but cannot work (a micro batch larger than the batch, an unknown attention backend, ...). They run
+when `validate` converts the composed config to these dataclasses, i.e. before a model or a dataset is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CANONICAL_FIELDS = ("text", "prompt", "completion", "messages", "answer", "chosen", "rejected")
+
+
+@dataclass
+class ModelConfig:
+    # An HF hub id or a local directory (an earlier stage's export). When null, `config` builds a fresh model.
+    name_or_path: Optional[str] = None
+    # HF config fields for a model built from scratch (`model_type` selects the architecture).
+    config: Optional[dict[str, Any]] = None
+    # Tokenizer id or directory; null means: the model's own, or the built-in synthetic-task tokenizer.
+    tokenizer: Optional[str] = None
+    attn_implementation: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    init_seed: int = 0
+    # Rows of this many tokens go through the LM head at once when computing log-probs.
+    logprob_chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.name_or_path is None) != (self.config is None),
+            "model",
+            "set exactly one of model.name_or_path (load pretrained) or model.config (build from scratch)",
+        )
+        if self.config is not None:
+            _require("model_type" in self.config, "model.config.model_type", "is required to pick an architecture")
+        _one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+        _one_of(self.dtype, DTYPES, "model.dtype")
+        _require(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be positive")
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 4000
+    num_val: int = 200
+    min_level: int = 1
+    max_level: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
+        _require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
+
+
+@dataclass
+class DataConfig:
+    # "synthetic", a .jsonl/.json/.parquet file, or a `datasets` hub name.
+    train: Optional[str] = "synthetic"
+    val: Optional[str] = "synthetic"
+    train_split: str = "train"
+    val_split: str = "test"
+    # Canonical field -> column in the source; override one with e.g. data.fields.prompt=problem.
+    fields: dict[str, str] = field(default_factory=lambda: {name: name for name in CANONICAL_FIELDS})
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    system_prompt: Optional[str] = None
+    max_length: int = 512
+    pack: bool = True
+    # What to do with a sequence longer than max_length: split it into pieces, truncate it, or drop it.
+    overflow: str = "split"
+    # A malformed row stops the run (naming file, row and field) or is skipped and counted.
+    bad_rows: str = "error"
+    max_val_rows: int = 256
+    batch_size: int = 16
+    micro_batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.train is not None, "data.train", "is required: 'synthetic', a .jsonl/.parquet path or a hub name")
+        _one_of(self.overflow, ("split", "truncate", "drop"), "data.overflow")
+        _one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
+        _require(self.max_length > 1, "data.max_length", "must be at least 2")
+        _require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+        unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
+        _require(not unknown, "data.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
+        _require(
+            self.batch_size % self.micro_batch_size == 0,
+            "data.batch_size",
+            f"must be a multiple of data.micro_batch_size ({self.micro_batch_size}); got {self.batch_size}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    # The cosine schedule decays to lr * min_lr_ratio at trainer.max_steps.
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(len(self.betas) == 2, "optim.betas", "must be two numbers")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    val_every: int = 50
+    log_every: int = 1
+    ckpt_every: int = 50
+    num_sanity_val_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "trainer.max_steps", "must be positive")
+        _require(self.val_every > 0 and self.log_every > 0, "trainer", "val_every and log_every must be positive")
+        _require(self.ckpt_every > 0, "trainer.ckpt_every", "must be positive")
+
+
+@dataclass
+class HardwareConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    # "single" (one process) or "fsdp" (FSDP2 fully_shard over all processes).
+    strategy: str = "single"
+    process_group_backend: Optional[str] = None
+    # Lightning precision for single-process runs; FSDP runs cast through `mixed_precision` instead.
+    precision: str = "32-true"
+    mixed_precision: Optional[str] = None
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of(self.accelerator, ("cpu", "gpu", "cuda", "auto"), "hardware.accelerator")
+        _one_of(self.strategy, ("single", "fsdp"), "hardware.strategy")
+        if self.mixed_precision is not None:
+            _one_of(self.mixed_precision, ("bfloat16", "float16"), "hardware.mixed_precision")
+        _require(self.devices > 0 and self.num_nodes > 0, "hardware", "devices and num_nodes must be positive")
+        _require(
+            self.strategy == "fsdp" or (self.devices == 1 and self.num_nodes == 1),
+            "hardware.strategy",
+            "more than one process needs strategy=fsdp",
+        )
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    stage: Any = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: Any = None
+    callbacks: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1234
+    # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position).
+    ckpt_path: Optional[str] = None
+    output_dir: str = MISSING
+    # Compose and validate, print the config, and stop.
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.stage, dict) and "_target_" in self.stage,
+            "stage",
+            "must select a stage config with a _target_ (stage=midtrain|sft|dpo|grpo)",
+        )
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Runs every `__post_init__` check on a composed config; raises ConfigError naming the key."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

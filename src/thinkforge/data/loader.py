@@ -1,0 +1,125 @@
+"""Step-indexed batches shared by every stage.
+
+Global batch `k` is a fixed function of (seed, k): positions [k·B, (k+1)·B) of an endless stream of seeded epoch
+permutations. The data position therefore *is* the optimizer step: a run resumed at step k continues with exactly
+the batches the interrupted run would have seen, and N data-parallel ranks together see the same global batch as
+one process does (rank r takes the r-th slice). Each rank's share arrives as a list of collated micro-batches so
+the stage can accumulate gradients over them inside one optimizer step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+
+
+class StepBatches(IterableDataset):
+    def __init__(
+        self,
+        items: Sequence[Any],
+        *,
+        batch_size: int,
+        micro_batch_size: int,
+        collate: Collate,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+    ) -> None:
+        if batch_size % (world_size * micro_batch_size):
+            raise ValueError(
+                f"batch size {batch_size} must split evenly into {world_size} ranks x micro batches of {micro_batch_size}"
+            )
+        self.items, self.collate = items, collate
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.seed, self.rank, self.world_size, self.start_step = seed, rank, world_size, start_step
+        self._permutation = lru_cache(maxsize=2)(self._epoch_permutation)
+
+    def _epoch_permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.items), generator=generator).tolist()
+
+    def global_indices(self, step: int) -> list[int]:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [self._permutation(position // len(self.items))[position % len(self.items)] for position in positions]
+
+    def rank_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
+        share = self.batch_size // self.world_size
+        indices = self.global_indices(step)[self.rank * share : (self.rank + 1) * share]
+        items = [self.items[index] for index in indices]
+        return [self.collate(items[i : i + self.micro_batch_size]) for i in range(0, share, self.micro_batch_size)]
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        step = self.start_step
+        while True:
+            yield self.rank_batch(step)
+            step += 1
+
+
+class EvalBatches(IterableDataset):
+    """Each rank takes every world_size-th item, trimmed so all ranks run the same number of batches."""
+
+    def __init__(self, items: Sequence[Any], *, micro_batch_size: int, collate: Collate, rank: int, world_size: int) -> None:
+        usable = len(items) - len(items) % world_size
+        self.items = list(items[rank:usable:world_size])
+        self.micro_batch_size, self.collate = micro_batch_size, collate
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        for start in range(0, len(self.items), self.micro_batch_size):
+            yield [self.collate(self.items[start : start + self.micro_batch_size])]
+
+
+class StageDataModule(L.LightningDataModule):
+    """Builds a stage's items on every rank in `setup`, then serves them step-indexed."""
+
+    def __init__(
+        self,
+        build_items: Callable[[str], Sequence[Any]],
+        collate: Collate,
+        *,
+        batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        has_val: bool,
+    ) -> None:
+        super().__init__()
+        self.build_items, self.collate = build_items, collate
+        self.batch_size, self.micro_batch_size, self.seed, self.has_val = batch_size, micro_batch_size, seed, has_val
+        self.train_items: Sequence[Any] = ()
+        self.val_items: Sequence[Any] = ()
+
+    def setup(self, stage: str) -> None:
+        if not self.train_items:
+            self.train_items = self.build_items("train")
+            self.val_items = self.build_items("val") if self.has_val else ()
+
+    def train_dataloader(self) -> DataLoader:
+        batches = StepBatches(
+            self.train_items,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            collate=self.collate,
+            seed=self.seed,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            start_step=self.trainer.global_step,
+        )
+        return DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_items:
+            return []
+        batches = EvalBatches(
+            self.val_items,
+            micro_batch_size=self.micro_batch_size,
+            collate=self.collate,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+        )
+        return DataLoader(batches, batch_size=None)

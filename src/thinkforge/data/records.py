@@ -1,0 +1,143 @@
+"""Load rows from the synthetic task, jsonl/parquet files or a `datasets` hub name into canonical records.
+
+Stages ask for canonical fields (`prompt`, `completion`, `messages`, `chosen`, ...); `data.fields` maps them to
+the source's own column names. A malformed row raises a DataError naming the file, the row and the field — or,
+with `data.bad_rows=skip`, is skipped and counted so the run can report what it lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from thinkforge.config import DataConfig
+from thinkforge.data import synthetic
+
+
+class DataError(ValueError):
+    """A row that does not fit the stage's schema; the message names source, row and field."""
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("must be a non-empty string")
+    return value
+
+
+def _answer(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+        raise TypeError("must be a non-empty string or a number")
+    return str(value)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise TypeError("must be a non-empty list of {role, content} objects")
+    for position, message in enumerate(value):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise TypeError(f"message {position} needs a string 'role'")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise TypeError(f"message {position} has role {message['role']!r}; expected system, user or assistant")
+        if not isinstance(message.get("content"), str):
+            raise TypeError(f"message {position} needs a string 'content'")
+    if value[-1]["role"] != "assistant":
+        raise TypeError("must end with an assistant message")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "text": _text,
+    "prompt": _text,
+    "completion": _text,
+    "chosen": _text,
+    "rejected": _text,
+    "answer": _answer,
+    "messages": _messages,
+}
+
+
+@dataclass
+class Records:
+    source: str
+    rows: list[dict[str, Any]]
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def summary(self) -> str:
+        lost = ", ".join(f"{reason}: {count}" for reason, count in self.skipped.items())
+        return f"{self.source}: {len(self.rows)} rows" + (f" ({sum(self.skipped.values())} skipped: {lost})" if lost else "")
+
+
+def _raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, Any]]:
+    """Yields (row number as a person would count it, raw row); jsonl rows are numbered by line."""
+    if source == "synthetic":
+        count = data.synthetic.num_train if split == "train" else data.synthetic.num_val
+        problems = synthetic.generate(
+            "train" if split == "train" else "test",
+            count,
+            min_level=data.synthetic.min_level,
+            max_level=data.synthetic.max_level,
+            seed=data.synthetic.seed,
+        )
+        yield from enumerate((p.as_record() for p in problems), start=1)
+        return
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") and path.is_file():
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield line_number, error
+        return
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+        raise DataError(f"{source}: no such file")
+    import datasets
+
+    if path.suffix == ".parquet":
+        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    yield from enumerate(dataset, start=1)
+
+
+def load_records(source: str, split: str, data: DataConfig, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
+    """Canonical records with every `required` field checked and every present `optional` field kept."""
+    records = Records(source=source, rows=[])
+    for row_number, raw in _raw_rows(source, split, data):
+        try:
+            records.rows.append(_canonical(raw, data.fields, required, optional))
+        except (TypeError, KeyError) as error:
+            message = error.args[0]
+            if data.bad_rows == "error":
+                raise DataError(f"{source}: row {row_number}: {message} (set data.bad_rows=skip to skip such rows)") from None
+            records.skipped[message.split(":")[0]] += 1
+    if not records.rows:
+        raise DataError(f"{source}: no usable rows ({records.summary()})")
+    return records
+
+
+def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], optional: Sequence[str]) -> dict[str, Any]:
+    if isinstance(raw, json.JSONDecodeError):
+        raise TypeError(f"invalid JSON: {raw.msg} at column {raw.colno}")
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"not an object: {type(raw).__name__}")
+    record: dict[str, Any] = {}
+    for name in (*required, *optional):
+        column = fields.get(name, name)
+        if column not in raw or raw[column] is None:
+            if name in optional:
+                continue
+            raise KeyError(f"field '{name}' (column '{column}'): missing")
+        try:
+            record[name] = FIELD_CHECKS.get(name, lambda value: value)(raw[column])
+        except TypeError as error:
+            raise TypeError(f"field '{name}' (column '{column}'): {error}") from None
+    return record

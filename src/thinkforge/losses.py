@@ -1,0 +1,60 @@
+"""Pure loss functions and the chunked log-prob op they are fed by. No module state, tensors in, tensors out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from thinkforge.data.packing import IGNORE_INDEX
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 2048,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per position, 0 where the target is IGNORE_INDEX; optionally the entropy (no grad).
+
+    Logits exist only `chunk_size` rows at a time, in the forward and (recomputed) in the backward, so memory stays
+    O(chunk · vocab) instead of O(tokens · vocab) in float32.
+    """
+    shape = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, flat_targets.numel(), chunk_size):
+        chunk_hidden = flat_hidden[start : start + chunk_size]
+        chunk_targets = flat_targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            logprob_chunks.append(checkpoint(_chunk_logprobs, chunk_hidden, lm_head_weight, chunk_targets, use_reentrant=False))
+        else:
+            logprob_chunks.append(_chunk_logprobs(chunk_hidden, lm_head_weight, chunk_targets))
+        if with_entropy:
+            with torch.no_grad():
+                entropy_chunks.append(_chunk_entropy(chunk_hidden, lm_head_weight))
+    # masked_fill after view: the outputs must not be views (FSDP2 hooks the backward of module outputs).
+    ignored = targets == IGNORE_INDEX
+    logprobs = torch.cat(logprob_chunks).view(shape).masked_fill(ignored, 0.0)
+    entropy = torch.cat(entropy_chunks).view(shape).masked_fill(ignored, 0.0) if with_entropy else None
+    return logprobs, entropy
+
+
+def causal_lm_loss_sum(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood and the number of target tokens; the caller divides by the global count."""
+    mask = labels != IGNORE_INDEX
+    return -(logprobs * mask).sum(), mask.sum()

@@ -1,0 +1,204 @@
+"""What every stage shares: the backbone, optimizer and schedule, the accumulation loop, logging and HF export.
+
+A stage subclass owns only its data contract (`build_items`, `collate`) and its loss (`loss_sum`). The loop here
+takes one optimizer step per loader batch: it sums each micro-batch's loss, divides by the *global* number of loss
+units (tokens, pairs, ...) of the whole step on all ranks, and scales by the data-parallel size because FSDP
+averages gradients across ranks. The result is the exact mean over the global batch, independent of how it was
+split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from transformers import PreTrainedTokenizerBase
+
+from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.config import TrainConfig
+from thinkforge.data.loader import StageDataModule
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Stage(L.LightningModule):
+    """Base LightningModule; subclasses implement `build_items`, `collate` and `loss_sum`."""
+
+    #: the unit the loss is averaged over, e.g. "tokens" or "pairs" (used in log names)
+    loss_unit = "tokens"
+
+    def __init__(self, run: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        self.run, self.tokenizer = run, tokenizer
+        self.automatic_optimization = False
+        self.policy: CausalLM | None = None
+        self.export_dir = Path(run.output_dir) / "export"
+        self._val_sums: defaultdict[str, float] = defaultdict(float)
+
+    # ---- the stage's contract -------------------------------------------------------------------------------
+    def build_items(self, split: str) -> Sequence[Any]:
+        """Train ('train') or validation ('val') items: packed rows, pairs, prompts, ..."""
+        raise NotImplementedError
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        raise NotImplementedError
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over this micro-batch's units, other metrics summed over the same units)."""
+        raise NotImplementedError
+
+    def count_units(self, batch: Batch) -> torch.Tensor:
+        """How many units (tokens, pairs, ...) the micro-batch's loss sums over."""
+        return (batch["labels"] != -100).sum()
+
+    def has_val(self) -> bool:
+        return self.run.data.val is not None
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def datamodule(self) -> StageDataModule:
+        return StageDataModule(
+            self.build_items,
+            self.collate,
+            batch_size=self.run.data.batch_size,
+            micro_batch_size=self.run.data.micro_batch_size,
+            seed=self.run.data.seed,
+            has_val=self.has_val(),
+        )
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        policy = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
+        mesh = self.device_mesh if isinstance(self._trainer_strategy(), ModelParallelStrategy) else None
+        self.policy = parallelize(policy, mesh, self.run.hardware)
+
+    def _trainer_strategy(self) -> Any:
+        return self._trainer.strategy if self._trainer is not None else None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim < 2]
+        optim = self.run.optim
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step, warmup_steps=optim.warmup_steps, total_steps=self.run.trainer.max_steps, min_ratio=optim.min_lr_ratio
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- distributed helpers -------------------------------------------------------------------------------------
+    @property
+    def data_parallel_size(self) -> int:
+        return self.trainer.world_size
+
+    def global_sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        if hasattr(self.policy, "set_requires_gradient_sync"):
+            self.policy.set_requires_gradient_sync(enabled)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
+        started = time.perf_counter()
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        units = self.global_sum(sum(self.count_units(batch) for batch in micro_batches))
+        if units.item() == 0:
+            raise RuntimeError(f"step {self.global_step}: the global batch has no {self.loss_unit} to train on")
+        scale = self.data_parallel_size / units.float()
+        sums: defaultdict[str, float] = defaultdict(float)
+        for index, batch in enumerate(micro_batches):
+            self._set_gradient_sync(index == len(micro_batches) - 1)
+            loss, metrics = self.loss_sum(batch)
+            self.manual_backward(loss * scale)
+            sums["loss"] += loss.detach().item()
+            for name, value in metrics.items():
+                sums[name] += float(value)
+            sums["tokens"] += float(batch["num_tokens"])
+            sums["slots"] += float(batch["num_slots"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.run.optim.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
+        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started)
+
+    def _log_step(self, sums: dict[str, float], units: torch.Tensor, grad_norm: torch.Tensor, lr: float, seconds: float) -> None:
+        names = sorted(sums)
+        totals = dict(zip(names, self.global_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64)).tolist()))
+        metrics = {f"train/{name}": totals[name] / units.item() for name in names if name not in ("tokens", "slots")}
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
+                "train/fill_ratio": totals["tokens"] / max(totals["slots"], 1.0),
+                f"train/{self.loss_unit}": units.item(),
+            }
+        )
+        self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
+        for batch in micro_batches:
+            loss, metrics = self.loss_sum(batch)
+            self._val_sums["loss"] += float(loss)
+            self._val_sums["units"] += float(self.count_units(batch))
+            for name, value in metrics.items():
+                self._val_sums[name] += float(value)
+
+    def on_validation_epoch_end(self) -> None:
+        names = ["loss", "units"] + sorted(n for n in self._val_sums if n not in ("loss", "units"))
+        totals = dict(zip(names, self.global_sum(torch.tensor([self._val_sums[n] for n in names], dtype=torch.float64)).tolist()))
+        self._val_sums.clear()
+        if totals["units"] == 0:
+            return
+        metrics = {f"val/{name}": totals[name] / totals["units"] for name in names if name != "units"}
+        self.log_dict(metrics, prog_bar=True, rank_zero_only=True)
+
+    # ---- handoff ----------------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        self.export_hf(self.export_dir)
+
+    def export_hf(self, directory: Path) -> None:
+        """A consolidated HF checkpoint (also from FSDP shards): the handoff format for the next stage."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.trainer.is_global_zero:
+            # Gathered copies no longer share storage, so HF cannot see tied weights: drop their targets ourselves.
+            tied = set(getattr(self.policy.hf, "all_tied_weights_keys", None) or ())
+            state = {key: tensor for name, tensor in state.items() if (key := name.removeprefix("hf.")) not in tied}
+            self.policy.hf.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+            log.info("exported HF checkpoint to %s", directory)
+        self.trainer.strategy.barrier("export")

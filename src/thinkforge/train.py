@@ -1,0 +1,120 @@
+"""One stage run: validate the config, build tokenizer, stage, data and Trainer, fit, export."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.strategies import ModelParallelStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from thinkforge.backbone import load_tokenizer
+from thinkforge.config import ConfigError, TrainConfig, validate
+from thinkforge.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+# Known-benign warnings: our manual loop checkpoints the post-step state on purpose (that is the state to resume
+# from), validation metrics are already reduced across ranks by `Stage.global_sum`, and DCP's overwrite notice is
+# about the rolling `last.ckpt`.
+for pattern in (
+    ".*ModelCheckpoint with manual optimization.*",
+    ".*when logging on epoch level in distributed setting.*",
+    ".*Detected an existing checkpoint.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    export_dir: Path
+    metrics: dict[str, float]
+
+
+def build_stage(run: TrainConfig) -> Stage:
+    stage_args = dict(run.stage)
+    target = stage_args.pop("_target_")
+    stage_class = get_class(target)
+    if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
+        raise ConfigError(f"stage._target_: {target} is not a thinkforge Stage")
+    try:
+        return stage_class(run, load_tokenizer(run.model), **stage_args)
+    except TypeError as error:
+        raise ConfigError(f"stage: {target}: {error}") from None
+
+
+def build_strategy(run: TrainConfig) -> Any:
+    hardware = run.hardware
+    if hardware.strategy == "single":
+        return "auto"
+    return ModelParallelStrategy(
+        data_parallel_size=hardware.devices * hardware.num_nodes,
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=True,
+        process_group_backend=hardware.process_group_backend,
+    )
+
+
+def _instantiate_group(group: Any) -> list[Any]:
+    """A config group of named `_target_` entries (loggers, callbacks) -> objects; null entries are switched off."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None]
+
+
+def build_trainer(run: TrainConfig) -> L.Trainer:
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=Path(run.output_dir) / "checkpoints",
+            every_n_train_steps=run.trainer.ckpt_every,
+            save_last=True,
+            save_top_k=1,
+        ),
+        RichProgressBar(),
+        *_instantiate_group(run.callbacks),
+    ]
+    has_val = run.data.val is not None
+    return L.Trainer(
+        accelerator=run.hardware.accelerator,
+        devices=run.hardware.devices,
+        num_nodes=run.hardware.num_nodes,
+        strategy=build_strategy(run),
+        precision=run.hardware.precision,
+        max_steps=run.trainer.max_steps,
+        val_check_interval=run.trainer.val_every if has_val else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=None if has_val else 0,
+        num_sanity_val_steps=run.trainer.num_sanity_val_steps,
+        log_every_n_steps=run.trainer.log_every,
+        logger=_instantiate_group(run.logger) or False,
+        callbacks=callbacks,
+        default_root_dir=run.output_dir,
+        enable_model_summary=False,
+    )
+
+
+def run_stage(cfg: DictConfig) -> RunResult | None:
+    run = validate(cfg)
+    if run.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return None
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    stage = build_stage(run)
+    trainer = build_trainer(run)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=run.ckpt_path)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+        print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")
+        print(f"[thinkforge] HF export: {stage.export_dir}")
+    return RunResult(Path(run.output_dir), stage.export_dir, metrics)

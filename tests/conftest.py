@@ -1,0 +1,61 @@
+"""Shared helpers: compose the real Hydra configs, run stages in-process or through the console script."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from thinkforge.cli import config_dir
+
+TESTS_DIR = Path(__file__).parent
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+# Small enough to train in seconds on two CPU cores, big enough to exercise packing, accumulation and sharding.
+FAST = [
+    "data.synthetic.num_train=256",
+    "data.synthetic.num_val=32",
+    "data.max_length=256",
+    "data.batch_size=8",
+    "data.micro_batch_size=4",
+    "trainer.max_steps=4",
+    "trainer.val_every=2",
+    "trainer.ckpt_every=2",
+    "optim.warmup_steps=1",
+]
+
+
+def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]
+        return compose("train", overrides=[*overrides, *extra])
+
+
+def run_cli(*args: str, cwd: Path, program: str = "thinkforge-train", timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    executable = Path(sys.executable).with_name(program)
+    command = [str(executable) if executable.exists() else program, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def logged(run_dir: Path, name: str) -> dict[int, float]:
+    """step -> value of one metric from a run's CSV log."""
+    return {int(row["step"]): float(row[name]) for row in read_metrics(run_dir) if row.get(name)}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from thinkforge.tokenizer import build_synthetic_tokenizer
+
+    return build_synthetic_tokenizer()

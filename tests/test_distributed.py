@@ -1,0 +1,64 @@
+"""Through the console script: FSDP2 parity with one process, kill-and-resume, multirun sweeps."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, logged, run_cli
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    exports = {}
+    for hardware in ("cpu", "cpu_fsdp"):
+        run_dir = tmp_path / hardware
+        result = run_cli(*FAST, f"hardware={hardware}", "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        exports[hardware] = load_file(run_dir / "export" / "model.safetensors")
+    assert exports["cpu"].keys() == exports["cpu_fsdp"].keys()
+    for name, tensor in exports["cpu"].items():
+        torch.testing.assert_close(exports["cpu_fsdp"][name], tensor, atol=1e-4, rtol=0, msg=name)
+    assert any(not torch.equal(exports["cpu"][name], t) for name, t in load_init(tmp_path).items())
+
+
+def load_init(tmp_path):
+    """The untrained weights, to make sure the runs above actually moved them."""
+    result = run_cli(*FAST, "trainer.max_steps=1", "optim.lr=1e-12", "logger=csv", f"hydra.run.dir={tmp_path / 'init'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(tmp_path / "init" / "export" / "model.safetensors")
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    common = [*FAST, "trainer.max_steps=6", "logger=csv"]
+    full = run_cli(*common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed = run_cli(
+        *common, f"hydra.run.dir={tmp_path / 'killed'}", "+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=3",
+        cwd=tmp_path,
+    )
+    assert killed.returncode == -9, "the fault callback should have SIGKILLed the run"
+    checkpoint = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert checkpoint.exists()
+
+    resumed = run_cli(*common, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={checkpoint}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "resumed", "train/loss")
+    assert sorted(got) == [2, 3, 4, 5], "the resumed run continues after the checkpoint of step 2"
+    for step in got:
+        assert abs(got[step] - expected[step]) < 1e-5, (step, got[step], expected[step])
+    lr_full, lr_resumed = logged(tmp_path / "full", "train/lr"), logged(tmp_path / "resumed", "train/lr")
+    assert all(abs(lr_resumed[s] - lr_full[s]) < 1e-12 for s in lr_resumed)
+
+
+def test_multirun_sweep_gives_one_run_directory_per_job(tmp_path):
+    result = run_cli(
+        "-m", *FAST, "trainer.max_steps=1", "optim.lr=1e-3,3e-3", "logger=csv", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert (tmp_path / "sweep" / job / "export" / "model.safetensors").exists()
+        assert logged(tmp_path / "sweep" / job, "train/loss")

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import re
+
+from thinkforge.data import synthetic
+
+
+def evaluate_trace(completion: str) -> int:
+    """Re-does the trace's arithmetic: every line must be right and chain into the next."""
+    lines = completion.split("<think>\n")[1].split("\n</think>")[0].split("\n")
+    value = None
+    for line in lines:
+        left, op, right, _, result = line.split()
+        assert value is None or int(left) == value, "trace steps must chain"
+        expected = {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right), "/": int(left) // int(right)}[op]
+        assert op != "/" or int(left) % int(right) == 0
+        assert int(result) == expected
+        value = expected
+    return value
+
+
+def test_generation_is_deterministic_and_answers_are_right():
+    first = synthetic.generate("train", 200, min_level=1, max_level=5, seed=3)
+    assert first == synthetic.generate("train", 200, min_level=1, max_level=5, seed=3)
+    for problem in first:
+        assert evaluate_trace(problem.completion) == int(problem.answer)
+        assert problem.completion.endswith("\\boxed{" + problem.answer + "}.")
+        assert int(problem.answer) >= 0
+        assert len(re.findall(r"^\d+ [-+*/] \d+ = \d+$", problem.completion, re.M)) == problem.level
+
+
+def test_train_and_test_never_overlap_whatever_the_seed():
+    train = {p.prompt for seed in (0, 1) for p in synthetic.generate("train", 1500, seed=seed)}
+    test = {p.prompt for seed in (0, 7) for p in synthetic.generate("test", 300, seed=seed)}
+    assert not train & test
+    assert all(synthetic.split_of(prompt) == "test" for prompt in test)
+
+
+def test_levels_cycle_and_problems_are_distinct():
+    problems = synthetic.generate("test", 60, min_level=2, max_level=4, seed=0)
+    assert [p.level for p in problems[:6]] == [2, 3, 4, 2, 3, 4]
+    assert len({p.prompt for p in problems}) == 60
