@@ -21,12 +21,14 @@ def group_options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(group, option) for group in ("model", "data", "stage", "hardware", "logger") for option in group_options(group)],
+    [(group, option) for group in ("model", "data", "prompt", "stage", "hardware", "logger") for option in group_options(group)],
 )
 def test_every_group_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if option == "jsonl":
         overrides.append("data.train=/tmp/some.jsonl")
+    if option == "pretrained":
+        overrides.append("model.name_or_path=/tmp/some-export")
     run = validate(compose_config(*overrides))
     assert run.stage["_target_"].startswith("thinkforge.stages.")
 

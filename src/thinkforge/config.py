@@ -171,6 +171,22 @@ class HardwareConfig:
 
 
 @dataclass
+class HeldOutConfig:
+    """Generation on held-out prompts (data.val) after the stage: accuracy, EOS rate, completion length."""
+
+    num_prompts: int = 64
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
+        _require(self.num_samples > 0 and self.max_new_tokens > 0, "heldout", "num_samples and max_new_tokens must be positive")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -180,6 +196,7 @@ class TrainConfig:
     callbacks: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
     seed: int = 1234
     # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position).
     ckpt_path: Optional[str] = None
@@ -188,6 +205,12 @@ class TrainConfig:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
+        world = self.hardware.devices * self.hardware.num_nodes
+        _require(
+            self.data.batch_size % (world * self.data.micro_batch_size) == 0,
+            "data.batch_size",
+            f"{self.data.batch_size} must split evenly into {world} processes x micro batches of {self.data.micro_batch_size}",
+        )
         _require(
             isinstance(self.stage, dict) and "_target_" in self.stage,
             "stage",

@@ -9,6 +9,7 @@ split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,6 +25,9 @@ from transformers import PreTrainedTokenizerBase
 from thinkforge.backbone import CausalLM, load_hf_model, parallelize
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
+from thinkforge.data.records import load_records
+from thinkforge.eval import HeldOutSums, score_rollouts
+from thinkforge.rollout import HFEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class Stage(L.LightningModule):
         self.policy: CausalLM | None = None
         self.export_dir = Path(run.output_dir) / "export"
         self._val_sums: defaultdict[str, float] = defaultdict(float)
+        self.heldout_metrics: dict[str, float] = {}
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -185,9 +190,46 @@ class Stage(L.LightningModule):
         metrics = {f"val/{name}": totals[name] / totals["units"] for name in names if name != "units"}
         self.log_dict(metrics, prog_bar=True, rank_zero_only=True)
 
-    # ---- handoff ----------------------------------------------------------------------------------------------
+    # ---- held-out evaluation and handoff ---------------------------------------------------------------------
     def on_train_end(self) -> None:
         self.export_hf(self.export_dir)
+        if self.run.heldout.num_prompts and self.run.data.val is not None:
+            self.heldout_metrics = self.evaluate_heldout()
+
+    def heldout_prompts(self) -> tuple[list[str], list[str]]:
+        """Held-out prompts rendered for generation, and their gold answers."""
+        data = self.run.data
+        records = load_records(data.val, data.val_split, data, required=("prompt", "answer"))
+        rows = records.rows[: self.run.heldout.num_prompts]
+        prompts = [self.render_prompt(row["prompt"]) for row in rows]
+        return prompts, [row["answer"] for row in rows]
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The tokenizer's chat template, with `data.system_prompt` first unless the data brings its own."""
+        if self.run.data.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.run.data.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def render_prompt(self, prompt: str) -> str:
+        return self.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+    def rollout_engine(self) -> HFEngine:
+        return HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
+
+    def evaluate_heldout(self) -> dict[str, float]:
+        prompts, golds = self.heldout_prompts()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        usable = len(prompts) - len(prompts) % world
+        heldout = self.run.heldout
+        sampling = SamplingConfig(heldout.num_samples, heldout.temperature, heldout.top_p, heldout.max_new_tokens)
+        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=self.run.seed + rank)
+        sums = score_rollouts(groups, golds[rank:usable:world])
+        total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
+        metrics = total.metrics()
+        if self.trainer.is_global_zero:
+            (Path(self.run.output_dir) / "heldout.json").write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
+            log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        return metrics
 
     def export_hf(self, directory: Path) -> None:
         """A consolidated HF checkpoint (also from FSDP shards): the handoff format for the next stage."""

@@ -1,0 +1,183 @@
+"""DPO against a frozen reference: the stage's starting checkpoint, sharded like the policy, or its log-probs
+precomputed once. Pairs come from jsonl (prompt, chosen, rejected) or from the starting model's own rollouts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.config import ConfigError
+from thinkforge.data.packing import TokenSequence, collate_rows
+from thinkforge.data.pairs import build_rollout_pairs
+from thinkforge.data.records import load_records
+from thinkforge.losses import dpo_loss
+from thinkforge.rewards.math import math_accuracy
+from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.stages.base import Batch, Stage
+
+log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Pair:
+    split: str
+    index: int
+    chosen: TokenSequence
+    rejected: TokenSequence
+
+
+class DPO(Stage):
+    loss_unit = "pairs"
+
+    def __init__(
+        self,
+        run,
+        tokenizer,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        precompute_ref_logps: bool = False,
+        pairs: str = "file",
+        rollout: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(run, tokenizer)
+        if loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ConfigError(f"stage.loss_type: must be sigmoid, ipo or hinge; got {loss_type!r}")
+        if beta <= 0 or not 0 <= label_smoothing < 0.5:
+            raise ConfigError("stage: need beta > 0 and 0 <= label_smoothing < 0.5")
+        if pairs not in ("file", "rollout"):
+            raise ConfigError(f"stage.pairs: must be 'file' (prompt/chosen/rejected rows) or 'rollout'; got {pairs!r}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.precompute_ref_logps, self.pairs = precompute_ref_logps, pairs
+        self.rollout = SamplingConfig(**(rollout or {}))
+        self.reference: CausalLM | None = None
+        self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def pair_records(self, split: str) -> list[dict[str, Any]]:
+        data = self.run.data
+        source, data_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
+        if self.pairs == "file":
+            return load_records(source, data_split, data, required=("prompt", "chosen", "rejected")).rows
+        records = load_records(source, data_split, data, required=("prompt", "answer")).rows
+        if split == "val":
+            records = records[: data.max_val_rows]
+        pairs = self.trainer.strategy.broadcast(self._rollout_pairs(records, split) if self.trainer.is_global_zero else None)
+        return pairs
+
+    def _rollout_pairs(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+        """Samples the starting checkpoint (the reference) on rank 0; every rank receives the same pairs."""
+        model = load_hf_model(self.run.model, self.tokenizer)
+        engine = HFEngine(model, self.tokenizer, batch_size=self.run.heldout.batch_size)
+        pairs, counts = build_rollout_pairs(
+            engine,
+            [r["prompt"] for r in records],
+            [self.render_prompt(r["prompt"]) for r in records],
+            [r["answer"] for r in records],
+            self.rollout,
+            math_accuracy,
+            seed=self.run.seed,
+            source_model=self.run.model.name_or_path or "model.config",
+        )
+        log.info("rollout pairs (%s): %d prompts -> %s", split, len(records), dict(counts))
+        path = Path(self.run.output_dir) / f"rollout_pairs_{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        if not pairs:
+            raise RuntimeError(f"no {split} prompt had both a correct and an incorrect rollout ({dict(counts)})")
+        return pairs
+
+    def build_items(self, split: str) -> Sequence[Pair]:
+        items, dropped = [], 0
+        for record in self.pair_records(split):
+            prompt_ids = self.tokenizer(self.render_prompt(record["prompt"]), add_special_tokens=False)["input_ids"]
+            sides = [self._completion(prompt_ids, record[side]) for side in ("chosen", "rejected")]
+            if any(side is None for side in sides):
+                dropped += 1
+                continue
+            items.append(Pair(split, len(items), *sides))
+        log.info("%s: %d pairs%s", split, len(items), f", {dropped} over data.max_length dropped" if dropped else "")
+        return items
+
+    def _completion(self, prompt_ids: list[int], completion: str) -> TokenSequence | None:
+        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        ids = prompt_ids + completion_ids
+        if len(ids) > self.run.data.max_length:
+            if self.run.data.overflow == "drop" or len(prompt_ids) >= self.run.data.max_length:
+                return None
+            ids = ids[: self.run.data.max_length]
+        return TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids)))
+
+    def collate(self, items: Sequence[Pair]) -> Batch:
+        rows = [[item.chosen] for item in items] + [[item.rejected] for item in items]
+        batch = collate_rows(rows, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=False)
+        batch["pair_index"] = torch.tensor([item.index for item in items])
+        batch["split"] = torch.tensor(SPLITS.index(items[0].split))
+        return batch
+
+    def count_units(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(len(batch["pair_index"]))
+
+    # ---- reference --------------------------------------------------------------------------------------------
+    def _load_reference(self) -> CausalLM:
+        reference = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
+        reference.requires_grad_(False).eval()
+        mesh = self.device_mesh if isinstance(self.policy, FSDPModule) else None
+        return parallelize(reference, mesh, self.run.hardware).to(self.device)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is None and not self.precompute_ref_logps:
+            self.reference = self._load_reference()
+
+    def on_fit_start(self) -> None:
+        """Precomputed once per fit from the starting checkpoint, so a resumed run gets the very same values."""
+        if self.precompute_ref_logps and not self.ref_logps:
+            datamodule = self.trainer.datamodule
+            self.ref_logps = {"train": self._precompute(datamodule.train_items)}
+            if datamodule.val_items:
+                self.ref_logps["val"] = self._precompute(datamodule.val_items)
+
+    @torch.no_grad()
+    def _precompute(self, items: Sequence[Pair]) -> torch.Tensor:
+        """Each rank scores an equal share with a temporary reference; the shares are gathered, the model freed."""
+        reference = self._load_reference()
+        world, rank, micro = self.trainer.world_size, self.trainer.global_rank, self.run.data.micro_batch_size
+        per_rank = -(-len(items) // world)
+        share = [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        scores = []
+        for start in range(0, len(share), micro):
+            batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
+            scores.append(self._sequence_logps(reference, batch).view(2, -1).T)
+        gathered = self.trainer.strategy.all_gather(torch.cat(scores))
+        del reference
+        return gathered.reshape(-1, 2)[: len(items)].cpu()
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _sequence_logps(model: CausalLM, batch: Batch) -> torch.Tensor:
+        logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        return logprobs.sum(-1)
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = self._sequence_logps(self.policy, batch).chunk(2)
+        if self.precompute_ref_logps:
+            ref = self.ref_logps[SPLITS[int(batch["split"])]][batch["pair_index"].cpu()].to(chosen)
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).chunk(2)
+        loss, metrics = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing
+        )
+        return loss * len(chosen), {name: value.sum() for name, value in metrics.items()}

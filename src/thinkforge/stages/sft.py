@@ -1,0 +1,64 @@
+"""Chat SFT: loss only on the assistant's tokens, its end-of-turn token included so the model learns to stop."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from thinkforge.config import ConfigError
+from thinkforge.data.packing import TokenSequence
+from thinkforge.data.records import load_records
+from thinkforge.stages.causal import CausalLMStage
+
+log = logging.getLogger(__name__)
+
+
+class SFT(CausalLMStage):
+    """`format=prompt_completion` reads prompt/completion fields; `format=messages` reads chat `messages` lists."""
+
+    def __init__(self, run, tokenizer, format: str = "prompt_completion") -> None:
+        super().__init__(run, tokenizer)
+        if format not in ("prompt_completion", "messages"):
+            raise ConfigError(f"stage.format: must be 'prompt_completion' or 'messages'; got {format!r}")
+        if run.data.overflow == "split":
+            raise ConfigError("data.overflow: SFT conversations can be truncated or dropped, not split")
+        self.format = format
+
+    def conversations(self, split: str) -> list[list[dict[str, str]]]:
+        data = self.run.data
+        required = ("messages",) if self.format == "messages" else ("prompt", "completion")
+        records = load_records(
+            data.train if split == "train" else data.val, data.train_split if split == "train" else data.val_split, data, required
+        )
+        log.info("%s data: %s", split, records.summary())
+        if self.format == "messages":
+            return [record["messages"] for record in records.rows]
+        return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}] for r in records.rows]
+
+    def sequences(self, split: str) -> list[TokenSequence]:
+        return [self.assistant_only(messages) for messages in self.conversations(split)]
+
+    def assistant_only(self, messages: list[dict[str, Any]]) -> TokenSequence:
+        """Tokens of the rendered conversation; targets are each assistant reply up to and including its EOS.
+
+        The reply's characters are found by rendering the conversation up to it with the generation prompt and
+        up to its end: this works for any chat template that renders a conversation's prefixes as its prefix.
+        """
+        if self.run.data.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.run.data.system_prompt}, *messages]
+        template = self.tokenizer.apply_chat_template
+        text = template(messages, tokenize=False)
+        eos = self.tokenizer.eos_token
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(template(messages[:index], tokenize=False, add_generation_prompt=True))
+            upto = template(messages[: index + 1], tokenize=False)
+            if not text.startswith(upto) or len(upto) < start:
+                raise ValueError("the chat template does not render conversation prefixes as prefixes; cannot mask")
+            eos_at = upto.find(eos, start)
+            spans.append((start, eos_at + len(eos) if eos_at >= 0 else len(upto)))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(lo <= begin < hi for lo, hi in spans) for begin, _ in encoded["offset_mapping"]]
+        return TokenSequence.causal(encoded["input_ids"], mask)
