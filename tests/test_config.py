@@ -29,6 +29,8 @@ def test_every_group_option_composes_and_validates(group, option):
         overrides.append("data.train=/tmp/some.jsonl")
     if option == "pretrained":
         overrides.append("model.name_or_path=/tmp/some-export")
+    if option == "fsdp":
+        overrides += ["data.batch_size=64", "data.micro_batch_size=8"]
     run = validate(compose_config(*overrides))
     assert run.stage["_target_"].startswith("thinkforge.stages.")
 
@@ -68,11 +70,13 @@ def test_wrong_type_is_rejected_at_composition():
         ("hardware.strategy=ddp", "hardware.strategy"),
         ("optim.lr=-1", "optim.lr"),
         ("model.name_or_path=some/model", "model"),
+        ("hardware=cpu_fsdp", "data.batch_size"),
     ],
 )
 def test_bad_value_names_its_key(override, key):
+    extra = ["data.batch_size=6", "data.micro_batch_size=2"] if override == "hardware=cpu_fsdp" else []
     with pytest.raises(ConfigError, match=f"^{key}"):
-        validate(compose_config(override))
+        validate(compose_config(override, *extra))
 
 
 def test_missing_required_data_path_is_reported():

@@ -96,3 +96,74 @@ def dpo_loss(
         "logps/rejected": rejected_logps.detach(),
     }
     return losses.mean(), metrics
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i − mean of its group, divided by the group's std (`group`), the batch's std (`batch`) or 1 (`none`).
+
+    Groups are contiguous blocks of `group_size` rewards; std is the unbiased estimate, as in DeepSeek-R1's GRPO.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none; got {scale!r}")
+    return centred.reshape(-1)
+
+
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type`:
+
+    grpo: mean over each sequence's tokens, then over sequences; dapo: sum over tokens / completion tokens in the
+    batch; dr_grpo: sum / (B · max_completion_length). Metrics are batch means over completion tokens.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}; got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    advantage = advantages.unsqueeze(-1).to(logps.dtype)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantage
+    per_token = -torch.minimum(unclipped, clipped)
+    tokens = mask.sum().clamp(min=1)
+    metrics: dict[str, torch.Tensor] = {}
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        log_ratio = ref_logps - logps
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + beta * kl
+        metrics["kl"] = (kl * mask).sum().detach() / tokens
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / tokens
+    else:
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length")
+        loss = (per_token * mask).sum() / (logps.shape[0] * max_completion_length)
+    low = (ratio < 1 - epsilon_low) & (advantage < 0)
+    high = (ratio > 1 + epsilon_high) & (advantage > 0)
+    metrics["clip_fraction/low"] = (low * mask).sum().detach() / tokens
+    metrics["clip_fraction/high"] = (high * mask).sum().detach() / tokens
+    return loss, metrics

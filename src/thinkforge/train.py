@@ -114,6 +114,7 @@ def run_stage(cfg: DictConfig) -> RunResult | None:
     trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=run.ckpt_path)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update({f"heldout/{name}": value for name, value in stage.heldout_metrics.items()})
+    metrics.update({f"heldout_start/{name}": value for name, value in stage.initial_heldout.items()})
     if trainer.is_global_zero:
         summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
         print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")

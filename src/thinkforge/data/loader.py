@@ -108,7 +108,7 @@ class StageDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
-            start_step=self.trainer.global_step,
+            start_step=self.trainer.lightning_module.batches_consumed(),
         )
         return DataLoader(batches, batch_size=None)
 

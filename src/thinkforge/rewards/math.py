@@ -1,16 +1,30 @@
-"""Math answer extraction and checking.
+"""Math answer extraction and equivalence: ungameable, and bounded in time from any thread or process.
 
 `extract_answer` grades only what follows the last `</think>` (no `</think>` -> None, so an answer hidden in the
 thinking or an unclosed `<think>` scores 0) and joins *all* `\\boxed{}` of that final section into one set answer,
 so hedging with several candidates never equals a single gold answer.
+
+`answers_match` compares exact values first (rationals and exact symbolic numbers: `1/2^{99}` is never `1/2^{98}`)
+and hands everything else (tuples, intervals, sets, matrices, equations, units) to math-verify on sympy. Every
+check runs in a worker process that is killed past its deadline: sympy can hang on inputs such as power towers,
+and math-verify's own `signal.alarm` timeouts only work in a main thread. A timeout counts as no match.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import re
-from fractions import Fraction
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Sequence
 
 THINK_END = "</think>"
+DEFAULT_TIMEOUT_S = 5.0
+MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "arcsin", "arccos", "arctan", "sqrt", "inf"}
 
 
 def boxed_contents(text: str) -> list[str]:
@@ -33,31 +47,124 @@ def extract_answer(completion: str) -> str | None:
     boxes = boxed_contents(completion.rsplit(THINK_END, 1)[1])
     if not boxes:
         return None
-    return boxes[0] if len(boxes) == 1 else "{" + ", ".join(boxes) + "}"
+    return boxes[0] if len(boxes) == 1 else "\\{" + ", ".join(boxes) + "\\}"
 
 
-def _normalise(answer: str) -> str:
+def _strip(answer: str) -> str:
     answer = answer.strip().strip("$").strip()
-    answer = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", answer)
-    answer = re.sub(r"\\[,;! ]|\s+", "", answer)
+    answer = re.sub(r"^\\boxed\{(.*)\}$", r"\1", answer, flags=re.S)
+    answer = re.sub(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}", "", answer)  # units: "5 \text{ cm}"
+    answer = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{\s*([^}]*)\}", r"\1", answer)
+    answer = re.sub(r"(?<!\\)\\[,;!: ]|\\left|\\right|\s+", "", answer)
+    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    answer = re.sub(r"^[a-zA-Z]\w*=(?=[^=]+$)", "", answer)  # "x=3" -> "3"
+    answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", answer)  # thousands separators
     return answer.rstrip(".")
 
 
-def _exact_number(answer: str) -> Fraction | None:
-    answer = answer.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", answer) else answer
-    try:
-        return Fraction(answer)
-    except (ValueError, ZeroDivisionError):
-        return None
+def _check(pred: str, gold: str) -> bool:
+    """Runs in a worker: exact comparison when both sides are exact numbers, else math-verify."""
+    import sympy
+    from math_verify import parse, verify
+
+    _quiet_math_verify()
+    left, right = _strip(pred), _strip(gold)
+    if left == right:
+        return True
+    parsed_pred = parse(f"${left}$", parsing_timeout=None)
+    parsed_gold = parse(f"${right}$", parsing_timeout=None)
+    if not parsed_pred or not parsed_gold:
+        return False
+    exact_pred, exact_gold = parsed_pred[0], parsed_gold[0]
+    if all(isinstance(v, sympy.Expr) and v.is_number and not v.has(sympy.Float) for v in (exact_pred, exact_gold)):
+        return sympy.simplify(exact_pred - exact_gold) == 0
+    return bool(verify(parsed_gold, parsed_pred, timeout_seconds=None))
+
+
+def _quiet_math_verify() -> None:
+    """Its per-call 'timeout disabled' notice: the worker pool enforces the deadline instead."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _parse_gold(gold: str) -> bool:
+    from math_verify import parse
+
+    import sympy
+    from sympy.matrices import MatrixBase
+
+    _quiet_math_verify()
+    stripped = _strip(gold)
+    words = re.findall(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+", "", stripped))
+    if any(word.lower() not in MATH_WORDS for word in words):
+        return False  # prose such as "see the figure" would otherwise parse as a product of symbols
+    return any(isinstance(value, (sympy.Basic, MatrixBase)) for value in parse(f"${stripped}$", parsing_timeout=None))
+
+
+@dataclass
+class VerifierPool:
+    """Worker processes for answer checks; a worker that overruns its deadline is killed with its pool."""
+
+    workers: int = 2
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeouts: int = 0
+    _executor: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        return self._executor
+
+    def _restart(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.kill()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def run(self, function, argument_pairs: Sequence[tuple[str, ...]]) -> list[bool | None]:
+        """function(*args) for each args, in parallel; None where a check timed out or crashed."""
+        with self._lock:
+            futures = [self._pool().submit(function, *args) for args in argument_pairs]
+            results: list[bool | None] = []
+            broken = False
+            for future in futures:
+                try:
+                    results.append(None if broken else bool(future.result(timeout=self.timeout_s)))
+                except FutureTimeout:
+                    self.timeouts += 1
+                    results.append(None)
+                    broken = True
+                except BrokenProcessPool as error:
+                    self._restart()
+                    raise RuntimeError(
+                        "answer-check workers died; a script that scores answers needs an `if __name__ == '__main__':` guard"
+                    ) from error
+                except Exception:
+                    results.append(None)
+            if broken:
+                self._restart()
+            return results
+
+    def close(self) -> None:
+        with self._lock:
+            self._restart()
+
+
+_shared_pool = VerifierPool()
+
+
+def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | None = None) -> list[bool]:
+    return [bool(result) for result in (pool or _shared_pool).run(_check, pairs)]
 
 
 def answers_match(pred: str, gold: str) -> bool:
-    """Equal as normalised strings or as exact rationals (`27.0` = `27`, `1,000` = `1000`)."""
-    pred, gold = _normalise(pred), _normalise(gold)
-    if pred == gold:
-        return True
-    pred_number, gold_number = _exact_number(pred), _exact_number(gold)
-    return pred_number is not None and pred_number == gold_number
+    """Mathematical equivalence; LaTeX or plain, with or without `$…$`; False on timeout."""
+    return answers_match_many([(pred, gold)])[0]
+
+
+def gold_is_parseable(gold: str, pool: VerifierPool | None = None) -> bool:
+    return bool((pool or _shared_pool).run(_parse_gold, [(gold,)])[0])
 
 
 def math_accuracy(completion: str, gold: str) -> float:

@@ -55,6 +55,7 @@ class Stage(L.LightningModule):
         self.export_dir = Path(run.output_dir) / "export"
         self._val_sums: defaultdict[str, float] = defaultdict(float)
         self.heldout_metrics: dict[str, float] = {}
+        self.initial_heldout: dict[str, float] = {}
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -130,7 +131,15 @@ class Stage(L.LightningModule):
             self.policy.set_requires_gradient_sync(enabled)
 
     # ---- training ---------------------------------------------------------------------------------------------
+    def batches_consumed(self) -> int:
+        """The data position: loader batches fully used so far (one per optimizer step unless a stage says else)."""
+        return self.global_step
+
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
+        self.optimization_step(micro_batches)
+
+    def optimization_step(self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None) -> None:
+        """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch."""
         started = time.perf_counter()
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         units = self.global_sum(sum(self.count_units(batch) for batch in micro_batches))
@@ -154,9 +163,11 @@ class Stage(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         schedule.step()
-        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started)
+        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra_metrics or {})
 
-    def _log_step(self, sums: dict[str, float], units: torch.Tensor, grad_norm: torch.Tensor, lr: float, seconds: float) -> None:
+    def _log_step(
+        self, sums: dict[str, float], units: torch.Tensor, grad_norm: torch.Tensor, lr: float, seconds: float, extra: dict[str, float]
+    ) -> None:
         names = sorted(sums)
         totals = dict(zip(names, self.global_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64)).tolist()))
         metrics = {f"train/{name}": totals[name] / units.item() for name in names if name not in ("tokens", "slots")}
@@ -167,6 +178,7 @@ class Stage(L.LightningModule):
                 "train/tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
                 "train/fill_ratio": totals["tokens"] / max(totals["slots"], 1.0),
                 f"train/{self.loss_unit}": units.item(),
+                **{f"train/{name}": value for name, value in extra.items()},
             }
         )
         self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
@@ -216,7 +228,7 @@ class Stage(L.LightningModule):
     def rollout_engine(self) -> HFEngine:
         return HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
 
-    def evaluate_heldout(self) -> dict[str, float]:
+    def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         prompts, golds = self.heldout_prompts()
         world, rank = self.trainer.world_size, self.trainer.global_rank
         usable = len(prompts) - len(prompts) % world
@@ -226,8 +238,8 @@ class Stage(L.LightningModule):
         sums = score_rollouts(groups, golds[rank:usable:world])
         total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
         metrics = total.metrics()
-        if self.trainer.is_global_zero:
-            (Path(self.run.output_dir) / "heldout.json").write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
+        if self.trainer.is_global_zero and filename:
+            (Path(self.run.output_dir) / filename).write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
             log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 

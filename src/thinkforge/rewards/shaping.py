@@ -1,0 +1,122 @@
+"""Reward functions of one sample, and the weighted registry that composes them from config."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+from thinkforge.rewards.math import THINK_END, answers_match_many, extract_answer
+
+
+@dataclass(frozen=True)
+class Sample:
+    completion: str
+    gold: str
+    num_tokens: int
+    truncated: bool
+    # Whether the final answer matches the gold one: checked for a whole batch at once, in parallel.
+    correct: bool
+
+
+def well_formed(completion: str) -> bool:
+    """One `<think>` block that opens the completion and closes once, then a boxed answer after it."""
+    return (
+        completion.lstrip().startswith("<think>")
+        and completion.count("<think>") == 1
+        and completion.count(THINK_END) == 1
+        and "\\boxed{" in completion.split(THINK_END, 1)[1]
+    )
+
+
+def accuracy_reward(sample: Sample) -> float:
+    """DeepScaleR: 1 if the final boxed answer after `</think>` matches the gold answer, else 0."""
+    return float(sample.correct)
+
+
+def format_reward(sample: Sample) -> float:
+    """R1-Zero: `<think>…</think>` then an answer."""
+    return float(well_formed(sample.completion))
+
+
+def cosine_length_reward(sample: Sample, *, max_length: int, positive_length: int, negative_length: int) -> float:
+    """Phi-4-reasoning-plus: correct 1.0 → 0.5 as it grows past `positive_length`; wrong −1 (short) → −0.5 (long)."""
+    if sample.truncated:
+        return -0.5
+    if not well_formed(sample.completion):
+        return -1.0
+    length = sample.num_tokens
+    if sample.correct:
+        rho = min(1.0, max(length - positive_length, 0) / (max_length - positive_length))
+        return 0.5 + 0.25 * (1 + math.cos(math.pi * rho))
+    rho = min(1.0, length / negative_length)
+    return -0.5 - 0.25 * (1 + math.cos(math.pi * rho))
+
+
+def repetition_reward(sample: Sample, *, ngram: int = 5, frequent_count: int = 5) -> float:
+    """Phi-4: −max(#frequent n-grams / #n-grams, max frequency / (#words / n)); frequent = seen > 5 times."""
+    words = sample.completion.split()
+    if len(words) < ngram:
+        return 0.0
+    counts = Counter(tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1))
+    total = sum(counts.values())
+    frequent = sum(count for count in counts.values() if count > frequent_count)
+    return -max(frequent / total, max(counts.values()) / (len(words) / ngram))
+
+
+def overlong_reward(sample: Sample, *, max_length: int, cache_length: int) -> float:
+    """DAPO soft overlong penalty: 0 until the last `cache_length` tokens, then linear to −1, −1 beyond."""
+    limit = max_length - cache_length
+    if sample.num_tokens <= limit:
+        return 0.0
+    if sample.num_tokens <= max_length:
+        return (limit - sample.num_tokens) / cache_length
+    return -1.0
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "math_accuracy": accuracy_reward,
+    "format": format_reward,
+    "cosine_length": cosine_length_reward,
+    "repetition": repetition_reward,
+    "overlong": overlong_reward,
+}
+
+
+class RewardModel:
+    """Weighted sum of registered reward functions, e.g. {math_accuracy: {weight: 1}, format: {weight: 0.1}}."""
+
+    def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
+        if not spec:
+            raise ValueError("stage.reward: needs at least one reward function")
+        self.functions: dict[str, tuple[float, Callable[[Sample], float]]] = {}
+        for name, options in spec.items():
+            if name not in REWARD_FUNCTIONS:
+                raise ValueError(f"stage.reward.{name}: unknown reward; known: {', '.join(REWARD_FUNCTIONS)}")
+            options = dict(options or {})
+            weight = float(options.pop("weight", 1.0))
+            try:
+                function = partial(REWARD_FUNCTIONS[name], **options)
+                function(Sample("<think>\nx\n</think>\n\\boxed{1}", "1", 10, False, True))
+            except TypeError as error:
+                raise ValueError(f"stage.reward.{name}: {error}") from None
+            self.functions[name] = (weight, function)
+
+    def __call__(self, sample: Sample) -> tuple[float, dict[str, float]]:
+        parts = {name: function(sample) for name, (_, function) in self.functions.items()}
+        return sum(self.functions[name][0] * value for name, value in parts.items()), parts
+
+    def score(
+        self, completions: Sequence[str], golds: Sequence[str], lengths: Sequence[int], truncated: Sequence[bool]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool."""
+        answers = [extract_answer(completion) for completion in completions]
+        checkable = [i for i, answer in enumerate(answers) if answer is not None]
+        matches = answers_match_many([(answers[i], golds[i]) for i in checkable])
+        correct = [False] * len(completions)
+        for index, match in zip(checkable, matches):
+            correct[index] = match
+        return [self(Sample(*fields)) for fields in zip(completions, golds, lengths, truncated, correct)]
+

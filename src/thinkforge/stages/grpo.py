@@ -1,0 +1,272 @@
+"""GRPO with verifiable rewards (DeepSeek-R1), with the DAPO / Dr. GRPO / DeepScaleR / Phi-4-reasoning-plus knobs.
+
+Each training step: take this rank's prompts, sample `group_size` completions each with the live policy, score
+them, compute group advantages, optionally drop zero-variance groups and refill (dynamic sampling), then run
+`num_iterations` optimizer steps on the clipped surrogate with the log-probs of the sampling policy stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.config import ConfigError
+from thinkforge.data.loader import StepBatches
+from thinkforge.data.packing import TokenSequence, collate_rows
+from thinkforge.data.records import DataError, load_records
+from thinkforge.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
+from thinkforge.rewards.math import gold_is_parseable
+from thinkforge.rewards.shaping import RewardModel
+from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.stages.base import Batch, Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    answer: str
+
+
+def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
+    """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K)."""
+    if not isinstance(value, Mapping):
+        return value
+    points = sorted((int(start), setting) for start, setting in value.items())
+    if points[0][0] != 0:
+        raise ConfigError(f"a schedule must start at step 0; got steps {[start for start, _ in points]}")
+    return [setting for start, setting in points if start <= step][-1]
+
+
+class GRPO(Stage):
+    def __init__(
+        self,
+        run,
+        tokenizer,
+        group_size: int = 8,
+        num_iterations: int = 1,
+        loss_type: str = "dapo",
+        advantage_scale: str = "group",
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.28,
+        beta: float = 0.0,
+        max_completion_length: int | Mapping[int, int] = 128,
+        temperature: float | Mapping[int, float] = 1.0,
+        top_p: float = 1.0,
+        mask_truncated: bool = False,
+        dynamic_sampling: bool = False,
+        max_refills: int = 3,
+        reward: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(run, tokenizer)
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"stage.loss_type: must be one of {', '.join(GRPO_LOSS_TYPES)}; got {loss_type!r}")
+        if advantage_scale not in ("group", "batch", "none"):
+            raise ConfigError(f"stage.advantage_scale: must be group, batch or none; got {advantage_scale!r}")
+        if group_size < 2 or num_iterations < 1 or max_refills < 0:
+            raise ConfigError("stage: need group_size >= 2, num_iterations >= 1 and max_refills >= 0")
+        try:
+            self.reward_model = RewardModel(reward or {"math_accuracy": {"weight": 1.0}})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.group_size, self.num_iterations, self.loss_type = group_size, num_iterations, loss_type
+        self.advantage_scale, self.epsilon_low, self.epsilon_high, self.beta = advantage_scale, epsilon_low, epsilon_high, beta
+        self.max_completion_length, self.temperature, self.top_p = max_completion_length, temperature, top_p
+        self.mask_truncated, self.dynamic_sampling, self.max_refills = mask_truncated, dynamic_sampling, max_refills
+        self.reference: CausalLM | None = None
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def has_val(self) -> bool:
+        return False
+
+    def build_items(self, split: str) -> Sequence[Prompt]:
+        data = self.run.data
+        records = load_records(data.train, data.train_split, data, required=("prompt", "answer"))
+        parseable = [gold_is_parseable(record["answer"]) for record in records.rows]
+        rows = [record for record, ok in zip(records.rows, parseable) if ok]
+        log.info("train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(records.rows) - len(rows))
+        if not rows:
+            raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
+        rendered = [self.render_prompt(record["prompt"]) for record in rows]
+        encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return [Prompt(i, text, tuple(ids), r["answer"]) for i, (text, ids, r) in enumerate(zip(rendered, encoded, rows))]
+
+    def collate(self, items: Sequence[Prompt]) -> Batch:
+        return {"prompt_index": torch.tensor([item.index for item in items])}
+
+    def batches_consumed(self) -> int:
+        return self.global_step // self.num_iterations
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.beta > 0 and self.reference is None:
+            reference = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
+            reference.requires_grad_(False).eval()
+            mesh = self.device_mesh if self.trainer.world_size > 1 else None
+            self.reference = parallelize(reference, mesh, self.run.hardware)
+
+    def on_train_start(self) -> None:
+        if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
+            self.initial_heldout = self.evaluate_heldout(filename=None)
+
+    # ---- one step: sample, score, optimise --------------------------------------------------------------------
+    def sampling(self) -> SamplingConfig:
+        step = self.batches_consumed()
+        return SamplingConfig(
+            num_samples=self.group_size,
+            temperature=float(scheduled(self.temperature, step)),
+            top_p=self.top_p,
+            max_new_tokens=int(scheduled(self.max_completion_length, step)),
+        )
+
+    def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
+        started = time.perf_counter()
+        items = self.trainer.datamodule.train_items
+        prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
+        sampling = self.sampling()
+        groups, stats = self.sample_groups(prompts, sampling)
+        generation_seconds = time.perf_counter() - started
+        train_batches = self.training_batches(groups, sampling.max_new_tokens)
+        training_started = time.perf_counter()
+        for iteration in range(self.num_iterations):
+            self.optimization_step(train_batches, stats if iteration == 0 else None)
+        stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
+        self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
+
+    def _generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[list[Rollout]]:
+        return self.rollout_engine().generate([p.text for p in prompts], sampling, seed=seed)
+
+    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]], max_new_tokens: int) -> list[dict[str, Any]]:
+        flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
+        scored = self.reward_model.score(
+            [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat], [not r.finished for _, r in flat]
+        )
+        groups = []
+        for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
+            block = scored[index * self.group_size : (index + 1) * self.group_size]
+            rewards = torch.tensor([total for total, _ in block])
+            groups.append({"prompt": prompt, "rollouts": group, "rewards": rewards, "parts": [parts for _, parts in block]})
+        return groups
+
+    def sample_groups(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Sampled, scored groups; with dynamic sampling, zero-variance groups are replaced by fresh prompts.
+
+        Every rank takes part in the same number of generation rounds (FSDP needs it): the loop runs while any
+        rank is still short. A rank still short after `max_refills` keeps some zero-variance groups, which carry
+        no gradient (their advantages are 0).
+        """
+        seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
+        scored = self._score(prompts, self._generate(prompts, sampling, seed), sampling.max_new_tokens)
+        first_round = list(scored)
+        if not self.dynamic_sampling:
+            return scored, self._rollout_stats(first_round, dropped=0)
+        keep = [g for g in scored if g["rewards"].std() > 0]
+        spare = [g for g in scored if g["rewards"].std() == 0]
+        refills = StepBatches(
+            self.trainer.datamodule.train_items, batch_size=self.run.data.batch_size, micro_batch_size=len(prompts),
+            collate=lambda chunk: chunk, seed=self.run.data.seed + 1, rank=self.global_rank,
+            world_size=self.trainer.world_size, start_step=0,
+        )
+        for refill in range(self.max_refills):
+            if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
+                break
+            extra = refills.rank_batch(self.batches_consumed() * self.max_refills + refill)[0]
+            more = self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1)), sampling.max_new_tokens)
+            keep += [g for g in more if g["rewards"].std() > 0]
+            spare += [g for g in more if g["rewards"].std() == 0]
+        dropped = sum(1 for g in first_round if g["rewards"].std() == 0)
+        final = (keep + spare)[: len(prompts)]
+        return final, self._rollout_stats(final, dropped=dropped)
+
+    def _rollout_stats(self, groups: list[dict[str, Any]], dropped: int) -> dict[str, float]:
+        rewards = torch.cat([g["rewards"] for g in groups])
+        rollouts = [r for g in groups for r in g["rollouts"]]
+        lengths = torch.tensor([float(len(r.token_ids)) for r in rollouts])
+        parts = {name: sum(p[name] for g in groups for p in g["parts"]) / len(rollouts) for name in groups[0]["parts"][0]}
+        local = {
+            "reward_sum": rewards.sum().item(), "reward_sq_sum": (rewards**2).sum().item(), "samples": float(len(rollouts)),
+            "length_sum": lengths.sum().item(), "truncated": float(sum(not r.finished for r in rollouts)),
+            "zero_variance": float(sum(g["rewards"].std().item() == 0 for g in groups)), "groups": float(len(groups)),
+            "dropped": float(dropped), **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
+        }
+        names = sorted(local)
+        totals = dict(zip(names, self.global_sum(torch.tensor([local[n] for n in names], dtype=torch.float64)).tolist()))
+        longest = self.trainer.strategy.reduce(lengths.max().to(self.device), reduce_op="max") if self.trainer.world_size > 1 else lengths.max()
+        n = totals["samples"]
+        mean = totals["reward_sum"] / n
+        return {
+            "reward/mean": mean,
+            "reward/std": max(0.0, totals["reward_sq_sum"] / n - mean**2) ** 0.5,
+            **{f"reward/{k.removeprefix('part/')}": v / n for k, v in totals.items() if k.startswith("part/")},
+            "completion/mean_length": totals["length_sum"] / n,
+            "completion/max_length": float(longest),
+            "completion/truncation_rate": totals["truncated"] / n,
+            "groups/zero_variance_fraction": totals["zero_variance"] / totals["groups"],
+            "groups/dropped_fraction": totals["dropped"] / totals["groups"],
+        }
+
+    def training_batches(self, groups: list[dict[str, Any]], max_new_tokens: int) -> list[Batch]:
+        """Micro-batches of (prompt + completion) sequences with their advantages, old and reference log-probs."""
+        rewards = torch.cat([g["rewards"] for g in groups])
+        advantages = group_advantages(rewards, self.group_size, self.advantage_scale)
+        sequences, seq_advantages = [], []
+        for g_index, group in enumerate(groups):
+            prompt_ids = list(group["prompt"].token_ids)
+            for r_index, rollout in enumerate(group["rollouts"]):
+                completion = list(rollout.token_ids)
+                trainable = not (self.mask_truncated and not rollout.finished)
+                mask = [False] * len(prompt_ids) + [trainable] * len(completion)
+                sequences.append(TokenSequence.causal(prompt_ids + completion, mask))
+                seq_advantages.append(advantages[g_index * self.group_size + r_index])
+        per_micro = self.run.data.micro_batch_size * self.group_size
+        batches = []
+        for start in range(0, len(sequences), per_micro):
+            chunk = sequences[start : start + per_micro]
+            batch = collate_rows([[s] for s in chunk], self.tokenizer.pad_token_id, row_length=max(len(s) for s in chunk), flatten=False)
+            batch["advantages"] = torch.stack(seq_advantages[start : start + per_micro])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.no_grad():
+                if self.num_iterations > 1:
+                    batch["old_logps"], _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+                if self.reference is not None:
+                    batch["ref_logps"], _ = self.reference(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+            batch["max_new_tokens"] = torch.tensor(max_new_tokens)
+            batches.append(batch)
+        return batches
+
+    def count_units(self, batch: Batch) -> torch.Tensor:
+        mask = batch["labels"] != -100
+        if self.loss_type == "dapo":
+            return mask.sum()
+        if self.loss_type == "grpo":
+            return torch.tensor(batch["labels"].shape[0])
+        return torch.tensor(batch["labels"].shape[0]) * batch["max_new_tokens"]
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch["labels"]
+        logps, entropy = self.policy(batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True)
+        mask = labels != -100
+        loss, metrics = grpo_loss(
+            logps,
+            batch.get("old_logps", logps.detach()),
+            batch["advantages"],
+            mask,
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            ref_logps=batch.get("ref_logps"),
+            max_completion_length=int(batch["max_new_tokens"]),
+        )
+        units = self.count_units(batch).to(loss)
+        metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        return loss * units, {name: value * units for name, value in metrics.items()}

@@ -1,0 +1,99 @@
+"""GRPO stage end to end, reward shaping by hand, schedules, dynamic sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import FAST, compose_config, logged, run_cli
+from thinkforge.config import ConfigError
+from thinkforge.rewards.shaping import (
+    RewardModel,
+    Sample,
+    cosine_length_reward,
+    format_reward,
+    overlong_reward,
+    repetition_reward,
+)
+from thinkforge.stages.grpo import scheduled
+from thinkforge.train import run_stage
+
+RIGHT = "<think>\n2 + 2 = 4\n</think>\nThe answer is \\boxed{4}."
+WRONG = "<think>\n2 + 2 = 5\n</think>\nThe answer is \\boxed{5}."
+
+GRPO_FAST = [
+    *FAST, "stage=grpo", "stage.group_size=4", "stage.max_completion_length=24", "data.batch_size=4",
+    "data.micro_batch_size=2", "heldout.num_prompts=4", "heldout.max_new_tokens=24",
+]
+
+
+def test_cosine_length_reward_by_hand():
+    lengths = dict(max_length=100, positive_length=50, negative_length=20)
+    assert cosine_length_reward(Sample(RIGHT, "4", 10, False, True), **lengths) == 1.0
+    assert cosine_length_reward(Sample(RIGHT, "4", 75, False, True), **lengths) == pytest.approx(0.75)
+    assert cosine_length_reward(Sample(RIGHT, "4", 100, False, True), **lengths) == pytest.approx(0.5)
+    assert cosine_length_reward(Sample(WRONG, "4", 0, False, False), **lengths) == pytest.approx(-1.0)
+    assert cosine_length_reward(Sample(WRONG, "4", 10, False, False), **lengths) == pytest.approx(-0.75)
+    assert cosine_length_reward(Sample(WRONG, "4", 40, False, False), **lengths) == pytest.approx(-0.5)
+    assert cosine_length_reward(Sample(RIGHT, "4", 100, True, True), **lengths) == -0.5
+    assert cosine_length_reward(Sample("\\boxed{4}", "4", 5, False, False), **lengths) == -1.0
+
+
+def test_format_overlong_and_repetition_by_hand():
+    assert format_reward(Sample(RIGHT, "4", 5, False, True)) == 1.0
+    assert format_reward(Sample("<think>\nx\n</think><think>y</think>\\boxed{4}", "4", 5, False, False)) == 0.0
+    assert format_reward(Sample("<think>\nx\n\\boxed{4}", "4", 5, False, False)) == 0.0
+    assert overlong_reward(Sample("", "", 70, False, False), max_length=100, cache_length=20) == 0.0
+    assert overlong_reward(Sample("", "", 90, False, False), max_length=100, cache_length=20) == pytest.approx(-0.5)
+    assert overlong_reward(Sample("", "", 101, False, False), max_length=100, cache_length=20) == -1.0
+    # 30 words "a b c a b c ...": 26 five-grams, 3 distinct, each seen 8 or 9 times (> 5)
+    looping = Sample(" ".join(["a", "b", "c"] * 10), "", 30, False, False)
+    assert repetition_reward(looping) == pytest.approx(-max(26 / 26, 9 / (30 / 5)))
+    assert repetition_reward(Sample("one two three four five six seven", "", 7, False, False)) == pytest.approx(-1 / (7 / 5))
+
+
+def test_reward_model_weights_and_errors():
+    model = RewardModel({"math_accuracy": {"weight": 0.5}, "format": {"weight": 0.25}})
+    total, parts = model(Sample(RIGHT, "4", 5, False, True))
+    assert total == 0.75 and parts == {"math_accuracy": 1.0, "format": 1.0}
+    batch = model.score([RIGHT, WRONG, "\\boxed{4}"], ["4", "4", "4"], [5, 5, 5], [False, False, False])
+    assert [total for total, _ in batch] == [0.75, 0.25, 0.0]
+    with pytest.raises(ValueError, match="unknown reward"):
+        RewardModel({"helpfulness": {}})
+    with pytest.raises(ValueError, match="cosine_length"):
+        RewardModel({"cosine_length": {"weight": 1.0}})
+
+
+def test_schedules_are_piecewise_constant():
+    lengthening = {0: 8192, 500: 16384, 1000: 24576}
+    assert [scheduled(lengthening, s) for s in (0, 499, 500, 1500)] == [8192, 8192, 16384, 24576]
+    assert scheduled(0.6, 123) == 0.6
+    with pytest.raises(ConfigError):
+        scheduled({5: 1.0}, 0)
+
+
+def test_grpo_runs_and_logs_what_matters(tmp_path):
+    result = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=4", "stage.num_iterations=2", "stage.beta=0.05",
+                                      "stage.loss_type=grpo", output_dir=tmp_path))
+    assert (result.export_dir / "model.safetensors").exists()
+    for name in ("train/reward/mean", "train/reward/std", "train/reward/math_accuracy", "train/completion/mean_length",
+                 "train/completion/max_length", "train/completion/truncation_rate", "train/groups/zero_variance_fraction",
+                 "train/groups/dropped_fraction", "train/clip_fraction/low", "train/kl", "train/entropy",
+                 "train/generation_s", "train/training_s"):
+        assert logged(tmp_path, name), name
+    # max_steps counts optimizer steps: 4 steps with num_iterations=2 are two rollout batches, logged once each
+    assert len(logged(tmp_path, "train/loss")) == 2
+    assert set(result.metrics) >= {"heldout/accuracy", "heldout_start/accuracy"}
+    # a random tiny model never writes a boxed answer: every group has zero variance and is dropped
+    assert logged(tmp_path, "train/groups/dropped_fraction")[0] == 1.0
+    assert logged(tmp_path, "train/completion/truncation_rate")[0] > 0.5
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
+def test_grpo_with_fsdp(tmp_path, loss_type):
+    result = run_cli(*GRPO_FAST, "trainer.max_steps=2", f"stage.loss_type={loss_type}", "hardware=cpu_fsdp", "logger=csv",
+                     f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "export" / "model.safetensors").exists()
+    assert not math.isnan(logged(tmp_path, "train/loss")[1])
