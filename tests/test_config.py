@@ -97,3 +97,13 @@ def test_every_value_is_overridable():
     assert cfg.model.config.hidden_size == 64 and cfg.data.synthetic.max_level == 2
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose_config("model.config.no_such_field_in_yaml=1")
+
+
+@pytest.mark.parametrize("option", group_options("logger"))
+def test_every_logger_config_instantiates(option, tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import Logger
+
+    cfg = compose_config(f"logger={option}", output_dir=tmp_path)
+    loggers = [instantiate(entry) for entry in cfg.logger.values()]
+    assert loggers and all(isinstance(logger, Logger) for logger in loggers)

@@ -59,6 +59,7 @@ def test_reward_model_weights_and_errors():
     assert total == 0.75 and parts == {"math_accuracy": 1.0, "format": 1.0}
     batch = model.score([RIGHT, WRONG, "\\boxed{4}"], ["4", "4", "4"], [5, 5, 5], [False, False, False])
     assert [total for total, _ in batch] == [0.75, 0.25, 0.0]
+    assert [parts["accuracy"] for _, parts in batch] == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="unknown reward"):
         RewardModel({"helpfulness": {}})
     with pytest.raises(ValueError, match="cosine_length"):
@@ -79,7 +80,8 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
     assert (result.export_dir / "model.safetensors").exists()
     for name in ("train/reward/mean", "train/reward/std", "train/reward/math_accuracy", "train/completion/mean_length",
                  "train/completion/max_length", "train/completion/truncation_rate", "train/groups/zero_variance_fraction",
-                 "train/groups/dropped_fraction", "train/clip_fraction/low", "train/kl", "train/entropy",
+                 "train/groups/dropped_fraction", "train/clip_fraction/low", "train/kl", "train/entropy", "train/reward/accuracy",
+                 "train/reward/verifier_timeouts",
                  "train/generation_s", "train/training_s"):
         assert logged(tmp_path, name), name
     # max_steps counts optimizer steps: 4 steps with num_iterations=2 are two rollout batches, logged once each

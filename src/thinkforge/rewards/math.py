@@ -154,6 +154,11 @@ class VerifierPool:
 _shared_pool = VerifierPool()
 
 
+def shared_verifier_pool() -> VerifierPool:
+    """The pool behind `answers_match` and `math_accuracy`; its `timeouts` counts checks that ran out of time."""
+    return _shared_pool
+
+
 def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | None = None) -> list[bool]:
     return [bool(result) for result in (pool or _shared_pool).run(_check, pairs)]
 

@@ -111,12 +111,16 @@ class RewardModel:
     def score(
         self, completions: Sequence[str], golds: Sequence[str], lengths: Sequence[int], truncated: Sequence[bool]
     ) -> list[tuple[float, dict[str, float]]]:
-        """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool."""
+        """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool.
+
+        Each sample's parts also carry `accuracy` (1/0, whatever the reward mix), which is logged, never summed.
+        """
         answers = [extract_answer(completion) for completion in completions]
         checkable = [i for i, answer in enumerate(answers) if answer is not None]
         matches = answers_match_many([(answers[i], golds[i]) for i in checkable])
         correct = [False] * len(completions)
         for index, match in zip(checkable, matches):
             correct[index] = match
-        return [self(Sample(*fields)) for fields in zip(completions, golds, lengths, truncated, correct)]
+        scored = [self(Sample(*fields)) for fields in zip(completions, golds, lengths, truncated, correct)]
+        return [(total, {**parts, "accuracy": float(ok)}) for (total, parts), ok in zip(scored, correct)]
 

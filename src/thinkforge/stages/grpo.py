@@ -20,7 +20,7 @@ from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import TokenSequence, collate_rows
 from thinkforge.data.records import DataError, load_records
 from thinkforge.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
-from thinkforge.rewards.math import gold_is_parseable
+from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
 from thinkforge.stages.base import Batch, Stage
@@ -212,6 +212,7 @@ class GRPO(Stage):
             "completion/truncation_rate": totals["truncated"] / n,
             "groups/zero_variance_fraction": totals["zero_variance"] / totals["groups"],
             "groups/dropped_fraction": totals["dropped"] / totals["groups"],
+            "reward/verifier_timeouts": float(shared_verifier_pool().timeouts),
         }
 
     def training_batches(self, groups: list[dict[str, Any]], max_new_tokens: int) -> list[Batch]:
