@@ -88,14 +88,19 @@ class Stage(L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        policy = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
-        mesh = self.device_mesh if isinstance(self._trainer_strategy(), ModelParallelStrategy) else None
-        self.policy = parallelize(policy, mesh, self.run.hardware)
+        if self.policy is None:
+            self.policy = self.load_backbone()
 
-    def _trainer_strategy(self) -> Any:
-        return self._trainer.strategy if self._trainer is not None else None
+    def data_parallel_mesh(self) -> Any:
+        """The device mesh under FSDP, None in a single process: the one place that decides on sharding."""
+        return self.device_mesh if isinstance(self.trainer.strategy, ModelParallelStrategy) else None
+
+    def load_backbone(self, *, frozen: bool = False) -> CausalLM:
+        """The starting checkpoint, sharded like every other copy; `frozen` for reference models."""
+        model = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
+        if frozen:
+            model.requires_grad_(False).eval()
+        return parallelize(model, self.data_parallel_mesh(), self.run.hardware)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]

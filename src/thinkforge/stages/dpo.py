@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
-from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ConfigError
 from thinkforge.data.packing import TokenSequence, collate_rows
 from thinkforge.data.pairs import build_rollout_pairs
@@ -129,16 +128,10 @@ class DPO(Stage):
         return torch.tensor(len(batch["pair_index"]))
 
     # ---- reference --------------------------------------------------------------------------------------------
-    def _load_reference(self) -> CausalLM:
-        reference = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
-        reference.requires_grad_(False).eval()
-        mesh = self.device_mesh if isinstance(self.policy, FSDPModule) else None
-        return parallelize(reference, mesh, self.run.hardware).to(self.device)
-
     def configure_model(self) -> None:
         super().configure_model()
         if self.reference is None and not self.precompute_ref_logps:
-            self.reference = self._load_reference()
+            self.reference = self.load_backbone(frozen=True)
 
     def on_fit_start(self) -> None:
         """Precomputed once per fit from the starting checkpoint, so a resumed run gets the very same values."""
@@ -151,7 +144,7 @@ class DPO(Stage):
     @torch.no_grad()
     def _precompute(self, items: Sequence[Pair]) -> torch.Tensor:
         """Each rank scores an equal share with a temporary reference; the shares are gathered, the model freed."""
-        reference = self._load_reference()
+        reference = self.load_backbone(frozen=True).to(self.device)
         world, rank, micro = self.trainer.world_size, self.trainer.global_rank, self.run.data.micro_batch_size
         per_rank = -(-len(items) // world)
         share = [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]

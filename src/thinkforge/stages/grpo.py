@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.backbone import CausalLM
 from thinkforge.config import ConfigError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import TokenSequence, collate_rows
@@ -109,10 +109,7 @@ class GRPO(Stage):
     def configure_model(self) -> None:
         super().configure_model()
         if self.beta > 0 and self.reference is None:
-            reference = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
-            reference.requires_grad_(False).eval()
-            mesh = self.device_mesh if self.trainer.world_size > 1 else None
-            self.reference = parallelize(reference, mesh, self.run.hardware)
+            self.reference = self.load_backbone(frozen=True)
 
     def on_train_start(self) -> None:
         if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
@@ -145,7 +142,7 @@ class GRPO(Stage):
     def _generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[list[Rollout]]:
         return self.rollout_engine().generate([p.text for p in prompts], sampling, seed=seed)
 
-    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]], max_new_tokens: int) -> list[dict[str, Any]]:
+    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]]) -> list[dict[str, Any]]:
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
             [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat], [not r.finished for _, r in flat]
@@ -165,7 +162,7 @@ class GRPO(Stage):
         no gradient (their advantages are 0).
         """
         seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
-        scored = self._score(prompts, self._generate(prompts, sampling, seed), sampling.max_new_tokens)
+        scored = self._score(prompts, self._generate(prompts, sampling, seed))
         first_round = list(scored)
         if not self.dynamic_sampling:
             return scored, self._rollout_stats(first_round, dropped=0)
@@ -180,7 +177,7 @@ class GRPO(Stage):
             if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
                 break
             extra = refills.rank_batch(self.batches_consumed() * self.max_refills + refill)[0]
-            more = self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1)), sampling.max_new_tokens)
+            more = self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1)))
             keep += [g for g in more if g["rewards"].std() > 0]
             spare += [g for g in more if g["rewards"].std() == 0]
         dropped = sum(1 for g in first_round if g["rewards"].std() == 0)
