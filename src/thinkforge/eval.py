@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from thinkforge.rewards.math import math_accuracy
+from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout.base import Rollout
 
-Verifier = Callable[[str, str], float]
+# Scores a batch: (completions, golds) -> 1.0/0.0 each.
+BatchVerifier = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 @dataclass
@@ -28,12 +29,14 @@ class HeldOutSums:
         return {"accuracy": self.correct / n, "eos_rate": self.finished / n, "mean_length": self.tokens / n}
 
 
-def score_rollouts(groups: Sequence[Sequence[Rollout]], golds: Sequence[str], verifier: Verifier = math_accuracy) -> HeldOutSums:
-    sums = HeldOutSums()
-    for rollouts, gold in zip(groups, golds):
-        for rollout in rollouts:
-            sums.samples += 1
-            sums.correct += verifier(rollout.text, gold)
-            sums.finished += rollout.finished
-            sums.tokens += len(rollout.token_ids)
-    return sums
+def score_rollouts(
+    groups: Sequence[Sequence[Rollout]], golds: Sequence[str], verifier: BatchVerifier = math_accuracy_many
+) -> HeldOutSums:
+    flat = [(rollout, gold) for rollouts, gold in zip(groups, golds) for rollout in rollouts]
+    scores = verifier([rollout.text for rollout, _ in flat], [gold for _, gold in flat])
+    return HeldOutSums(
+        samples=float(len(flat)),
+        correct=float(sum(scores)),
+        finished=float(sum(rollout.finished for rollout, _ in flat)),
+        tokens=float(sum(len(rollout.token_ids) for rollout, _ in flat)),
+    )

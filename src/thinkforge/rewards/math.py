@@ -173,5 +173,14 @@ def gold_is_parseable(gold: str, pool: VerifierPool | None = None) -> bool:
 
 
 def math_accuracy(completion: str, gold: str) -> float:
-    answer = extract_answer(completion)
-    return float(answer is not None and answers_match(answer, gold))
+    return math_accuracy_many([completion], [gold])[0]
+
+
+def math_accuracy_many(completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None) -> list[float]:
+    """1.0/0.0 per completion; all answer checks of the batch run at once in the worker pool."""
+    answers = [extract_answer(completion) for completion in completions]
+    checkable = [i for i, answer in enumerate(answers) if answer is not None]
+    scores = [0.0] * len(completions)
+    for index, match in zip(checkable, answers_match_many([(answers[i], golds[i]) for i in checkable], pool)):
+        scores[index] = float(match)
+    return scores

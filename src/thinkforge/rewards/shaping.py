@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
-from thinkforge.rewards.math import THINK_END, answers_match_many, extract_answer
+from thinkforge.rewards.math import THINK_END, math_accuracy_many
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,7 @@ class RewardModel:
 
         Each sample's parts also carry `accuracy` (1/0, whatever the reward mix), which is logged, never summed.
         """
-        answers = [extract_answer(completion) for completion in completions]
-        checkable = [i for i, answer in enumerate(answers) if answer is not None]
-        matches = answers_match_many([(answers[i], golds[i]) for i in checkable])
-        correct = [False] * len(completions)
-        for index, match in zip(checkable, matches):
-            correct[index] = match
+        correct = [score == 1.0 for score in math_accuracy_many(completions, golds)]
         scored = [self(Sample(*fields)) for fields in zip(completions, golds, lengths, truncated, correct)]
         return [(total, {**parts, "accuracy": float(ok)}) for (total, parts), ok in zip(scored, correct)]
 

@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 class CausalLMStage(Stage):
     """Token-mean cross-entropy over the global batch's target tokens; subclasses say which tokens are targets."""
 
+    def __init__(self, run, tokenizer) -> None:
+        super().__init__(run, tokenizer)
+        # flash-attn takes every document of a micro-batch as one padding-free row; SDPA keeps [B, L] rows
+        self.flatten_rows = resolve_attn_implementation(run.model.attn_implementation) == "flash_attention_2"
+
     def sequences(self, split: str) -> list[TokenSequence]:
         raise NotImplementedError
 
@@ -35,8 +40,7 @@ class CausalLMStage(Stage):
         return rows
 
     def collate(self, items: Sequence[Any]) -> Batch:
-        flatten = resolve_attn_implementation(self.run.model.attn_implementation) == "flash_attention_2"
-        return collate_rows(items, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=flatten)
+        return collate_rows(items, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=self.flatten_rows)
 
     def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logprobs, _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])

@@ -7,6 +7,7 @@ them, compute group advantages, optionally drop zero-variance groups and refill 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -168,11 +169,7 @@ class GRPO(Stage):
             return scored, self._rollout_stats(first_round, dropped=0)
         keep = [g for g in scored if g["rewards"].std() > 0]
         spare = [g for g in scored if g["rewards"].std() == 0]
-        refills = StepBatches(
-            self.trainer.datamodule.train_items, batch_size=self.run.data.batch_size, micro_batch_size=len(prompts),
-            collate=lambda chunk: chunk, seed=self.run.data.seed + 1, rank=self.global_rank,
-            world_size=self.trainer.world_size, start_step=0,
-        )
+        refills = self.refill_stream(len(prompts))
         for refill in range(self.max_refills):
             if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
                 break
@@ -183,6 +180,15 @@ class GRPO(Stage):
         dropped = sum(1 for g in first_round if g["rewards"].std() == 0)
         final = (keep + spare)[: len(prompts)]
         return final, self._rollout_stats(final, dropped=dropped)
+
+    @functools.cache
+    def refill_stream(self, prompts_per_rank: int) -> StepBatches:
+        """Extra prompts for dynamic sampling: a second seeded stream over the training prompts, built once."""
+        return StepBatches(
+            self.trainer.datamodule.train_items, batch_size=prompts_per_rank * self.trainer.world_size,
+            micro_batch_size=prompts_per_rank, collate=list, seed=self.run.data.seed + 1, rank=self.global_rank,
+            world_size=self.trainer.world_size, start_step=0,
+        )
 
     def _rollout_stats(self, groups: list[dict[str, Any]], dropped: int) -> dict[str, float]:
         rewards = torch.cat([g["rewards"] for g in groups])
