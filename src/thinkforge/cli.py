@@ -1,8 +1,10 @@
-"""Console entry points: thin Hydra mains over `thinkforge.train`."""
+"""Console entry points: thin Hydra mains over `thinkforge.train`, `thinkforge.pipeline` and `thinkforge.eval`."""
 
 from __future__ import annotations
 
 from importlib import resources
+import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -27,3 +29,19 @@ def train_main(cfg: DictConfig) -> None:
     from thinkforge.train import run_stage
 
     run_stage(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="pipeline")
+def _pipeline_hydra_main(cfg: DictConfig) -> None:
+    from thinkforge.pipeline import run_pipeline
+
+    run_pipeline(cfg)
+
+
+# `stages.<name>.<key>=value` names keys a recipe does not set; Hydra's struct mode only adds keys with `++`.
+PER_STAGE_OVERRIDE = re.compile(r"^stages\.[^.=]+\.[^=]+=")
+
+
+def pipeline_main() -> None:
+    sys.argv = [sys.argv[0]] + [f"++{arg}" if PER_STAGE_OVERRIDE.match(arg) else arg for arg in sys.argv[1:]]
+    _pipeline_hydra_main()

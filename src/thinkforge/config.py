@@ -218,10 +218,40 @@ class TrainConfig:
         )
 
 
+@dataclass
+class PipelineConfig:
+    """A recipe: stages run in order, each stage's HF export becoming the next stage's model."""
+
+    # Names the run directory (logs/pipeline/<name>), so re-running a recipe resumes it.
+    name: str = MISSING
+    description: str = ""
+    # The first stage's model; later stages start from the previous export with the same loading options.
+    model: ModelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    # name -> {overrides: [thinkforge-train overrides, e.g. stage=grpo], <config values, e.g. optim: {lr: 1e-6}>}
+    stages: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = MISSING
+    # Compose and validate every stage, print the plan, and stop.
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.stages), "stages", "a recipe needs at least one stage")
+        for name, entry in self.stages.items():
+            _require(isinstance(entry, dict), f"stages.{name}", "must be a mapping with an `overrides` list")
+            overrides = entry.get("overrides", [])
+            _require(
+                isinstance(overrides, list) and any(str(o).startswith("stage=") for o in overrides),
+                f"stages.{name}.overrides",
+                "must be a list of thinkforge-train overrides that picks a stage (stage=midtrain|sft|dpo|grpo)",
+            )
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="pipeline_schema", node=PipelineConfig)
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
+def validate(cfg: DictConfig) -> Any:
     """Runs every `__post_init__` check on a composed config; raises ConfigError naming the key."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,168 @@
+"""A recipe as a sequence of stage runs: each stage's HF export is the next stage's model.
+
+Every stage's train config is composed and validated before the first one starts, so a typo in the last stage
+fails in seconds, not after hours of mid-training. Each stage then runs as its own `thinkforge-train` process on
+the exact config saved in its directory (`stage_config.yaml`), which keeps multi-process strategies, memory and
+failures per stage. A stage directory records a fingerprint of its config and of everything upstream; on re-run
+a finished stage with the same fingerprint is skipped, an interrupted one resumes from its last checkpoint, and
+one whose config changed is moved aside and run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from thinkforge.config import ConfigError, PipelineConfig, validate
+
+log = logging.getLogger(__name__)
+
+RECORD = "pipeline_stage.json"
+STAGE_CONFIG = "stage_config.yaml"
+TABLE_METRICS = ("accuracy", "eos_rate", "mean_length")
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    config: DictConfig
+    directory: Path
+    fingerprint: str
+
+    @property
+    def export_dir(self) -> Path:
+        return self.directory / "export"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.directory / "checkpoints" / "last.ckpt"
+
+    def record(self) -> dict[str, Any] | None:
+        path = self.directory / RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_record(self, **fields: Any) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"stage": self.name, "fingerprint": self.fingerprint, **fields}
+        (self.directory / RECORD).write_text(json.dumps(record, indent=2))
+
+
+def compose_stage(
+    name: str, entry: dict[str, Any], pipeline: DictConfig, directory: Path, previous_export: Path | None
+) -> DictConfig:
+    """The train config of one stage: its overrides composed like a `thinkforge-train` command line, then the
+    pipeline's model and hardware, the handoff from the previous stage, and the entry's own values on top."""
+    values = {key: value for key, value in entry.items() if key != "overrides"}
+    try:
+        cfg = compose("train", overrides=list(entry.get("overrides", [])))
+        with open_dict(cfg):
+            cfg.model = copy.deepcopy(pipeline.model)
+            cfg.hardware = copy.deepcopy(pipeline.hardware)
+            if previous_export is not None:
+                cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
+            cfg.output_dir = str(directory)
+        cfg = OmegaConf.merge(cfg, values)
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException, ConfigError) as error:
+        raise ConfigError(f"stages.{name}: {error}") from None
+    return cfg
+
+
+def plan(pipeline: DictConfig) -> list[PlannedStage]:
+    run: PipelineConfig = validate(pipeline)
+    root = Path(run.output_dir).resolve()
+    stages: list[PlannedStage] = []
+    previous_export: Path | None = None
+    upstream = ""
+    for name, entry in run.stages.items():
+        cfg = compose_stage(name, entry, pipeline, root / name, previous_export)
+        fingerprint = hashlib.sha256((upstream + OmegaConf.to_yaml(cfg)).encode()).hexdigest()[:16]
+        stage = PlannedStage(name, cfg, root / name, fingerprint)
+        stages.append(stage)
+        previous_export, upstream = stage.export_dir, fingerprint
+    return stages
+
+
+def train_command() -> list[str]:
+    """`thinkforge-train` of this environment (Lightning relaunches it per rank for multi-process strategies)."""
+    script = Path(sys.executable).with_name("thinkforge-train")
+    found = str(script) if script.exists() else shutil.which("thinkforge-train")
+    if found is None:
+        raise RuntimeError("thinkforge-train is not installed in this environment (pip install -e .)")
+    return [found]
+
+
+def run_one(stage: PlannedStage) -> dict[str, Any]:
+    """Runs, resumes or skips one stage; returns its finished record."""
+    record = stage.record()
+    if record and record["fingerprint"] != stage.fingerprint:
+        stale = stage.directory.with_name(f"{stage.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        stage.directory.rename(stale)
+        print(f"[pipeline] {stage.name}: config or an upstream stage changed; previous run moved to {stale}", flush=True)
+        record = None
+    if record and record["status"] == "done" and stage.export_dir.exists():
+        print(f"[pipeline] {stage.name}: already done ({stage.directory}), skipped", flush=True)
+        return record
+    resume = record is not None and stage.last_checkpoint.exists()
+    stage.directory.mkdir(parents=True, exist_ok=True)
+    config_text = "defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(stage.config)
+    (stage.directory / STAGE_CONFIG).write_text(config_text)
+    command = train_command() + [
+        "--config-dir",
+        str(stage.directory),
+        "--config-name",
+        Path(STAGE_CONFIG).stem,
+        f"hydra.run.dir='{stage.directory}'",
+    ]
+    if resume:
+        command.append(f"ckpt_path='{stage.last_checkpoint}'")
+    print(f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}", flush=True)
+    stage.write_record(status="running")
+    started = time.monotonic()
+    completed = subprocess.run(command)
+    if completed.returncode != 0:
+        raise RuntimeError(f"stage {stage.name} failed (exit code {completed.returncode}); logs in {stage.directory}")
+    heldout_file = stage.directory / "heldout.json"
+    heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
+    done = {"status": "done", "seconds": round(time.monotonic() - started, 1), "heldout": heldout, "export": str(stage.export_dir)}
+    stage.write_record(**done)
+    return {"stage": stage.name, "fingerprint": stage.fingerprint, **done}
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = "| after | held-out pass@1 | EOS rate | mean length | wall (s) | export |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for record in records:
+        heldout = record.get("heldout") or {}
+        cells = [f"{heldout[m]:.1%}" if m != "mean_length" else f"{heldout[m]:.1f}" for m in TABLE_METRICS if m in heldout]
+        cells = cells if len(cells) == len(TABLE_METRICS) else ["-"] * len(TABLE_METRICS)
+        lines.append(f"| {record['stage']} | " + " | ".join(cells) + f" | {record.get('seconds', '-')} | {record['export']} |")
+    return "\n".join(lines)
+
+
+def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
+    stages = plan(pipeline)
+    if pipeline.dry_run:
+        for stage in stages:
+            print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
+        return []
+    records = [run_one(stage) for stage in stages]
+    table = format_table(records)
+    summary = Path(pipeline.output_dir) / "summary.md"
+    summary.write_text(f"# {pipeline.name}\n\n{pipeline.description}\n\n{table}\n")
+    print(f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary})\n{table}", flush=True)
+    return records

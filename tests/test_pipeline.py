@@ -1,0 +1,111 @@
+"""Recipes: every one composes and validates; per-stage overrides; a killed pipeline resumes without redoing work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import FAST, run_cli
+from thinkforge.cli import PER_STAGE_OVERRIDE, config_dir
+from thinkforge.config import ConfigError
+from thinkforge.pipeline import plan
+
+RECIPES = sorted(path.stem for path in (Path(config_dir()) / "recipe").glob("*.yaml"))
+
+
+def plan_recipe(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return plan(compose("pipeline", overrides=[*overrides, f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe, tmp_path):
+    stages = plan_recipe(tmp_path, f"recipe={recipe}")
+    assert stages, recipe
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage.config.model.name_or_path == str(previous.export_dir), "each stage starts from the previous export"
+        assert stage.config.model.config is None
+
+
+def test_real_recipes_keep_their_structure(tmp_path):
+    deepscaler = plan_recipe(tmp_path, "recipe=deepscaler")
+    assert [s.config.stage.max_completion_length for s in deepscaler] == [8192, 16384, 24576]
+    assert all(set(s.config.stage.reward) == {"math_accuracy"} for s in deepscaler)
+    phi4_mini = plan_recipe(tmp_path, "recipe=phi4_mini_reasoning")
+    assert [s.config.stage._target_.rsplit(".", 1)[1] for s in phi4_mini] == ["MidTraining", "SFT", "DPO", "GRPO"]
+    assert phi4_mini[2].config.stage.pairs == "rollout"
+    plus = plan_recipe(tmp_path, "recipe=phi4_reasoning_plus")[-1].config.stage.reward
+    assert plus.cosine_length.max_length == 31744 and "repetition" in plus
+
+
+def test_per_stage_override_reaches_only_that_stage(tmp_path):
+    argument = "stages.grpo.optim.lr=1e-6"
+    assert PER_STAGE_OVERRIDE.match(argument) and not PER_STAGE_OVERRIDE.match("recipe=demo")
+    stages = {s.name: s for s in plan_recipe(tmp_path, f"++{argument}", "hardware=cpu_fsdp")}
+    assert stages["grpo"].config.optim.lr == 1e-6
+    assert stages["sft"].config.optim.lr != 1e-6
+    assert all(s.config.hardware.devices == 2 for s in stages.values()), "pipeline-level hardware reaches every stage"
+
+
+def test_bad_stage_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.sft: .*optim\.lr"):
+        plan_recipe(tmp_path, "++stages.sft.optim.lr=-1")
+    with pytest.raises(ConfigError, match=r"stages\.sft"):
+        plan_recipe(tmp_path, "++stages.sft.optim.learning_rate=1")
+
+
+def test_dry_run_from_the_command_line(tmp_path):
+    result = run_cli("recipe=deepscaler", "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
+                     cwd=tmp_path, program="thinkforge-pipeline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("# ---- stage") == 3
+    assert "lr: 2.0e-06" in result.stdout.split("stage grpo_16k")[1].split("stage grpo_24k")[0]
+    assert not (tmp_path / "grpo_8k").exists(), "a dry run trains nothing"
+
+
+def per_stage(stage: str, *overrides: str) -> list[str]:
+    return [f"stages.{stage}.{override}" for override in overrides]
+
+
+def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
+    run_dir = tmp_path / "pipeline"
+    args = [
+        "~stages.dpo", "~stages.grpo", f"hydra.run.dir={run_dir}",
+        *per_stage("midtrain", *FAST, "heldout.num_prompts=8"),
+        *per_stage("sft", *FAST, "trainer.max_steps=8", "heldout.num_prompts=8"),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([str(Path(sys.executable).with_name("thinkforge-pipeline")), *args], cwd=tmp_path, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sft_checkpoint = run_dir / "sft" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not sft_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert sft_checkpoint.exists(), "the pipeline should have been killed during the second stage"
+    assert json.loads((run_dir / "sft" / "pipeline_stage.json").read_text())["status"] == "running"
+    midtrain_record = (run_dir / "midtrain" / "pipeline_stage.json").read_text()
+    midtrain_export = (run_dir / "midtrain" / "export" / "model.safetensors").stat().st_mtime_ns
+
+    rerun = run_cli(*args, cwd=tmp_path, program="thinkforge-pipeline")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "midtrain: already done" in rerun.stdout
+    assert "sft: resuming from" in rerun.stdout
+    assert (run_dir / "midtrain" / "pipeline_stage.json").read_text() == midtrain_record
+    assert (run_dir / "midtrain" / "export" / "model.safetensors").stat().st_mtime_ns == midtrain_export
+    assert json.loads((run_dir / "sft" / "pipeline_stage.json").read_text())["status"] == "done"
+    assert "| sft |" in rerun.stdout and (run_dir / "summary.md").exists()
+
+    changed = run_cli(*args, "stages.sft.optim.lr=1e-5", cwd=tmp_path, program="thinkforge-pipeline")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "midtrain: already done" in changed.stdout
+    assert any(path.name.startswith("sft.stale-") for path in run_dir.iterdir()), "the old sft run is kept, not overwritten"
