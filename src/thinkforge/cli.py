@@ -45,3 +45,17 @@ PER_STAGE_OVERRIDE = re.compile(r"^stages\.[^.=]+\.[^=]+=")
 def pipeline_main() -> None:
     sys.argv = [sys.argv[0]] + [f"++{arg}" if PER_STAGE_OVERRIDE.match(arg) else arg for arg in sys.argv[1:]]
     _pipeline_hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from thinkforge.config import validate
+    from thinkforge.eval import run_eval
+
+    run = validate(cfg)
+    if run.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return
+    run_eval(run)

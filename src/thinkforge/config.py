@@ -246,10 +246,85 @@ class PipelineConfig:
             )
 
 
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    # A .jsonl/.parquet file (or a `datasets` hub name) with a problem and a gold answer per row.
+    path: str = MISSING
+    split: str = "test"
+    # Canonical field -> column, e.g. {prompt: problem, answer: answer}.
+    fields: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
+    # Gold answers that end a worked solution (GSM8K's "... #### 42"): keep the text after the last marker.
+    answer_after: Optional[str] = None
+    # Evaluate the first `limit` problems only.
+    limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
+        _require(not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
+        _require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
+
+
+@dataclass
+class BudgetForcingConfig:
+    """s1 budget forcing: cap the thinking (force `</think>`), or extend it by replacing `</think>` with "Wait"."""
+
+    max_thinking_tokens: Optional[int] = None
+    num_waits: int = 0
+    wait_text: str = "Wait"
+    # Tokens for the final answer after the thinking ends.
+    max_answer_tokens: int = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_thinking_tokens is not None or self.num_waits > 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_thinking_tokens is None or self.max_thinking_tokens > 0, "budget.max_thinking_tokens", "must be positive")
+        _require(self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0")
+
+
+@dataclass
+class EvalConfig:
+    # Required unless grading a samples_file: e.g. model=pretrained model.name_or_path=<an export>.
+    model: Optional[ModelConfig] = None
+    benchmark: BenchmarkConfig = MISSING
+    # Samples per problem: pass@1 is averaged over them; pass@k (unbiased) and maj@k use them too.
+    num_samples: int = 4
+    ks: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    batch_size: int = 64
+    budget: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
+    system_prompt: Optional[str] = None
+    seed: int = 0
+    # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
+    samples_file: Optional[str] = None
+    output_dir: str = MISSING
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples > 0 and self.batch_size > 0, "eval", "num_samples and batch_size must be positive")
+        _require(all(k > 0 for k in self.ks), "ks", "must be positive")
+        _require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1")
+        _require(
+            self.samples_file is not None or self.model is not None,
+            "model",
+            "pick the model to evaluate, e.g. model=pretrained model.name_or_path=logs/pipeline/demo/grpo/export",
+        )
+        _require(
+            self.samples_file is not None or all(k <= self.num_samples for k in self.ks),
+            "ks",
+            f"every k must be <= num_samples ({self.num_samples}); got {self.ks}",
+        )
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="pipeline_schema", node=PipelineConfig)
+    store.store(name="eval_schema", node=EvalConfig)
 
 
 def validate(cfg: DictConfig) -> Any:

@@ -73,7 +73,7 @@ class Records:
         return f"{self.source}: {len(self.rows)} rows" + (f" ({sum(self.skipped.values())} skipped: {lost})" if lost else "")
 
 
-def _raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, Any]]:
+def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, Any]]:
     """Yields (row number as a person would count it, raw row); jsonl rows are numbered by line."""
     if source == "synthetic":
         count = data.synthetic.num_train if split == "train" else data.synthetic.num_val
@@ -111,7 +111,7 @@ def _raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, 
 def load_records(source: str, split: str, data: DataConfig, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
     """Canonical records with every `required` field checked and every present `optional` field kept."""
     records = Records(source=source, rows=[])
-    for row_number, raw in _raw_rows(source, split, data):
+    for row_number, raw in raw_rows(source, split, data):
         try:
             records.rows.append(_canonical(raw, data.fields, required, optional))
         except (TypeError, KeyError) as error:

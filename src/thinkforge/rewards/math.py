@@ -50,7 +50,9 @@ def extract_answer(completion: str) -> str | None:
     return boxes[0] if len(boxes) == 1 else "\\{" + ", ".join(boxes) + "\\}"
 
 
-def _strip(answer: str) -> str:
+def normalize_answer(answer: str) -> str:
+    """A canonical string form: no $, \\boxed, spacing, \\left/\\right, units or variable name; used before
+    parsing, and as the voting key of maj@k."""
     answer = answer.strip().strip("$").strip()
     answer = re.sub(r"^\\boxed\{(.*)\}$", r"\1", answer, flags=re.S)
     answer = re.sub(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}", "", answer)  # units: "5 \text{ cm}"
@@ -68,7 +70,7 @@ def _check(pred: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     _quiet_math_verify()
-    left, right = _strip(pred), _strip(gold)
+    left, right = normalize_answer(pred), normalize_answer(gold)
     if left == right:
         return True
     parsed_pred = parse(f"${left}$", parsing_timeout=None)
@@ -93,7 +95,7 @@ def _parse_gold(gold: str) -> bool:
     from sympy.matrices import MatrixBase
 
     _quiet_math_verify()
-    stripped = _strip(gold)
+    stripped = normalize_answer(gold)
     words = re.findall(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+", "", stripped))
     if any(word.lower() not in MATH_WORDS for word in words):
         return False  # prose such as "see the figure" would otherwise parse as a product of symbols
@@ -169,7 +171,11 @@ def answers_match(pred: str, gold: str) -> bool:
 
 
 def gold_is_parseable(gold: str, pool: VerifierPool | None = None) -> bool:
-    return bool((pool or _shared_pool).run(_parse_gold, [(gold,)])[0])
+    return golds_parseable_many([gold], pool)[0]
+
+
+def golds_parseable_many(golds: Sequence[str], pool: VerifierPool | None = None) -> list[bool]:
+    return [bool(result) for result in (pool or _shared_pool).run(_parse_gold, [(gold,) for gold in golds])]
 
 
 def math_accuracy(completion: str, gold: str) -> float:

@@ -13,6 +13,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # Generation of a sample also ends after any of these strings (e.g. "</think>" for budget forcing).
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -26,8 +28,10 @@ class Rollout:
     prompt_index: int
     text: str
     token_ids: tuple[int, ...]
-    # Ended with EOS within max_new_tokens; False means truncated.
+    # Ended with EOS within max_new_tokens; False means truncated or stopped by a stop string.
     finished: bool
+    # The stop string that ended it, if one did.
+    stopped_by: str | None = None
 
 
 class RolloutEngine(Protocol):

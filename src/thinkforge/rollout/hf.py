@@ -45,13 +45,28 @@ class HFEngine:
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                         synced_gpus=self.synced,
+                        **({"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer} if sampling.stop_strings else {}),
                     )
                     for (index, _), row in zip(chunk, output[:, inputs["input_ids"].shape[1] :].tolist()):
-                        finished = eos_id in row
-                        tokens = tuple(row[: row.index(eos_id) + 1] if finished else row)
-                        text = tokenizer.decode(tokens, skip_special_tokens=False)
-                        rollouts[index].append(Rollout(index, text.removesuffix(tokenizer.eos_token), tokens, finished))
+                        rollouts[index].append(self._rollout(index, row, sampling.stop_strings))
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
         return rollouts
+
+    def _rollout(self, index: int, row: list[int], stop_strings: Sequence[str]) -> Rollout:
+        """Cuts a generated row after EOS, or after the first stop string (HF may stop a row later than that when
+        the string straddles tokens; the rest is padding)."""
+        tokenizer, eos_id = self.tokenizer, self.tokenizer.eos_token_id
+        finished = eos_id in row
+        tokens = row[: row.index(eos_id) + 1] if finished else row
+        window = max(map(len, stop_strings), default=0)  # a token is at least one character
+        for end in range(1, len(tokens) + 1) if stop_strings else ():
+            tail = tokenizer.decode(tokens[max(0, end - window) : end], skip_special_tokens=False)
+            stop = next((s for s in stop_strings if tail.endswith(s)), None)
+            if stop is not None:
+                tokens = tokens[:end]
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
+                return Rollout(index, text, tuple(tokens), False, stop)
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        return Rollout(index, text.removesuffix(tokenizer.eos_token), tuple(tokens), finished)

@@ -1,0 +1,263 @@
+"""`thinkforge-data`: build and curate training data from jsonl/parquet files.
+
+Every filter reads rows, keeps or drops each one, writes the kept rows unchanged (all columns) to `--out`, writes
+the dropped ones with their reason to `<out>.dropped.jsonl`, and prints how many it kept and dropped and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from thinkforge.config import DataConfig, ModelConfig
+from thinkforge.data import curate, synthetic
+from thinkforge.data.records import DataError, raw_rows
+from thinkforge.rewards.math import golds_parseable_many, math_accuracy, math_accuracy_many
+
+Row = dict[str, Any]
+
+
+def read_rows(path: str) -> list[Row]:
+    rows = []
+    for number, raw in raw_rows(path, "train", DataConfig(train=path)):
+        if isinstance(raw, json.JSONDecodeError):
+            raise DataError(f"{path}: row {number}: invalid JSON: {raw.msg} at column {raw.colno}")
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: row {number}: not an object")
+        rows.append({**raw, "_row": number})
+    return rows
+
+
+def column(rows: Sequence[Row], name: str, path: str) -> list[str]:
+    values = []
+    for row in rows:
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{path}: row {row['_row']}: field '{name}' is missing or empty")
+        values.append(str(value))
+    return values
+
+
+def write_rows(path: Path, rows: Sequence[Row]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({k: v for k, v in row.items() if k != "_row"}) + "\n" for row in rows)
+
+
+def dropped_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".dropped.jsonl")
+
+
+def finish(command: str, rows: Sequence[Row], dropped: dict[int, str], out: Path) -> None:
+    """Writes kept and dropped rows and prints the account."""
+    write_rows(out, [row for i, row in enumerate(rows) if i not in dropped])
+    write_rows(dropped_path(out), [{"row": rows[i]["_row"], "reason": reason, **rows[i]} for i, reason in sorted(dropped.items())])
+    reasons = Counter(reason.split(" (")[0] for reason in dropped.values())
+    print(f"[{command}] {len(rows)} rows: kept {len(rows) - len(dropped)}, dropped {len(dropped)} -> {out}")
+    for reason, count in reasons.most_common():
+        print(f"[{command}]   dropped {count}: {reason}")
+    if dropped:
+        print(f"[{command}]   each dropped row and why: {dropped_path(out)}")
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> None:
+    problems = synthetic.generate(args.split, args.count, min_level=args.min_level, max_level=args.max_level, seed=args.seed)
+    rows = [problem.as_record() for problem in problems]
+    write_rows(args.out, rows)
+    print(f"[generate] {len(rows)} {args.split} problems, levels {args.min_level}-{args.max_level} -> {args.out}")
+
+
+def cmd_dedup(args: argparse.Namespace) -> None:
+    rows = read_rows(args.input)
+    texts = column(rows, args.field, args.input)
+    dropped = curate.exact_duplicates(texts)
+    if args.threshold < 1.0:
+        embeddings = curate.minilm_embeddings(texts)
+        dropped.update(curate.near_duplicates(embeddings, threshold=args.threshold, skip=dropped))
+    finish("dedup", rows, dropped, args.out)
+
+
+def cmd_decontaminate(args: argparse.Namespace) -> None:
+    rows = read_rows(args.input)
+    texts = column(rows, args.field, args.input)
+    references = []
+    for path in args.against:
+        bench_rows = read_rows(path)
+        field = next((f for f in args.against_fields if all(r.get(f) for r in bench_rows)), None)
+        if field is None:
+            raise DataError(f"{path}: no field among {args.against_fields} is set on every row")
+        references += [(f"{Path(path).name} row {r['_row']}", str(r[field])) for r in bench_rows]
+    finish("decontaminate", rows, curate.contaminated(texts, references, n=args.ngram), args.out)
+
+
+def cmd_filter_verifiable(args: argparse.Namespace) -> None:
+    rows = read_rows(args.input)
+    golds = column(rows, args.answer_field, args.input)
+    parseable = golds_parseable_many(golds)
+    dropped = {i: f"unparseable gold answer ({gold!r})" for i, (gold, ok) in enumerate(zip(golds, parseable)) if not ok}
+    finish("filter-verifiable", rows, dropped, args.out)
+
+
+def load_engine(args: argparse.Namespace) -> tuple[Any, Callable[[str], str]]:
+    """The model as a rollout engine, and how a problem becomes its chat prompt."""
+    import torch
+
+    from thinkforge.backbone import load_hf_model, load_tokenizer
+    from thinkforge.rollout.hf import HFEngine
+
+    model_config = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(model_config)
+    model = load_hf_model(model_config, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+
+    def render(problem: str) -> str:
+        messages = [*system, {"role": "user", "content": problem}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return HFEngine(model, tokenizer, batch_size=args.batch_size), render
+
+
+def sampling_of(args: argparse.Namespace):
+    from thinkforge.rollout.base import SamplingConfig
+
+    return SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
+
+
+def sample_and_grade(args: argparse.Namespace, rows: Sequence[Row]) -> tuple[list[str], list[str], list[list[tuple[str, bool]]]]:
+    problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
+    engine, render = load_engine(args)
+    groups = engine.generate([render(p) for p in problems], sampling_of(args), seed=args.seed)
+    texts = [[rollout.text for rollout in group] for group in groups]
+    flat_scores = iter(math_accuracy_many([t for group in texts for t in group], [g for g, group in zip(golds, texts) for _ in group]))
+    graded = [[(text, next(flat_scores) >= 1.0) for text in group] for group in texts]
+    return problems, golds, graded
+
+
+def cmd_pass_rate(args: argparse.Namespace) -> None:
+    rows = read_rows(args.input)
+    _, _, graded = sample_and_grade(args, rows)
+    dropped = {}
+    for index, (row, samples) in enumerate(zip(rows, graded)):
+        rate = sum(correct for _, correct in samples) / len(samples)
+        row["pass_rate"] = rate
+        if rate <= args.min_rate:
+            dropped[index] = f"too hard (pass rate {rate:.2f} <= {args.min_rate})"
+        elif rate >= args.max_rate:
+            dropped[index] = f"too easy (pass rate {rate:.2f} >= {args.max_rate})"
+    finish("pass-rate", rows, dropped, args.out)
+
+
+def cmd_rejection_sample(args: argparse.Namespace) -> None:
+    rows = read_rows(args.input)
+    problems, golds, graded = sample_and_grade(args, rows)
+    kept, no_correct = [], 0
+    for row, problem, gold, samples in zip(rows, problems, golds, graded):
+        correct = list(dict.fromkeys(text for text, ok in samples if ok))[: args.keep_per_prompt]
+        no_correct += not correct
+        kept += [{"prompt": problem, "completion": text, "answer": gold, "source_row": row["_row"], "source_model": args.model}
+                 for text in correct]
+    write_rows(args.out, kept)
+    print(f"[rejection-sample] {len(rows)} problems x {args.num_samples} samples: kept {len(kept)} verified-correct "
+          f"traces (at most {args.keep_per_prompt} distinct per problem) -> {args.out}")
+    incorrect = sum(not ok for samples in graded for _, ok in samples)
+    surplus = sum(len(samples) for samples in graded) - incorrect - len(kept)
+    print(f"[rejection-sample]   dropped {incorrect} incorrect samples and {surplus} correct ones that were duplicates or "
+          f"over the limit; {no_correct} problems had no correct sample")
+
+
+def cmd_rollout_pairs(args: argparse.Namespace) -> None:
+    from thinkforge.data.pairs import build_rollout_pairs
+
+    rows = read_rows(args.input)
+    problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
+    engine, render = load_engine(args)
+    pairs, counts = build_rollout_pairs(engine, problems, [render(p) for p in problems], golds, sampling_of(args),
+                                        math_accuracy, seed=args.seed, source_model=args.model)
+    write_rows(args.out, pairs)
+    print(f"[rollout-pairs] {len(rows)} prompts: {len(pairs)} pairs (chosen verified correct, rejected incorrect) -> {args.out}")
+    print(f"[rollout-pairs]   no pair: {counts['no_correct']} prompts had no correct sample, "
+          f"{counts['no_incorrect']} had no incorrect one")
+
+
+# ---- argument parsing --------------------------------------------------------------------------------------------
+def io_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="a .jsonl or .parquet file")
+    parser.add_argument("--out", type=Path, required=True, help="where the kept rows go (.jsonl)")
+
+
+def model_arguments(parser: argparse.ArgumentParser, *, num_samples: int, temperature: float) -> None:
+    parser.add_argument("--model", required=True, help="HF hub id or local directory (e.g. a stage's export/)")
+    parser.add_argument("--prompt-field", default="prompt")
+    parser.add_argument("--answer-field", default="answer")
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--num-samples", type=int, default=num_samples)
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkforge-data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("generate", help="the embedded synthetic arithmetic task")
+    command.add_argument("--out", type=Path, required=True)
+    command.add_argument("--split", choices=("train", "test"), default="train")
+    command.add_argument("--count", type=int, default=1000)
+    command.add_argument("--min-level", type=int, default=1)
+    command.add_argument("--max-level", type=int, default=3)
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(run=cmd_generate)
+
+    command = commands.add_parser("dedup", help="drop exact and near duplicates (MiniLM cosine > threshold)")
+    io_arguments(command)
+    command.add_argument("--field", default="prompt")
+    command.add_argument("--threshold", type=float, default=0.9, help="cosine similarity; 1.0 = exact duplicates only")
+    command.set_defaults(run=cmd_dedup)
+
+    command = commands.add_parser("decontaminate", help="drop rows sharing a word n-gram with evaluation sets")
+    io_arguments(command)
+    command.add_argument("--field", default="prompt")
+    command.add_argument("--against", nargs="+", required=True, help="benchmark files (.jsonl/.parquet)")
+    command.add_argument("--against-fields", nargs="+", default=["problem", "question", "prompt"])
+    command.add_argument("--ngram", type=int, default=13)
+    command.set_defaults(run=cmd_decontaminate)
+
+    command = commands.add_parser("filter-verifiable", help="keep rows whose gold answer the verifier can parse")
+    io_arguments(command)
+    command.add_argument("--answer-field", default="answer")
+    command.set_defaults(run=cmd_filter_verifiable)
+
+    command = commands.add_parser("pass-rate", help="estimate each prompt's pass rate; keep min < p < max")
+    io_arguments(command)
+    model_arguments(command, num_samples=8, temperature=1.0)
+    command.add_argument("--min-rate", type=float, default=0.0)
+    command.add_argument("--max-rate", type=float, default=1.0)
+    command.set_defaults(run=cmd_pass_rate)
+
+    command = commands.add_parser("rejection-sample", help="k samples per problem; keep verified-correct traces")
+    io_arguments(command)
+    model_arguments(command, num_samples=8, temperature=0.8)
+    command.add_argument("--keep-per-prompt", type=int, default=1)
+    command.set_defaults(run=cmd_rejection_sample)
+
+    command = commands.add_parser("rollout-pairs", help="DPO pairs: a verified-correct and an incorrect rollout of one prompt")
+    io_arguments(command)
+    model_arguments(command, num_samples=8, temperature=1.0)
+    command.set_defaults(run=cmd_rollout_pairs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, RuntimeError) as error:
+        sys.exit(f"thinkforge-data {args.command}: {error}")

@@ -1,0 +1,131 @@
+"""thinkforge-eval: hand-computed pass@k / maj@k, s1 budget forcing, stop strings, benchmark configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import BENCHMARKS, run_cli
+from thinkforge.config import BudgetForcingConfig
+from thinkforge.eval import generate_with_budget, pass_at_k
+from thinkforge.rollout.base import Rollout, SamplingConfig
+from thinkforge.rollout.hf import HFEngine
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(5, 1, 1) == pytest.approx(0.2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def answer(value: str | None) -> str:
+    return "<think>working</think> I am not sure." if value is None else f"<think>working</think> So \\boxed{{{value}}}."
+
+
+# problem -> (gold, the four sampled answers); by hand, with ties going to the earliest answer:
+#   p0: correct 0111 -> pass@1 .75, pass@2 1,   maj@1 0 (7), maj@2 0 (7 vs 10 tie -> 7), maj@4 1 (10 x3)
+#   p1: correct 0100 -> pass@1 .25, pass@2 1/2, maj@1 0, maj@2 0 (5 vs 3 tie -> 5), maj@4 0 (5 x2; no answer abstains)
+#   p2: correct 1100 -> pass@1 .5,  pass@2 5/6, maj@1 1, maj@2 1, maj@4 1 (\frac{1}{2} = \dfrac{1}{2} x2 vs 1/3 x2 -> earliest)
+SAMPLES = {
+    "p0": ("10", ["7", "10", "10", "10"]),
+    "p1": ("3", ["5", "3", "5", None]),
+    "p2": ("\\frac{1}{2}", ["\\frac{1}{2}", "\\dfrac{1}{2}", "1/3", "1/3"]),
+}
+EXPECTED = {
+    "problems": 3, "samples": 12,
+    "pass@1": (0.75 + 0.25 + 0.5) / 3, "pass@2": (1 + 0.5 + 5 / 6) / 3, "pass@4": 1.0,
+    "maj@1": 1 / 3, "maj@2": 1 / 3, "maj@4": 2 / 3,
+}
+
+
+def test_eval_reproduces_hand_computed_pass_and_majority(tmp_path):
+    rows = [{"problem": p, "gold": gold, "completion": answer(a)} for p, (gold, answers) in SAMPLES.items() for a in answers]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_cli(f"samples_file={samples}", "ks=[1,2,4]", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, program="thinkforge-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {k: summary[k] for k in EXPECTED} == pytest.approx(EXPECTED)
+    graded = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [g["correct"] for g in graded[:4]] == [False, True, True, True]
+    assert "| pass@1 |" in result.stdout.replace("| problems | samples ", "| ")
+
+
+def test_samples_file_errors_name_the_row(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"problem": 1, "gold": "2", "completion": "x"}) + "\n" + json.dumps({"problem": 1, "gold": "2"}) + "\n")
+    result = run_cli(f"samples_file={samples}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, program="thinkforge-eval")
+    assert result.returncode != 0 and "samples.jsonl: row 2: field 'completion' is missing" in result.stderr
+
+
+class ThinkingEngine:
+    """Thinks in 3-token steps and closes its thinking after `steps` of them; answers '42' and stops."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.calls = steps, []
+
+    def generate(self, prompts, sampling, *, seed):
+        self.calls.append(sampling)
+        out = []
+        for index, prompt in enumerate(prompts):
+            if "</think>" in sampling.stop_strings:
+                thinking = " step" * min(self.steps, sampling.max_new_tokens // 3)
+                closes = self.steps * 3 <= sampling.max_new_tokens
+                text = thinking + ("</think>" if closes else "")
+                tokens = tuple(range(len(thinking.split()) * 3 + closes))
+                out.append([Rollout(index, text, tokens, False, "</think>" if closes else None)])
+            else:
+                out.append([Rollout(index, " \\boxed{42}", (1, 2), True)])
+        return out
+
+
+def test_budget_forcing_extends_with_wait_then_answers():
+    engine = ThinkingEngine(steps=2)
+    budget = BudgetForcingConfig(max_thinking_tokens=100, num_waits=2)
+    [completion] = generate_with_budget(engine, ["Q"], SamplingConfig(max_new_tokens=100), budget, seed=0)
+    assert completion.text == " step stepWait step stepWait step step</think> \\boxed{42}"
+    assert completion.waits == 2 and completion.finished and completion.num_tokens == 3 * 7 + 2
+
+
+def test_budget_forcing_caps_thinking():
+    engine = ThinkingEngine(steps=50)
+    budget = BudgetForcingConfig(max_thinking_tokens=9, num_waits=3)
+    [completion] = generate_with_budget(engine, ["Q"], SamplingConfig(max_new_tokens=100), budget, seed=0)
+    assert completion.text == " step step step\n</think>\n \\boxed{42}", "thinking is closed by force at the cap"
+    assert engine.calls[0].max_new_tokens == 9 and completion.waits == 0
+
+
+def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
+    engine = HFEngine(model=None, tokenizer=tokenizer)
+    row = tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False) + [tokenizer.pad_token_id] * 3
+    rollout = engine._rollout(0, row, ("</think>",))
+    assert rollout.text == "<think>\n3 + 4 = 7\n</think>" and rollout.stopped_by == "</think>" and not rollout.finished
+    plain = engine._rollout(0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], ())
+    assert plain.text == "7" and plain.finished and plain.stopped_by is None
+
+
+@pytest.mark.parametrize("name", ["synthetic", "math500", "aime24", "amc23", "gsm8k"])
+def test_benchmark_configs_compose(name, tmp_path):
+    result = run_cli(f"benchmark={name}", "model=pretrained", "model.name_or_path=some/model", "dry_run=true",
+                     f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"name: {name}" in result.stdout
+
+
+@pytest.mark.skipif(not BENCHMARKS.exists(), reason="shared benchmarks not present")
+def test_gsm8k_gold_answers_are_the_numbers_after_the_marker(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from thinkforge.cli import config_dir
+    from thinkforge.config import validate
+    from thinkforge.eval import load_benchmark
+
+    monkeypatch.setenv("THINKFORGE_BENCHMARKS", str(BENCHMARKS))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", overrides=["benchmark=gsm8k", "benchmark.limit=3", "samples_file=unused", "output_dir=unused"])
+    problems, golds = load_benchmark(validate(cfg))
+    assert len(problems) == 3 and golds[0] == "18" and all(g.replace(",", "").isdigit() for g in golds)
