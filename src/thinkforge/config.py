@@ -198,8 +198,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
     seed: int = 1234
-    # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position).
-    ckpt_path: Optional[str] = None
+    # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position); "last" is
+    # this run directory's newest checkpoint if there is one.
+    ckpt_path: Optional[str] = "last"
     output_dir: str = MISSING
     # Compose and validate, print the config, and stop.
     dry_run: bool = False

@@ -10,7 +10,6 @@ one whose config changed is moved aside and run again.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -70,8 +69,9 @@ def compose_stage(
     try:
         cfg = compose("train", overrides=list(entry.get("overrides", [])))
         with open_dict(cfg):
-            cfg.model = copy.deepcopy(pipeline.model)
-            cfg.hardware = copy.deepcopy(pipeline.hardware)
+            # resolved here: the stage runs as its own process, where `${hydra:launcher...}` means nothing
+            cfg.model = OmegaConf.merge(cfg.model, OmegaConf.to_container(pipeline.model, resolve=True))
+            cfg.hardware = OmegaConf.merge(cfg.hardware, OmegaConf.to_container(pipeline.hardware, resolve=True))
             if previous_export is not None:
                 cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
             cfg.output_dir = str(directory)

@@ -101,6 +101,21 @@ def build_trainer(run: TrainConfig) -> L.Trainer:
     )
 
 
+def resume_checkpoint(run: TrainConfig) -> str | None:
+    """`ckpt_path=last` (the default): continue this run directory's newest checkpoint if there is one, so a
+    requeued SLURM job or a re-run into the same directory picks up where it stopped. Lightning writes
+    hpc_ckpt_<n>.ckpt when SLURM signals the end of the job; the rolling checkpoints/last.ckpt otherwise."""
+    if run.ckpt_path != "last":
+        return run.ckpt_path
+    output = Path(run.output_dir)
+    found = [path for path in [*output.glob("hpc_ckpt_*.ckpt"), output / "checkpoints" / "last.ckpt"] if path.exists()]
+    if not found:
+        return None
+    newest = max(found, key=lambda path: path.stat().st_mtime)
+    log.info("resuming from %s", newest)
+    return str(newest)
+
+
 def run_stage(cfg: DictConfig) -> RunResult | None:
     run = validate(cfg)
     if run.dry_run:
@@ -111,7 +126,7 @@ def run_stage(cfg: DictConfig) -> RunResult | None:
     trainer = build_trainer(run)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=run.ckpt_path)
+    trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=resume_checkpoint(run))
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update({f"heldout/{name}": value for name, value in stage.heldout_metrics.items()})
     metrics.update({f"heldout_start/{name}": value for name, value in stage.initial_heldout.items()})
