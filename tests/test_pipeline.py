@@ -109,3 +109,18 @@ def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "midtrain: already done" in changed.stdout
     assert any(path.name.startswith("sft.stale-") for path in run_dir.iterdir()), "the old sft run is kept, not overwritten"
+
+
+def test_pipeline_and_eval_sweep_with_multirun(tmp_path):
+    pipeline = run_cli("-m", "dry_run=true", "stages.grpo.optim.lr=1e-4,2e-4", f"hydra.sweep.dir={tmp_path / 'p'}",
+                       cwd=tmp_path, program="thinkforge-pipeline")
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    assert pipeline.stdout.count("# ---- stage grpo") == 2
+    assert "lr: 0.0001" in pipeline.stdout and "lr: 0.0002" in pipeline.stdout
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"problem": 0, "gold": "1", "completion": "<think></think>\\boxed{1}"}) + "\n")
+    evaluation = run_cli("-m", f"samples_file={samples}", "ks=[1]", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'e'}",
+                         cwd=tmp_path, program="thinkforge-eval")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert sorted(p.parent.name for p in (tmp_path / "e").glob("*/summary.json")) == ["0", "1"]
