@@ -67,11 +67,14 @@ class SyntheticConfig:
     num_val: int = 200
     min_level: int = 1
     max_level: int = 3
+    # the largest starting quantity and amount added: 9 keeps every operand one digit
+    max_number: int = 20
     seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
         _require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
+        _require(self.max_number >= 2, "data.synthetic", "max_number must be at least 2")
 
 
 @dataclass

@@ -66,7 +66,9 @@ def finish(command: str, rows: Sequence[Row], dropped: dict[int, str], out: Path
 
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> None:
-    problems = synthetic.generate(args.split, args.count, min_level=args.min_level, max_level=args.max_level, seed=args.seed)
+    problems = synthetic.generate(
+        args.split, args.count, min_level=args.min_level, max_level=args.max_level, max_number=args.max_number, seed=args.seed
+    )
     rows = [problem.as_record() for problem in problems]
     write_rows(args.out, rows)
     print(f"[generate] {len(rows)} {args.split} problems, levels {args.min_level}-{args.max_level} -> {args.out}")
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--count", type=int, default=1000)
     command.add_argument("--min-level", type=int, default=1)
     command.add_argument("--max-level", type=int, default=3)
+    command.add_argument("--max-number", type=int, default=synthetic.DEFAULT_MAX_NUMBER, help="largest start and amount added")
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(run=cmd_generate)
 

@@ -82,6 +82,7 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
             count,
             min_level=data.synthetic.min_level,
             max_level=data.synthetic.max_level,
+            max_number=data.synthetic.max_number,
             seed=data.synthetic.seed,
         )
         yield from enumerate((p.as_record() for p in problems), start=1)
