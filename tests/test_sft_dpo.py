@@ -87,6 +87,18 @@ def test_dpo_hinge_with_small_margin_by_hand():
     assert loss.item() == pytest.approx(((1 - 0.2) + 1) / 2)
 
 
+def test_rpo_adds_the_chosen_per_token_nll_by_hand():
+    args = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0]), torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0])
+    plain, _ = dpo_loss(*args, beta=0.1)
+    rpo, metrics = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
+    # zero margins: log 2 each; NLL per token: 4/2 = 2 and 6/3 = 2
+    assert plain.item() == pytest.approx(math.log(2))
+    assert rpo.item() == pytest.approx(math.log(2) + 0.5 * 2.0)
+    assert metrics["nll/chosen"].tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(*args, beta=0.1, rpo_alpha=0.5)
+
+
 class ScriptedEngine:
     """Returns fixed completions, to test the pair builder without a model."""
 

@@ -69,11 +69,15 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO on summed completion log-probs [B]; returns the batch-mean loss and per-pair metrics [B].
 
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     sigmoid: -(1-ε)·log σ(β·margin) - ε·log σ(-β·margin);  ipo: (margin - 1/(2β))²;  hinge: relu(1 - β·margin)
+    rpo_alpha > 0 adds α·(-chosen / chosen_tokens), the per-token NLL of the chosen answer (iterative RPO, Pang et
+    al. 2024): plain DPO on correct-vs-incorrect rollouts lowers the chosen likelihood too, the NLL term prevents it.
     """
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
@@ -86,6 +90,11 @@ def dpo_loss(
         losses = torch.relu(1 - beta * margin)
     else:
         raise ValueError(f"loss_type must be sigmoid, ipo or hinge; got {loss_type!r}")
+    if rpo_alpha and chosen_tokens is None:
+        raise ValueError("rpo_alpha needs chosen_tokens, the number of completion tokens of each chosen answer")
+    if chosen_tokens is not None:
+        nll = -chosen_logps / chosen_tokens.clamp(min=1)
+        losses = losses + rpo_alpha * nll
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     metrics = {
         "rewards/chosen": chosen_rewards,
@@ -95,6 +104,8 @@ def dpo_loss(
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     }
+    if chosen_tokens is not None:
+        metrics["nll/chosen"] = nll.detach()
     return losses.mean(), metrics
 
 

@@ -13,7 +13,7 @@ import torch
 
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ConfigError
-from thinkforge.data.packing import TokenSequence, collate_rows
+from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
 from thinkforge.data.pairs import build_rollout_pairs
 from thinkforge.data.records import load_records
 from thinkforge.losses import dpo_loss
@@ -45,6 +45,7 @@ class DPO(Stage):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        rpo_alpha: float = 0.0,
         precompute_ref_logps: bool = False,
         pairs: str = "file",
         rollout: dict[str, Any] | None = None,
@@ -52,11 +53,11 @@ class DPO(Stage):
         super().__init__(run, tokenizer)
         if loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ConfigError(f"stage.loss_type: must be sigmoid, ipo or hinge; got {loss_type!r}")
-        if beta <= 0 or not 0 <= label_smoothing < 0.5:
-            raise ConfigError("stage: need beta > 0 and 0 <= label_smoothing < 0.5")
+        if beta <= 0 or not 0 <= label_smoothing < 0.5 or rpo_alpha < 0:
+            raise ConfigError("stage: need beta > 0, 0 <= label_smoothing < 0.5 and rpo_alpha >= 0")
         if pairs not in ("file", "rollout"):
             raise ConfigError(f"stage.pairs: must be 'file' (prompt/chosen/rejected rows) or 'rollout'; got {pairs!r}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
         self.precompute_ref_logps, self.pairs = precompute_ref_logps, pairs
         self.rollout = SamplingConfig(**(rollout or {}))
         self.reference: CausalLM | None = None
@@ -170,7 +171,16 @@ class DPO(Stage):
         else:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).chunk(2)
+        chosen_tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).chunk(2)[0]
         loss, metrics = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            rpo_alpha=self.rpo_alpha,
+            chosen_tokens=chosen_tokens,
         )
         return loss * len(chosen), {name: value.sum() for name, value in metrics.items()}
