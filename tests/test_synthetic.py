@@ -40,3 +40,12 @@ def test_levels_cycle_and_problems_are_distinct():
     problems = synthetic.generate("test", 60, min_level=2, max_level=4, seed=0)
     assert [p.level for p in problems[:6]] == [2, 3, 4, 2, 3, 4]
     assert len({p.prompt for p in problems}) == 60
+
+
+def test_max_number_bounds_the_start_and_every_amount_added():
+    problems = synthetic.generate("train", 300, min_level=1, max_level=2, max_number=9, seed=0)
+    for problem in problems:
+        assert evaluate_trace(problem.completion) == int(problem.answer)
+        steps = re.findall(r"^(\d+) ([-+]) (\d+) = \d+$", problem.completion, re.M)
+        assert int(steps[0][0]) <= 9
+        assert all(int(amount) <= 9 for _, op, amount in steps if op == "+")
