@@ -305,6 +305,7 @@ class EvalConfig:
     seed: int = 0
     # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
     samples_file: Optional[str] = None
+    benchmarks_dir: str = "../shared/data/benchmarks"
     output_dir: str = MISSING
     dry_run: bool = False
 
