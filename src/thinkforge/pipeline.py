@@ -5,7 +5,8 @@ fails in seconds, not after hours of mid-training. Each stage then runs as its o
 the exact config saved in its directory (`stage_config.yaml`), which keeps multi-process strategies, memory and
 failures per stage. A stage directory records a fingerprint of its config and of everything upstream; on re-run
 a finished stage with the same fingerprint is skipped, an interrupted one resumes from its last checkpoint, and
-one whose config changed is moved aside and run again.
+one whose config changed is moved aside and run again. Resuming itself is `thinkforge-train`'s own `ckpt_path=last`
+in the stage directory.
 """
 
 from __future__ import annotations
@@ -128,8 +129,6 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
         Path(STAGE_CONFIG).stem,
         f"hydra.run.dir='{stage.directory}'",
     ]
-    if resume:
-        command.append(f"ckpt_path='{stage.last_checkpoint}'")
     print(f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}", flush=True)
     stage.write_record(status="running")
     started = time.monotonic()
