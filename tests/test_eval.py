@@ -102,13 +102,13 @@ def test_budget_forcing_caps_thinking():
 def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
     engine = HFEngine(model=None, tokenizer=tokenizer)
     row = tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False) + [tokenizer.pad_token_id] * 3
-    rollout = engine._rollout(0, row, ("</think>",))
+    rollout = engine._rollout(0, row, [], ("</think>",))
     assert rollout.text == "<think>\n3 + 4 = 7\n</think>" and rollout.stopped_by == "</think>" and not rollout.finished
-    plain = engine._rollout(0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], ())
+    plain = engine._rollout(0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], ())
     assert plain.text == "7" and plain.finished and plain.stopped_by is None
 
 
-@pytest.mark.parametrize("name", ["synthetic", "math500", "aime24", "amc23", "gsm8k"])
+@pytest.mark.parametrize("name", ["synthetic", "demo", "math500", "aime24", "amc23", "gsm8k"])
 def test_benchmark_configs_compose(name, tmp_path):
     result = run_cli(f"benchmark={name}", "model=pretrained", "model.name_or_path=some/model", "dry_run=true",
                      f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
@@ -129,3 +129,20 @@ def test_gsm8k_gold_answers_are_the_numbers_after_the_marker(monkeypatch):
         cfg = compose("eval", overrides=["benchmark=gsm8k", "benchmark.limit=3", "samples_file=unused", "output_dir=unused"])
     problems, golds = load_benchmark(validate(cfg))
     assert len(problems) == 3 and golds[0] == "18" and all(g.replace(",", "").isdigit() for g in golds)
+
+
+def test_demo_benchmark_is_the_demo_pipelines_held_out_set():
+    from hydra import compose, initialize_config_dir
+
+    from thinkforge.cli import config_dir
+    from thinkforge.config import DataConfig, validate
+    from thinkforge.data.records import load_records
+    from thinkforge.eval import load_benchmark
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        eval_cfg = compose("eval", overrides=["benchmark=demo", "samples_file=unused", "output_dir=unused"])
+        train_cfg = compose("train", overrides=["data=demo", "output_dir=unused"])
+    problems, golds = load_benchmark(validate(eval_cfg))
+    data: DataConfig = validate(train_cfg).data
+    heldout = load_records(data.val, data.val_split, data, required=("prompt", "answer")).rows
+    assert problems == [row["prompt"] for row in heldout] and golds == [row["answer"] for row in heldout]

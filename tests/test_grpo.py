@@ -99,3 +99,43 @@ def test_grpo_with_fsdp(tmp_path, loss_type):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert not math.isnan(logged(tmp_path, "train/loss")[1])
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_trainer_scores_rollouts_under_the_sampling_distribution(tmp_path, temperature):
+    """The trainer's log-probs are the sampler's (logits / T): ratio exactly 1 on the first iteration."""
+    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.num_iterations=2", "stage.dynamic_sampling=false",
+                             f"stage.temperature={temperature}", output_dir=tmp_path))
+    diff = logged(tmp_path, "train/rollout_logprob_diff")
+    assert diff and max(diff.values()) < 1e-4, diff
+    assert all(value == pytest.approx(1.0, abs=1e-6) for value in logged(tmp_path, "train/ratio/mean").values())
+    assert all(value == 0.0 for value in logged(tmp_path, "train/clip_fraction/high").values())
+    # the second iteration's metrics are kept beside the first's, not written over them
+    assert logged(tmp_path, "train/iteration_1/loss") and logged(tmp_path, "train/iteration_1/ratio/mean")
+
+
+def test_a_temperature_schedule_scores_each_step_at_its_own_temperature(tmp_path):
+    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.dynamic_sampling=false",
+                             "stage.temperature={0: 1.0, 1: 0.5}", output_dir=tmp_path))
+    diff = logged(tmp_path, "train/rollout_logprob_diff")
+    assert len(diff) == 2 and max(diff.values()) < 1e-4, diff
+
+
+def test_heldout_start_is_measured_once_and_survives_a_resume(tmp_path, monkeypatch):
+    from thinkforge.stages.base import Stage
+
+    starts = []
+    evaluate = Stage.evaluate_heldout
+
+    def counting(self, filename="heldout.json"):
+        metrics = evaluate(self, filename)
+        if filename is None:
+            starts.append(metrics)
+        return metrics
+
+    monkeypatch.setattr(Stage, "evaluate_heldout", counting)
+    first = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "trainer.ckpt_every=1", output_dir=tmp_path))
+    resumed = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=3", "trainer.ckpt_every=1", output_dir=tmp_path))
+    assert len(starts) == 1
+    start = {k: v for k, v in first.metrics.items() if k.startswith("heldout_start/")}
+    assert start and start == {k: v for k, v in resumed.metrics.items() if k.startswith("heldout_start/")}

@@ -103,8 +103,10 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         with_entropy: bool = False,
+        temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-position log p(labels) [B, L] (0 where the label is ignored), and optionally the entropy.
+        """Per-position log p(labels) [B, L] (0 where the label is ignored), and optionally the entropy, both of
+        the distribution softmax(logits / temperature) that a sampler at that temperature draws from.
 
         Packed rows pass position_ids and no attention_mask: the attention backend then keeps each document to
         itself. Padded prompt batches (generation-time scoring) pass an attention_mask instead.
@@ -113,7 +115,9 @@ class CausalLM(nn.Module):
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         head = self.hf.get_output_embeddings()
-        return token_logprobs(hidden, head.weight, labels, chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
+        return token_logprobs(
+            hidden, head.weight, labels, chunk_size=self.logprob_chunk_size, with_entropy=with_entropy, temperature=temperature
+        )
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         return self.hf.generate(**kwargs)

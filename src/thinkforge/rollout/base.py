@@ -32,6 +32,9 @@ class Rollout:
     finished: bool
     # The stop string that ended it, if one did.
     stopped_by: str | None = None
+    # log p(token) of each completion token under the distribution it was sampled from (logits / T, top-p
+    # renormalised): what the trainer's recomputed log-probs must match.
+    logprobs: tuple[float, ...] = ()
 
 
 class RolloutEngine(Protocol):

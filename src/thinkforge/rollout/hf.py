@@ -6,8 +6,43 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from thinkforge.rollout.base import Rollout, SamplingConfig
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the distribution `generate` samples from, one step behind.
+
+    At step t the input ids end with the token drawn at step t-1, so only the previous step's log-softmax is
+    kept ([batch, vocab]) rather than every step's scores. Custom processors run before HF's temperature and
+    top-p warpers, so the same transforms are applied here to the unmodified scores.
+    """
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.temperature > 0 and sampling.top_p < 1 else None
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._record(input_ids[:, -1])
+        warped = scores.float() / self.temperature
+        if self.top_p is not None:
+            warped = self.top_p(input_ids, warped)
+        self.previous = torch.log_softmax(warped, dim=-1)
+        return scores
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def finish(self, sequences: torch.Tensor, num_new: int) -> list[list[float]]:
+        """Per-row log-probs of the `num_new` generated tokens that close `sequences`."""
+        self._record(sequences[:, -1])
+        if not self.steps:
+            return [[] for _ in range(sequences.shape[0])]
+        return torch.stack(self.steps[-num_new:], dim=1).tolist()
 
 
 class HFEngine:
@@ -34,6 +69,7 @@ class HFEngine:
                     chunk = jobs[start : start + self.batch_size]
                     inputs = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                     sampled = sampling.temperature > 0
+                    recorder = SampledLogprobs(sampling)
                     output = self.model.generate(
                         **inputs,
                         max_new_tokens=sampling.max_new_tokens,
@@ -45,16 +81,19 @@ class HFEngine:
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                         synced_gpus=self.synced,
+                        logits_processor=LogitsProcessorList([recorder]),
                         **({"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer} if sampling.stop_strings else {}),
                     )
-                    for (index, _), row in zip(chunk, output[:, inputs["input_ids"].shape[1] :].tolist()):
-                        rollouts[index].append(self._rollout(index, row, sampling.stop_strings))
+                    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                    logprobs = recorder.finish(output, new_tokens.shape[1])
+                    for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
+                        rollouts[index].append(self._rollout(index, row, row_logprobs, sampling.stop_strings))
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
         return rollouts
 
-    def _rollout(self, index: int, row: list[int], stop_strings: Sequence[str]) -> Rollout:
+    def _rollout(self, index: int, row: list[int], logprobs: list[float], stop_strings: Sequence[str]) -> Rollout:
         """Cuts a generated row after EOS, or after the first stop string (HF may stop a row later than that when
         the string straddles tokens; the rest is padding). The cut is the shortest prefix whose text holds a stop
         string, found by bisection: a few decodes per row, not one per token."""
@@ -71,5 +110,5 @@ class HFEngine:
             tokens = tokens[:low]
             text = tokenizer.decode(tokens, skip_special_tokens=False)
             stop = min((s for s in stop_strings if s in text), key=text.index)
-            return Rollout(index, text, tuple(tokens), False, stop)
-        return Rollout(index, text.removesuffix(tokenizer.eos_token), tuple(tokens), finished)
+            return Rollout(index, text, tuple(tokens), False, stop, tuple(logprobs[:low]))
+        return Rollout(index, text.removesuffix(tokenizer.eos_token), tuple(tokens), finished, None, tuple(logprobs[: len(tokens)]))

@@ -27,6 +27,7 @@ from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.records import load_records
 from thinkforge.eval import HeldOutSums, score_rollouts
+from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout import HFEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ class Stage(L.LightningModule):
 
     def has_val(self) -> bool:
         return self.run.data.val is not None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["heldout_start"] = self.initial_heldout
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The starting checkpoint's held-out scores were measured once, before the first step; a resumed run
+        keeps them instead of measuring the resumed weights."""
+        self.initial_heldout = dict(checkpoint.get("heldout_start", {}))
 
     # ---- model ------------------------------------------------------------------------------------------------
     def datamodule(self) -> StageDataModule:
@@ -143,7 +152,9 @@ class Stage(L.LightningModule):
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         self.optimization_step(micro_batches)
 
-    def optimization_step(self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None) -> None:
+    def optimization_step(
+        self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None, prefix: str = "train/"
+    ) -> None:
         """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch."""
         started = time.perf_counter()
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
@@ -168,26 +179,34 @@ class Stage(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         schedule.step()
-        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra_metrics or {})
+        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra_metrics or {}, prefix)
 
     def _log_step(
-        self, sums: dict[str, float], units: torch.Tensor, grad_norm: torch.Tensor, lr: float, seconds: float, extra: dict[str, float]
+        self,
+        sums: dict[str, float],
+        units: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        seconds: float,
+        extra: dict[str, float],
+        prefix: str,
     ) -> None:
         names = sorted(sums)
         totals = dict(zip(names, self.global_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64)).tolist()))
-        metrics = {f"train/{name}": totals[name] / units.item() for name in names if name not in ("tokens", "slots")}
+        metrics = {name: totals[name] / units.item() for name in names if name not in ("tokens", "slots")}
         metrics.update(
             {
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
-                "train/tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
-                "train/fill_ratio": totals["tokens"] / max(totals["slots"], 1.0),
-                f"train/{self.loss_unit}": units.item(),
-                **{f"train/{name}": value for name, value in extra.items()},
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
+                "fill_ratio": totals["tokens"] / max(totals["slots"], 1.0),
+                self.loss_unit: units.item(),
+                **extra,
             }
         )
-        self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+        self.log_dict({prefix + name: value for name, value in metrics.items()}, prog_bar=False, rank_zero_only=True)
+        if prefix == "train/":
+            self.log("loss", metrics["loss"], prog_bar=True, logger=False, rank_zero_only=True)
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
@@ -243,10 +262,24 @@ class Stage(L.LightningModule):
         sums = score_rollouts(groups, golds[rank:usable:world])
         total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
         metrics = total.metrics()
+        if heldout.pass_k:
+            metrics.update(self._heldout_pass_at_k(prompts[: heldout.pass_k_prompts], golds[: heldout.pass_k_prompts]))
         if self.trainer.is_global_zero and filename:
             (Path(self.run.output_dir) / filename).write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
             log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
+
+    def _heldout_pass_at_k(self, prompts: list[str], golds: list[str]) -> dict[str, float]:
+        """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
+        heldout, world, rank = self.run.heldout, self.trainer.world_size, self.trainer.global_rank
+        usable = len(prompts) - len(prompts) % world
+        sampling = SamplingConfig(heldout.pass_k, heldout.pass_k_temperature, 1.0, heldout.max_new_tokens)
+        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=self.run.seed + 1 + rank)
+        scores = math_accuracy_many([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds[rank:usable:world]) for _ in g])
+        k = heldout.pass_k
+        solved = sum(any(scores[i * k : (i + 1) * k]) for i in range(len(groups)))
+        correct, solved, count = self.global_sum(torch.tensor([sum(scores), solved, len(groups)], dtype=torch.float64)).tolist()
+        return {f"pass@{k}": solved / count, "sampled_accuracy": correct / (count * k)}
 
     def export_hf(self, directory: Path) -> None:
         """A consolidated HF checkpoint (also from FSDP shards): the handoff format for the next stage."""

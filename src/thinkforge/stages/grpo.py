@@ -37,6 +37,20 @@ class Prompt:
     answer: str
 
 
+@dataclass
+class Group:
+    """One prompt's sampled completions and their rewards (`parts`: each reward function's value per sample)."""
+
+    prompt: Prompt
+    rollouts: list[Rollout]
+    rewards: torch.Tensor
+    parts: list[dict[str, float]]
+
+    @property
+    def has_signal(self) -> bool:
+        return bool(self.rewards.std() > 0)
+
+
 def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
     """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K)."""
     if not isinstance(value, Mapping):
@@ -74,6 +88,9 @@ class GRPO(Stage):
             raise ConfigError(f"stage.advantage_scale: must be group, batch or none; got {advantage_scale!r}")
         if group_size < 2 or num_iterations < 1 or max_refills < 0:
             raise ConfigError("stage: need group_size >= 2, num_iterations >= 1 and max_refills >= 0")
+        temperatures = temperature.values() if isinstance(temperature, Mapping) else [temperature]
+        if any(float(t) <= 0 for t in temperatures):
+            raise ConfigError(f"stage.temperature: RL samples, so every temperature must be positive; got {temperature}")
         try:
             self.reward_model = RewardModel(reward or {"math_accuracy": {"weight": 1.0}})
         except ValueError as error:
@@ -133,17 +150,19 @@ class GRPO(Stage):
         sampling = self.sampling()
         groups, stats = self.sample_groups(prompts, sampling)
         generation_seconds = time.perf_counter() - started
-        train_batches = self.training_batches(groups, sampling.max_new_tokens)
+        train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
         for iteration in range(self.num_iterations):
-            self.optimization_step(train_batches, stats if iteration == 0 else None)
+            # every iteration keeps its own metrics: the first under train/, later ones under train/iteration_<k>/
+            prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
+            self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
 
     def _generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[list[Rollout]]:
         return self.rollout_engine().generate([p.text for p in prompts], sampling, seed=seed)
 
-    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]]) -> list[dict[str, Any]]:
+    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]]) -> list[Group]:
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
             [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat], [not r.finished for _, r in flat]
@@ -151,35 +170,39 @@ class GRPO(Stage):
         groups = []
         for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
             block = scored[index * self.group_size : (index + 1) * self.group_size]
-            rewards = torch.tensor([total for total, _ in block])
-            groups.append({"prompt": prompt, "rollouts": group, "rewards": rewards, "parts": [parts for _, parts in block]})
+            groups.append(Group(prompt, group, torch.tensor([total for total, _ in block]), [parts for _, parts in block]))
         return groups
 
-    def sample_groups(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    def sample_groups(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> tuple[list[Group], dict[str, float]]:
         """Sampled, scored groups; with dynamic sampling, zero-variance groups are replaced by fresh prompts.
 
         Every rank takes part in the same number of generation rounds (FSDP needs it): the loop runs while any
         rank is still short. A rank still short after `max_refills` keeps some zero-variance groups, which carry
-        no gradient (their advantages are 0).
+        no gradient (their advantages are 0). The headline reward and accuracy are the first, unfiltered round's:
+        the kept groups' reward sits near the middle whatever the policy does (`reward/kept_mean`).
         """
         seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
-        scored = self._score(prompts, self._generate(prompts, sampling, seed))
-        first_round = list(scored)
+        first_round = self._score(prompts, self._generate(prompts, sampling, seed))
         if not self.dynamic_sampling:
-            return scored, self._rollout_stats(first_round, dropped=0)
-        keep = [g for g in scored if g["rewards"].std() > 0]
-        spare = [g for g in scored if g["rewards"].std() == 0]
+            return first_round, self._rollout_stats(first_round, dropped=0)
+        keep = [g for g in first_round if g.has_signal]
+        spare = [g for g in first_round if not g.has_signal]
         refills = self.refill_stream(len(prompts))
+        used = {prompt.index for prompt in prompts}
         for refill in range(self.max_refills):
             if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
                 break
             extra = refills.rank_batch(self.batches_consumed() * self.max_refills + refill)[0]
-            more = self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1)))
-            keep += [g for g in more if g["rewards"].std() > 0]
-            spare += [g for g in more if g["rewards"].std() == 0]
-        dropped = sum(1 for g in first_round if g["rewards"].std() == 0)
+            # a prompt already in this step is still generated (every rank must join each round) but not kept twice
+            more = [g for g in self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1))) if g.prompt.index not in used]
+            used |= {g.prompt.index for g in more}
+            keep += [g for g in more if g.has_signal]
+            spare += [g for g in more if not g.has_signal]
         final = (keep + spare)[: len(prompts)]
-        return final, self._rollout_stats(final, dropped=dropped)
+        stats = self._rollout_stats(first_round, dropped=sum(not g.has_signal for g in first_round))
+        kept = torch.cat([g.rewards for g in final])
+        stats["reward/kept_mean"] = float(self.global_sum(kept.sum()) / self.global_sum(kept.numel()))
+        return final, stats
 
     @functools.cache
     def refill_stream(self, prompts_per_rank: int) -> StepBatches:
@@ -190,15 +213,15 @@ class GRPO(Stage):
             world_size=self.trainer.world_size, start_step=0,
         )
 
-    def _rollout_stats(self, groups: list[dict[str, Any]], dropped: int) -> dict[str, float]:
-        rewards = torch.cat([g["rewards"] for g in groups])
-        rollouts = [r for g in groups for r in g["rollouts"]]
+    def _rollout_stats(self, groups: list[Group], dropped: int) -> dict[str, float]:
+        rewards = torch.cat([g.rewards for g in groups])
+        rollouts = [r for g in groups for r in g.rollouts]
         lengths = torch.tensor([float(len(r.token_ids)) for r in rollouts])
-        parts = {name: sum(p[name] for g in groups for p in g["parts"]) / len(rollouts) for name in groups[0]["parts"][0]}
+        parts = {name: sum(p[name] for g in groups for p in g.parts) / len(rollouts) for name in groups[0].parts[0]}
         local = {
             "reward_sum": rewards.sum().item(), "reward_sq_sum": (rewards**2).sum().item(), "samples": float(len(rollouts)),
             "length_sum": lengths.sum().item(), "truncated": float(sum(not r.finished for r in rollouts)),
-            "zero_variance": float(sum(g["rewards"].std().item() == 0 for g in groups)), "groups": float(len(groups)),
+            "zero_variance": float(sum(not g.has_signal for g in groups)), "groups": float(len(groups)),
             "dropped": float(dropped), **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
         }
         names = sorted(local)
@@ -218,34 +241,44 @@ class GRPO(Stage):
             "reward/verifier_timeouts": float(shared_verifier_pool().timeouts),
         }
 
-    def training_batches(self, groups: list[dict[str, Any]], max_new_tokens: int) -> list[Batch]:
-        """Micro-batches of (prompt + completion) sequences with their advantages, old and reference log-probs."""
-        rewards = torch.cat([g["rewards"] for g in groups])
+    def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
+        """Micro-batches of (prompt + completion) sequences with their advantages, the sampler's log-probs, and
+        old and reference log-probs, all at the sampling temperature of this step."""
+        rewards = torch.cat([g.rewards for g in groups])
         advantages = group_advantages(rewards, self.group_size, self.advantage_scale)
-        sequences, seq_advantages = [], []
-        for g_index, group in enumerate(groups):
-            prompt_ids = list(group["prompt"].token_ids)
-            for r_index, rollout in enumerate(group["rollouts"]):
-                completion = list(rollout.token_ids)
-                trainable = not (self.mask_truncated and not rollout.finished)
-                mask = [False] * len(prompt_ids) + [trainable] * len(completion)
-                sequences.append(TokenSequence.causal(prompt_ids + completion, mask))
-                seq_advantages.append(advantages[g_index * self.group_size + r_index])
+        rollouts = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
         per_micro = self.run.data.micro_batch_size * self.group_size
         batches = []
-        for start in range(0, len(sequences), per_micro):
-            chunk = sequences[start : start + per_micro]
-            batch = collate_rows([[s] for s in chunk], self.tokenizer.pad_token_id, row_length=max(len(s) for s in chunk), flatten=False)
-            batch["advantages"] = torch.stack(seq_advantages[start : start + per_micro])
+        for start in range(0, len(rollouts), per_micro):
+            chunk = rollouts[start : start + per_micro]
+            sequences = []
+            for prompt, rollout in chunk:
+                trainable = not (self.mask_truncated and not rollout.finished)
+                mask = [False] * len(prompt.token_ids) + [trainable] * len(rollout.token_ids)
+                sequences.append(TokenSequence.causal(prompt.token_ids + rollout.token_ids, mask))
+            batch = collate_rows([[s] for s in sequences], self.tokenizer.pad_token_id, row_length=max(map(len, sequences)), flatten=False)
+            batch["sampler_logps"] = self._sampler_logps(chunk, batch["labels"].shape)
+            batch["advantages"] = advantages[start : start + per_micro]
+            batch["temperature"] = torch.tensor(sampling.temperature)
+            batch["max_new_tokens"] = torch.tensor(sampling.max_new_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                if self.num_iterations > 1:
-                    batch["old_logps"], _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-                if self.reference is not None:
-                    batch["ref_logps"], _ = self.reference(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-            batch["max_new_tokens"] = torch.tensor(max_new_tokens)
+                for name, model in (("old_logps", self.policy if self.num_iterations > 1 else None), ("ref_logps", self.reference)):
+                    if model is not None:
+                        batch[name], _ = model(
+                            batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], temperature=sampling.temperature
+                        )
             batches.append(batch)
         return batches
+
+    @staticmethod
+    def _sampler_logps(chunk: Sequence[tuple[Prompt, Rollout]], shape: torch.Size) -> torch.Tensor:
+        """The engine's per-token log-probs placed where the labels of the completion tokens are."""
+        logps = torch.zeros(shape)
+        for row, (prompt, rollout) in enumerate(chunk):
+            start = len(prompt.token_ids) - 1
+            logps[row, start : start + len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
+        return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
         mask = batch["labels"] != -100
@@ -257,7 +290,9 @@ class GRPO(Stage):
 
     def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
-        logps, entropy = self.policy(batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True)
+        logps, entropy = self.policy(
+            batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True, temperature=float(batch["temperature"])
+        )
         mask = labels != -100
         loss, metrics = grpo_loss(
             logps,
@@ -272,5 +307,8 @@ class GRPO(Stage):
             max_completion_length=int(batch["max_new_tokens"]),
         )
         units = self.count_units(batch).to(loss)
-        metrics["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        tokens = mask.sum().clamp(min=1)
+        metrics["entropy"] = (entropy * mask).sum() / tokens
+        # ~0 while the policy samples its own rollouts; the first thing to watch with a separate engine (vLLM)
+        metrics["rollout_logprob_diff"] = ((batch["sampler_logps"] - logps.detach()).abs() * mask).sum() / tokens
         return loss * units, {name: value * units for name, value in metrics.items()}
