@@ -49,3 +49,24 @@ def test_max_number_bounds_the_start_and_every_amount_added():
         steps = re.findall(r"^(\d+) ([-+]) (\d+) = \d+$", problem.completion, re.M)
         assert int(steps[0][0]) <= 9
         assert all(int(amount) <= 9 for _, op, amount in steps if op == "+")
+
+
+def test_answer_only_solutions_skip_the_work_and_leave_the_rest_unchanged():
+    worked = synthetic.generate("train", 400, min_level=2, max_level=2, max_number=9, seed=0)
+    mixed = synthetic.generate("train", 400, min_level=2, max_level=2, max_number=9, answer_only_fraction=0.7, seed=0)
+    assert [p.prompt for p in worked] == [p.prompt for p in mixed] and [p.answer for p in worked] == [p.answer for p in mixed]
+    terse = [m for m in mixed if m.completion.startswith("<think>\n</think>\n")]
+    assert 0.6 < len(terse) / len(mixed) < 0.8
+    assert all(m.completion == w.completion for w, m in zip(worked, mixed) if m not in terse)
+    assert all(m.completion.endswith("\\boxed{" + m.answer + "}.") for m in terse)
+
+
+def test_unboxed_answers_are_plain_text_the_grader_does_not_accept():
+    from thinkforge.rewards.math import math_accuracy
+
+    mixed = synthetic.generate("test", 400, min_level=2, max_level=2, boxed_fraction=0.3)
+    assert 0.2 < sum("boxed" in p.completion for p in mixed) / len(mixed) < 0.4
+    plain = synthetic.generate("test", 20, min_level=2, max_level=2, boxed_fraction=0.0)
+    assert all(p.completion.endswith(f"The answer is {p.answer}.") and "boxed" not in p.completion for p in plain)
+    assert all(evaluate_trace(p.completion) == int(p.answer) for p in plain)
+    assert math_accuracy(plain[0].completion, plain[0].answer) == 0.0

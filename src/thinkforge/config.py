@@ -69,12 +69,19 @@ class SyntheticConfig:
     max_level: int = 3
     # the largest starting quantity and amount added: 9 keeps every operand one digit
     max_number: int = 20
+    # the share of solutions that give only the answer, with an empty <think> (see data/synthetic.py)
+    answer_only_fraction: float = 0.0
+    # the share of solutions that box the answer; the rest write "The answer is 12." as raw corpora do, which
+    # graders and RL rewards (reading only \boxed{}) do not accept
+    boxed_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
         _require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
         _require(self.max_number >= 2, "data.synthetic", "max_number must be at least 2")
+        _require(0 <= self.answer_only_fraction <= 1, "data.synthetic.answer_only_fraction", "must be in [0, 1]")
+        _require(0 <= self.boxed_fraction <= 1, "data.synthetic.boxed_fraction", "must be in [0, 1]")
 
 
 @dataclass
@@ -183,10 +190,17 @@ class HeldOutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160
     batch_size: int = 64
+    # pass@k beside pass@1: k samples at `pass_k_temperature` on the first `pass_k_prompts` prompts (0: off).
+    # What RL can reach: it sharpens what the model already samples, so pass@k bounds its greedy gain.
+    pass_k: int = 0
+    pass_k_prompts: int = 100
+    pass_k_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
         _require(self.num_samples > 0 and self.max_new_tokens > 0, "heldout", "num_samples and max_new_tokens must be positive")
+        _require(self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0")
+        _require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
 
 
 @dataclass
@@ -226,14 +240,17 @@ class TrainConfig:
 class PipelineConfig:
     """A recipe: stages run in order, each stage's HF export becoming the next stage's model."""
 
-    # Names the run directory (logs/pipeline/<name>), so re-running a recipe resumes it.
+    # Names the run directory (logs/pipeline/<name>-seed<seed>), so re-running a recipe resumes it.
     name: str = MISSING
     description: str = ""
     # The first stage's model; later stages start from the previous export with the same loading options.
     model: ModelConfig = MISSING
     hardware: HardwareConfig = MISSING
-    # name -> {overrides: [thinkforge-train overrides, e.g. stage=grpo], <config values, e.g. optim: {lr: 1e-6}>}
+    # name -> {overrides: [thinkforge-train overrides, e.g. stage=grpo], init_from: <an earlier stage; default the
+    # previous one>, <config values, e.g. optim: {lr: 1e-6}>}
     stages: dict[str, Any] = field(default_factory=dict)
+    # Every stage's seed: model init, data order and sampling move together.
+    seed: int = 0
     output_dir: str = MISSING
     # Compose and validate every stage, print the plan, and stop.
     dry_run: bool = False
@@ -248,6 +265,14 @@ class PipelineConfig:
                 f"stages.{name}.overrides",
                 "must be a list of thinkforge-train overrides that picks a stage (stage=midtrain|sft|dpo|grpo)",
             )
+        names = list(self.stages)
+        for position, (name, entry) in enumerate(self.stages.items()):
+            source = entry.get("init_from")
+            _require(
+                source is None or source in names[:position],
+                f"stages.{name}.init_from",
+                f"must name an earlier stage ({', '.join(names[:position]) or 'none before it'}); got {source!r}",
+            )
 
 
 @dataclass
@@ -258,6 +283,8 @@ class BenchmarkConfig:
     split: str = "test"
     # Canonical field -> column, e.g. {prompt: problem, answer: answer}.
     fields: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
+    # With path=synthetic: the task's settings, e.g. those a pipeline trained on (benchmark=demo).
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Gold answers that end a worked solution (GSM8K's "... #### 42"): keep the text after the last marker.
     answer_after: Optional[str] = None
     # Evaluate the first `limit` problems only.
@@ -316,7 +343,7 @@ class EvalConfig:
         _require(
             self.samples_file is not None or self.model is not None,
             "model",
-            "pick the model to evaluate, e.g. model=pretrained model.name_or_path=logs/pipeline/demo/grpo/export",
+            "pick the model to evaluate, e.g. model=pretrained model.name_or_path=logs/pipeline/demo-seed0/grpo/export",
         )
         _require(
             self.samples_file is not None or all(k <= self.num_samples for k in self.ks),

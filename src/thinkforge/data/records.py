@@ -83,6 +83,8 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
             min_level=data.synthetic.min_level,
             max_level=data.synthetic.max_level,
             max_number=data.synthetic.max_number,
+            answer_only_fraction=data.synthetic.answer_only_fraction,
+            boxed_fraction=data.synthetic.boxed_fraction,
             seed=data.synthetic.seed,
         )
         yield from enumerate((p.as_record() for p in problems), start=1)

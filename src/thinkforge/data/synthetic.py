@@ -2,8 +2,15 @@
 
 Each problem is a story of `level` operations on one quantity, with a step-by-step `<think>` trace and a `\\boxed{}`
 integer answer; `max_number` bounds the starting quantity and every amount added, so operand size (the arithmetic a
-small model must memorise) is a difficulty knob separate from the number of steps. A problem belongs to the test split exactly when a hash of its prompt says so, so train and test
-never share a prompt, whatever seed or size either was generated with.
+small model must memorise) is a difficulty knob separate from the number of steps. A problem belongs to the test
+split exactly when a hash of its prompt says so, so train and test never share a prompt, whatever seed or size
+either was generated with.
+
+Two knobs shape how solutions are written, the habits a corpus teaches. `answer_only_fraction`: a share of the
+solutions state the answer with an empty `<think>` block; a small model cannot compute a multi-step answer at once,
+so it learns two habits, worked steps (mostly right) and blurting (mostly wrong), and samples either.
+`boxed_fraction`: the share that box the answer, the rest end "The answer is 12." as raw corpora do. Which
+solutions get which follows a hash of the prompt, so the rest of the corpus does not change with the fractions.
 """
 
 from __future__ import annotations
@@ -62,7 +69,23 @@ def _operation(rng: random.Random, value: int, name: str, item: str, level: int,
     )
 
 
-def make_problem(rng: random.Random, level: int, max_number: int = DEFAULT_MAX_NUMBER) -> Problem:
+def hashed_share(prompt: str, what: str, fraction: float) -> bool:
+    """Whether `prompt` falls into the `fraction` of problems that get `what`: a hash, so the same prompt always
+    does, whatever else was generated, and the choice is independent of everything the model can see."""
+    digest = hashlib.sha256(f"{what}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < round(fraction * 1000)
+
+
+def solution(prompt: str, trace: list[str], answer: int, *, answer_only_fraction: float, boxed_fraction: float) -> str:
+    """`<think>` with the worked steps (or nothing, for an answer-only solution), then the final answer."""
+    thinking = "" if hashed_share(prompt, "answer-only", answer_only_fraction) else "\n".join(trace) + "\n"
+    final = "\\boxed{" + str(answer) + "}" if hashed_share(prompt, "boxed", boxed_fraction) else str(answer)
+    return "<think>\n" + thinking + "</think>\nThe answer is " + final + "."
+
+
+def make_problem(
+    rng: random.Random, level: int, max_number: int = DEFAULT_MAX_NUMBER, answer_only_fraction: float = 0.0, boxed_fraction: float = 1.0
+) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, max_number)
     story, trace = [f"{name} has {value} {item}."], []
@@ -71,12 +94,21 @@ def make_problem(rng: random.Random, level: int, max_number: int = DEFAULT_MAX_N
         story.append(sentence)
         trace.append(step)
     story.append(f"How many {item} does {name} have now?")
-    completion = "<think>\n" + "\n".join(trace) + "\n</think>\nThe answer is \\boxed{" + str(value) + "}."
-    return Problem(" ".join(story), completion, str(value), level)
+    prompt = " ".join(story)
+    completion = solution(prompt, trace, value, answer_only_fraction=answer_only_fraction, boxed_fraction=boxed_fraction)
+    return Problem(prompt, completion, str(value), level)
 
 
 def generate(
-    split: str, count: int, *, min_level: int = 1, max_level: int = 3, max_number: int = DEFAULT_MAX_NUMBER, seed: int = 0
+    split: str,
+    count: int,
+    *,
+    min_level: int = 1,
+    max_level: int = 3,
+    max_number: int = DEFAULT_MAX_NUMBER,
+    answer_only_fraction: float = 0.0,
+    boxed_fraction: float = 1.0,
+    seed: int = 0,
 ) -> list[Problem]:
     """`count` distinct problems of `split`, levels cycling from min_level to max_level."""
     if split not in ("train", "test"):
@@ -85,6 +117,8 @@ def generate(
         raise ValueError(f"need 1 <= min_level <= max_level <= {MAX_LEVEL}, got {min_level}..{max_level}")
     if max_number < 2:
         raise ValueError(f"max_number must be at least 2, got {max_number}")
+    if not (0 <= answer_only_fraction <= 1 and 0 <= boxed_fraction <= 1):
+        raise ValueError(f"answer_only_fraction and boxed_fraction must be in [0, 1], got {answer_only_fraction}, {boxed_fraction}")
     rng = random.Random(f"thinkforge-synthetic-{seed}-{split}")
     levels = list(range(min_level, max_level + 1))
     problems: list[Problem] = []
@@ -94,7 +128,7 @@ def generate(
         attempts += 1
         if attempts > 200 * count + 10_000:
             raise RuntimeError(f"could not find {count} distinct {split} problems at levels {levels}")
-        problem = make_problem(rng, levels[len(problems) % len(levels)], max_number)
+        problem = make_problem(rng, levels[len(problems) % len(levels)], max_number, answer_only_fraction, boxed_fraction)
         if problem.prompt in seen or split_of(problem.prompt) != split:
             continue
         seen.add(problem.prompt)
