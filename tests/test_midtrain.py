@@ -25,6 +25,7 @@ def test_loss_falls_and_metrics_are_logged(midtrain_run):
     for name in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/fill_ratio", "val/loss"):
         assert logged(midtrain_run.output_dir, name), name
     assert 0.5 < logged(midtrain_run.output_dir, "train/fill_ratio")[0] <= 1.0
+    assert (midtrain_run.output_dir / "curves.png").stat().st_size > 10_000, "every stage run draws its curves"
 
 
 def test_export_loads_with_auto_classes_and_generates(midtrain_run):

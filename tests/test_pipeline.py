@@ -30,9 +30,27 @@ def plan_recipe(tmp_path: Path, *overrides: str):
 def test_every_recipe_composes_and_validates(recipe, tmp_path):
     stages = plan_recipe(tmp_path, f"recipe={recipe}")
     assert stages, recipe
-    for previous, stage in zip(stages, stages[1:]):
-        assert stage.config.model.name_or_path == str(previous.export_dir), "each stage starts from the previous export"
+    exports = {str(stage.export_dir) for stage in stages}
+    for stage in stages[1:]:
+        assert stage.config.model.name_or_path in exports, "each later stage starts from an earlier stage's export"
         assert stage.config.model.config is None
+
+
+def test_init_from_picks_the_starting_export_and_its_upstream(tmp_path):
+    stages = {s.name: s for s in plan_recipe(tmp_path, "recipe=demo")}
+    assert stages["grpo"].config.model.name_or_path == str(stages["sft"].export_dir)
+    changed_dpo = {s.name: s for s in plan_recipe(tmp_path, "recipe=demo", "++stages.dpo.optim.lr=1e-3")}
+    assert changed_dpo["grpo"].fingerprint == stages["grpo"].fingerprint, "grpo does not depend on the dpo branch"
+    assert changed_dpo["dpo"].fingerprint != stages["dpo"].fingerprint
+    with pytest.raises(ConfigError, match=r"stages\.sft\.init_from"):
+        plan_recipe(tmp_path, "recipe=demo", "++stages.sft.init_from=grpo")
+
+
+def test_pipeline_seed_moves_init_data_order_and_sampling_in_every_stage(tmp_path):
+    for stage in plan_recipe(tmp_path, "recipe=demo", "seed=7"):
+        assert stage.config.seed == stage.config.data.seed == stage.config.model.init_seed == 7
+    default = plan_recipe(tmp_path, "recipe=demo")
+    assert {s.fingerprint for s in default}.isdisjoint(s.fingerprint for s in plan_recipe(tmp_path, "recipe=demo", "seed=7"))
 
 
 def test_real_recipes_keep_their_structure(tmp_path):
@@ -104,6 +122,7 @@ def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
     assert (run_dir / "midtrain" / "export" / "model.safetensors").stat().st_mtime_ns == midtrain_export
     assert json.loads((run_dir / "sft" / "pipeline_stage.json").read_text())["status"] == "done"
     assert "| sft |" in rerun.stdout and (run_dir / "summary.md").exists()
+    assert (run_dir / "curves.png").stat().st_size > 10_000 and (run_dir / "sft" / "curves.png").exists()
 
     changed = run_cli(*args, "stages.sft.optim.lr=1e-5", cwd=tmp_path, program="thinkforge-pipeline")
     assert changed.returncode == 0, changed.stderr[-3000:]

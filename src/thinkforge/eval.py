@@ -161,7 +161,7 @@ def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     from thinkforge.data.records import load_records
 
     bench = cfg.benchmark
-    data = DataConfig(train=bench.path, val=None, fields={**DataConfig().fields, **bench.fields})
+    data = DataConfig(train=bench.path, val=None, fields={**DataConfig().fields, **bench.fields}, synthetic=bench.synthetic)
     rows = load_records(bench.path, bench.split, data, required=("prompt", "answer")).rows[: bench.limit]
     golds = [row["answer"] for row in rows]
     if bench.answer_after:

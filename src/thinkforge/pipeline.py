@@ -28,12 +28,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from thinkforge.config import ConfigError, PipelineConfig, validate
+from thinkforge.curves import pipeline_curves
 
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline_stage.json"
 STAGE_CONFIG = "stage_config.yaml"
-TABLE_METRICS = ("accuracy", "eos_rate", "mean_length")
 
 
 @dataclass
@@ -66,7 +66,7 @@ def compose_stage(
 ) -> DictConfig:
     """The train config of one stage: its overrides composed like a `thinkforge-train` command line, then the
     pipeline's model and hardware, the handoff from the previous stage, and the entry's own values on top."""
-    values = {key: value for key, value in entry.items() if key != "overrides"}
+    values = {key: value for key, value in entry.items() if key not in ("overrides", "init_from")}
     try:
         cfg = compose("train", overrides=list(entry.get("overrides", [])))
         with open_dict(cfg):
@@ -75,6 +75,7 @@ def compose_stage(
             cfg.hardware = OmegaConf.merge(cfg.hardware, OmegaConf.to_container(pipeline.hardware, resolve=True))
             if previous_export is not None:
                 cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
+            cfg.seed = cfg.data.seed = cfg.model.init_seed = pipeline.seed
             cfg.output_dir = str(directory)
         cfg = OmegaConf.merge(cfg, values)
         validate(cfg)
@@ -86,16 +87,14 @@ def compose_stage(
 def plan(pipeline: DictConfig) -> list[PlannedStage]:
     run: PipelineConfig = validate(pipeline)
     root = Path(run.output_dir).resolve()
-    stages: list[PlannedStage] = []
-    previous_export: Path | None = None
-    upstream = ""
+    planned: dict[str, PlannedStage] = {}
     for name, entry in run.stages.items():
-        cfg = compose_stage(name, entry, pipeline, root / name, previous_export)
+        source = planned[entry.get("init_from") or list(planned)[-1]] if planned else None
+        cfg = compose_stage(name, entry, pipeline, root / name, source.export_dir if source else None)
+        upstream = source.fingerprint if source else ""
         fingerprint = hashlib.sha256((upstream + OmegaConf.to_yaml(cfg)).encode()).hexdigest()[:16]
-        stage = PlannedStage(name, cfg, root / name, fingerprint)
-        stages.append(stage)
-        previous_export, upstream = stage.export_dir, fingerprint
-    return stages
+        planned[name] = PlannedStage(name, cfg, root / name, fingerprint)
+    return list(planned.values())
 
 
 def train_command() -> list[str]:
@@ -143,12 +142,17 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    header = "| after | held-out pass@1 | EOS rate | mean length | wall (s) | export |"
-    lines = [header, "|---|---|---|---|---|---|"]
+    """Greedy pass@1, then (when measured) the sampled pass@1 and pass@k that show what RL had to work with."""
+    sampled = sorted({name for record in records for name in (record.get("heldout") or {}) if name.startswith("pass@")})
+    columns = [("accuracy", "held-out pass@1 (greedy)"), ("eos_rate", "EOS rate"), ("mean_length", "mean length")]
+    columns += [("sampled_accuracy", "sampled pass@1")] * bool(sampled) + [(name, name) for name in sampled]
+    lines = ["| after | " + " | ".join(title for _, title in columns) + " | wall (s) | export |", "|---" * (len(columns) + 3) + "|"]
     for record in records:
         heldout = record.get("heldout") or {}
-        cells = [f"{heldout[m]:.1%}" if m != "mean_length" else f"{heldout[m]:.1f}" for m in TABLE_METRICS if m in heldout]
-        cells = cells if len(cells) == len(TABLE_METRICS) else ["-"] * len(TABLE_METRICS)
+        cells = [
+            "-" if name not in heldout else f"{heldout[name]:.1f}" if name == "mean_length" else f"{heldout[name]:.1%}"
+            for name, _ in columns
+        ]
         lines.append(f"| {record['stage']} | " + " | ".join(cells) + f" | {record.get('seconds', '-')} | {record['export']} |")
     return "\n".join(lines)
 
@@ -162,6 +166,7 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     records = [run_one(stage) for stage in stages]
     table = format_table(records)
     summary = Path(pipeline.output_dir) / "summary.md"
-    summary.write_text(f"# {pipeline.name}\n\n{pipeline.description}\n\n{table}\n")
-    print(f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary})\n{table}", flush=True)
+    curves = pipeline_curves(records, [stage.directory for stage in stages], summary.with_name("curves.png"), title=pipeline.name)
+    summary.write_text(f"# {pipeline.name} (seed {pipeline.seed})\n\n{pipeline.description}\n\n{table}\n\n![curves]({curves.name})\n")
+    print(f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary}, {curves})\n{table}", flush=True)
     return records

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thinkforge.backbone import load_tokenizer
 from thinkforge.config import ConfigError, TrainConfig, validate
+from thinkforge.curves import stage_curves
 from thinkforge.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -134,4 +135,7 @@ def run_stage(cfg: DictConfig) -> RunResult | None:
         summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
         print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")
         print(f"[thinkforge] HF export: {stage.export_dir}")
+        curves = stage_curves(Path(run.output_dir), title=f"{type(stage).__name__}: {run.output_dir}")
+        if curves:
+            print(f"[thinkforge] curves: {curves}")
     return RunResult(Path(run.output_dir), stage.export_dir, metrics)
