@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, logged, run_cli
+from conftest import FAST, logged, read_metrics, run_cli
 
 
 def test_fsdp_two_processes_match_one_process(tmp_path):
@@ -41,24 +41,27 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     checkpoint = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
 
-    resumed = run_cli(*common, f"hydra.run.dir={tmp_path / 'resumed'}", f"ckpt_path={checkpoint}", cwd=tmp_path)
+    # re-running into the same directory resumes from its last checkpoint (ckpt_path=last, the default)
+    resumed = run_cli(*common, f"hydra.run.dir={tmp_path / 'killed'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "resumed", "train/loss")
-    assert sorted(got) == [2, 3, 4, 5], "the resumed run continues after the checkpoint of step 2"
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    expected, got = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "killed", "train/loss")
+    steps = [int(row["step"]) for row in read_metrics(tmp_path / "killed") if row.get("train/loss")]
+    assert steps == [0, 1, 2, 3, 4, 5], "the CSV log keeps the steps before the kill and holds each step once"
     for step in got:
         assert abs(got[step] - expected[step]) < 1e-5, (step, got[step], expected[step])
-    lr_full, lr_resumed = logged(tmp_path / "full", "train/lr"), logged(tmp_path / "resumed", "train/lr")
+    lr_full, lr_resumed = logged(tmp_path / "full", "train/lr"), logged(tmp_path / "killed", "train/lr")
     assert all(abs(lr_resumed[s] - lr_full[s]) < 1e-12 for s in lr_resumed)
 
 
 def test_multirun_sweep_gives_one_run_directory_per_job(tmp_path):
     result = run_cli(
-        "-m", *FAST, "trainer.max_steps=1", "optim.lr=1e-3,3e-3", "logger=csv", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
+        "-m", *FAST, "trainer.max_steps=1", "optim.lr=1e-3,3e-3", "logger=csv", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir())
+    [sweep] = (tmp_path / "logs" / "multiruns").iterdir()
+    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
     assert jobs == ["0", "1"]
     for job in jobs:
-        assert (tmp_path / "sweep" / job / "export" / "model.safetensors").exists()
-        assert logged(tmp_path / "sweep" / job, "train/loss")
+        assert (sweep / job / "export" / "model.safetensors").exists()
+        assert logged(sweep / job, "train/loss")

@@ -30,10 +30,11 @@ def test_slurm_launcher_submits_the_multinode_job(tmp_path):
         program.chmod(program.stat().st_mode | stat.S_IEXEC)
     capture = tmp_path / "submitted.sh"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SBATCH_CAPTURE": str(capture)}
+    # the README's command as written, with the default sweep dir
     command = [
         str(Path(sys.executable).with_name("thinkforge-train")), "-m", "hydra/launcher=slurm", "hardware=multinode",
-        "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4", "hydra.launcher.partition=gpu",
-        "data.batch_size=64", "data.micro_batch_size=2", "optim.lr=1e-4,3e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=8", "hydra.launcher.partition=gpu", "stage=grpo",
+        "model=r1_distill_qwen_1_5b", "optim.lr=1e-6,2e-6",
     ]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -44,20 +45,20 @@ def test_slurm_launcher_submits_the_multinode_job(tmp_path):
     assert capture.exists(), output[-3000:]
 
     script = capture.read_text()
-    for directive in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--requeue",
+    for directive in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--requeue",
                       "--signal=USR2@120", "--array=0-1%2"):
         assert f"#SBATCH {directive}" in script, (directive, script)
     assert "srun" in script and "submitit.core._submit" in script
 
     jobs = []
-    for submission in sorted((tmp_path / "sweep" / ".submitit").glob("*/*_submitted.pkl")):
+    for submission in sorted(tmp_path.glob("logs/multiruns/*/.submitit/*/*_submitted.pkl")):
         with submission.open("rb") as handle:
             jobs.append(pickle.load(handle))
     assert [job.function.task_function.__name__ for job in jobs] == ["train_main", "train_main"]
-    assert sorted(next(o for o in job.args[0] if o.startswith("optim.lr=")) for job in jobs) == ["optim.lr=0.0001", "optim.lr=0.0003"]
-    assert all({"hardware=multinode", "data.batch_size=64"} <= set(job.args[0]) for job in jobs)
+    assert sorted(next(o for o in job.args[0] if o.startswith("optim.lr=")) for job in jobs) == ["optim.lr=1e-06", "optim.lr=2e-06"]
+    assert all({"hardware=multinode", "stage=grpo"} <= set(job.args[0]) for job in jobs)
     launcher = jobs[0].function.config.hydra.launcher
-    assert (launcher.nodes, launcher.tasks_per_node) == (2, 4), "the job's hardware=multinode resolves to these"
+    assert (launcher.nodes, launcher.tasks_per_node) == (2, 8), "the job's hardware=multinode resolves to these"
 
 
 def test_multinode_hardware_takes_its_size_from_the_launcher(tmp_path):
