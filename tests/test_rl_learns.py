@@ -1,0 +1,94 @@
+"""Learnability: GRPO and DPO, through the real stages, improve what they are rewarded for.
+
+Formula tests cannot show that an RL loop learns; these can, and they fail when the advantage sign is flipped or
+the loss is detached (checked by mutation when they were written). Each runs on a 2-layer model in about a
+minute or less on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from statistics import mean
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import compose_config, logged
+from thinkforge.rewards.shaping import REWARD_FUNCTIONS, Sample
+from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.train import run_stage
+
+SMALL_MODEL = [
+    "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",
+]
+
+
+def leading_space(sample: Sample) -> float:
+    """1 when the completion starts with a space: about a fifth of a random model's first tokens do."""
+    return float(sample.completion.startswith(" "))
+
+
+GRPO_CASES = {
+    "grpo": ["stage.loss_type=grpo"],
+    "dapo": ["stage.loss_type=dapo"],
+    "dr_grpo": ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
+    "two_iterations": ["stage.loss_type=dapo", "stage.num_iterations=2"],
+    "kl_to_start": ["stage.loss_type=dapo", "stage.beta=0.04"],
+}
+
+
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_raises_the_sampled_reward(tmp_path, monkeypatch, case):
+    monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
+    steps = 60
+    cfg = compose_config(
+        *SMALL_MODEL, "stage=grpo", "data.synthetic.num_train=64", "data.batch_size=8", "data.micro_batch_size=8",
+        "stage.group_size=8", "stage.max_completion_length=4", "stage.dynamic_sampling=false", "optim.lr=3e-3",
+        "optim.warmup_steps=0", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000", "heldout.num_prompts=0",
+        *GRPO_CASES[case], output_dir=tmp_path,
+    )
+    cfg.stage.reward = OmegaConf.create({"leading_space": {"weight": 1.0}})
+    run_stage(cfg)
+    reward = list(logged(tmp_path, "train/reward/mean").values())
+    assert len(reward) == steps // int(cfg.stage.num_iterations)
+    assert mean(reward[:3]) <= 0.3, reward[:3]
+    assert mean(reward[-5:]) >= 0.8, reward
+
+
+def _parity_pairs(path, numbers):
+    rows = [
+        {"prompt": f"Is {n} even or odd?", "chosen": "even" if n % 2 == 0 else "odd", "rejected": "odd" if n % 2 == 0 else "even"}
+        for n in numbers
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def _greedy_prefers_chosen(export, rows) -> float:
+    tokenizer, model = AutoTokenizer.from_pretrained(export), AutoModelForCausalLM.from_pretrained(export)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True) for r in rows]
+    groups = HFEngine(model, tokenizer).generate(prompts, SamplingConfig(1, 0.0, 1.0, 4), seed=0)
+    return mean(float(group[0].text == row["chosen"]) for group, row in zip(groups, rows))
+
+
+def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
+    """With the RPO term, as the demo runs it: the chosen answers become what greedy decoding says."""
+    train = _parity_pairs(tmp_path / "train.jsonl", range(0, 400, 1))
+    val = _parity_pairs(tmp_path / "val.jsonl", range(1000, 1064))
+    steps = 60
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        *SMALL_MODEL, "stage=dpo", "stage.pairs=file", "stage.rpo_alpha=1.0", f"data.train={tmp_path / 'train.jsonl'}", f"data.val={tmp_path / 'val.jsonl'}",
+        "data.max_length=64", "data.batch_size=16", "data.micro_batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=0",
+        f"trainer.max_steps={steps}", "trainer.val_every=30", "trainer.ckpt_every=1000", "trainer.num_sanity_val_steps=1",
+        "heldout.num_prompts=0", output_dir=run_dir,
+    )
+    result = run_stage(cfg)
+    accuracy = logged(run_dir, "val/rewards/accuracies")
+    margins = logged(run_dir, "val/rewards/margins")
+    # at step 0 the policy is the reference: every margin is 0 and the implicit-reward accuracy is 0
+    assert accuracy[max(accuracy)] >= 0.9, accuracy
+    assert margins[max(margins)] > margins[min(margins)] > 0, margins
+    assert _greedy_prefers_chosen(result.export_dir, val) >= 0.9
