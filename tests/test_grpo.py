@@ -139,3 +139,31 @@ def test_heldout_start_is_measured_once_and_survives_a_resume(tmp_path, monkeypa
     assert len(starts) == 1
     start = {k: v for k, v in first.metrics.items() if k.startswith("heldout_start/")}
     assert start and start == {k: v for k, v in resumed.metrics.items() if k.startswith("heldout_start/")}
+
+
+def test_a_step_whose_rollouts_are_all_truncated_trains_on_nothing_without_crashing(tmp_path, monkeypatch):
+    """Every rollout reported truncated: mask_truncated leaves no trainable token in any step."""
+    import dataclasses
+
+    from thinkforge.stages.grpo import GRPO
+
+    generate = GRPO._generate
+    monkeypatch.setattr(GRPO, "_generate", lambda self, *args: [
+        [dataclasses.replace(rollout, finished=False) for rollout in group] for group in generate(self, *args)
+    ])
+    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.mask_truncated=true", "stage.dynamic_sampling=false",
+                             "stage.loss_type=dapo", output_dir=tmp_path))
+    assert logged(tmp_path, "train/completion/truncation_rate") == {0: 1.0, 1: 1.0}
+    assert logged(tmp_path, "train/loss") == {0: 0.0, 1: 0.0}
+
+
+def test_prompts_longer_than_max_length_are_dropped(tmp_path):
+    from thinkforge.config import validate
+    from thinkforge.stages.grpo import GRPO
+    from thinkforge.tokenizer import build_synthetic_tokenizer
+
+    tokenizer = build_synthetic_tokenizer()
+    run = validate(compose_config(*GRPO_FAST, "data.max_length=40", output_dir=tmp_path))
+    items = GRPO(run, tokenizer).build_items("train")
+    assert items and all(len(item.token_ids) <= 40 for item in items)
+    assert len(items) < run.data.synthetic.num_train

@@ -47,6 +47,8 @@ class Stage(L.LightningModule):
 
     #: the unit the loss is averaged over, e.g. "tokens" or "pairs" (used in log names)
     loss_unit = "tokens"
+    #: whether a step whose global batch has no loss unit is a zero-loss step rather than an error
+    allows_empty_steps = False
 
     def __init__(self, run: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
@@ -160,8 +162,10 @@ class Stage(L.LightningModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         units = self.global_sum(sum(self.count_units(batch) for batch in micro_batches))
         if units.item() == 0:
-            raise RuntimeError(f"step {self.global_step}: the global batch has no {self.loss_unit} to train on")
-        scale = self.data_parallel_size / units.float()
+            if not self.allows_empty_steps:
+                raise RuntimeError(f"step {self.global_step}: the global batch has no {self.loss_unit} to train on")
+            log.warning("step %d: the global batch has no %s to train on; its loss is 0", self.global_step, self.loss_unit)
+        scale = self.data_parallel_size / units.float().clamp(min=1)
         sums: defaultdict[str, float] = defaultdict(float)
         for index, batch in enumerate(micro_batches):
             self._set_gradient_sync(index == len(micro_batches) - 1)
@@ -193,7 +197,7 @@ class Stage(L.LightningModule):
     ) -> None:
         names = sorted(sums)
         totals = dict(zip(names, self.global_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64)).tolist()))
-        metrics = {name: totals[name] / units.item() for name in names if name not in ("tokens", "slots")}
+        metrics = {name: totals[name] / max(units.item(), 1.0) for name in names if name not in ("tokens", "slots")}
         metrics.update(
             {
                 "lr": lr,

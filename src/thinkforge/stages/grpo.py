@@ -62,6 +62,10 @@ def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
 
 
 class GRPO(Stage):
+    # with mask_truncated, a step whose rollouts were all truncated trains on nothing; it still counts as a step,
+    # or the data position (and so the rollouts' seed) would never move on
+    allows_empty_steps = True
+
     def __init__(
         self,
         run,
@@ -115,7 +119,12 @@ class GRPO(Stage):
             raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
         rendered = [self.render_prompt(record["prompt"]) for record in rows]
         encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        return [Prompt(i, text, tuple(ids), r["answer"]) for i, (text, ids, r) in enumerate(zip(rendered, encoded, rows))]
+        fitting = [(text, ids, row) for text, ids, row in zip(rendered, encoded, rows) if len(ids) <= data.max_length]
+        if len(fitting) < len(rows):
+            log.info("%d prompts longer than data.max_length (%d tokens) dropped", len(rows) - len(fitting), data.max_length)
+        if not fitting:
+            raise DataError(f"{data.train}: every prompt is longer than data.max_length ({data.max_length} tokens)")
+        return [Prompt(i, text, tuple(ids), row["answer"]) for i, (text, ids, row) in enumerate(fitting)]
 
     def collate(self, items: Sequence[Prompt]) -> Batch:
         return {"prompt_index": torch.tensor([item.index for item in items])}
