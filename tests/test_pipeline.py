@@ -46,6 +46,12 @@ def test_init_from_picks_the_starting_export_and_its_upstream(tmp_path):
         plan_recipe(tmp_path, "recipe=demo", "++stages.sft.init_from=grpo")
 
 
+def test_every_demo_stage_is_scored_on_the_same_500_held_out_prompts(tmp_path):
+    for stage in plan_recipe(tmp_path, "recipe=demo"):
+        assert stage.config.data.synthetic.num_val == stage.config.heldout.num_prompts == 500, stage.name
+        assert (stage.config.data.synthetic.min_level, stage.config.data.synthetic.max_level) == (2, 2), stage.name
+
+
 def test_pipeline_seed_moves_init_data_order_and_sampling_in_every_stage(tmp_path):
     for stage in plan_recipe(tmp_path, "recipe=demo", "seed=7"):
         assert stage.config.seed == stage.config.data.seed == stage.config.model.init_seed == 7
