@@ -15,9 +15,8 @@ from typing import Any, Sequence
 log = logging.getLogger(__name__)
 
 # (metric in the CSV log, panel title); a panel is drawn when the log has the metric
-STAGE_PANELS: tuple[tuple[str, str], ...] = (
-    ("train/loss", "training loss"),
-    ("val/loss", "validation loss"),
+LOSS_PANELS: tuple[tuple[str, str], ...] = (("train/loss", "training loss"), ("val/loss", "validation loss"))
+RL_PANELS: tuple[tuple[str, str], ...] = (
     ("train/reward/mean", "GRPO reward (first sampling round)"),
     ("train/reward/accuracy", "GRPO sampled accuracy"),
     ("train/completion/mean_length", "GRPO completion length (tokens)"),
@@ -28,7 +27,6 @@ STAGE_PANELS: tuple[tuple[str, str], ...] = (
     ("train/logps/chosen", "DPO chosen log-prob"),
     ("val/rewards/accuracies", "DPO held-out implicit-reward accuracy"),
 )
-RL_PANELS = {name for name, _ in STAGE_PANELS if not name.endswith("loss")}
 SMOOTHING_WINDOW = 5
 
 
@@ -48,7 +46,8 @@ def read_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _smoothed(values: Sequence[float]) -> list[float]:
     """A trailing mean over a few steps: RL metrics are noisy from step to step."""
-    return [sum(values[max(0, i - SMOOTHING_WINDOW + 1) : i + 1]) / len(values[max(0, i - SMOOTHING_WINDOW + 1) : i + 1]) for i in range(len(values))]
+    windows = [values[max(0, i - SMOOTHING_WINDOW + 1) : i + 1] for i in range(len(values))]
+    return [sum(window) / len(window) for window in windows]
 
 
 def _plot_series(axis: Any, points: list[tuple[int, float]], title: str, label: str | None = None) -> None:
@@ -88,7 +87,7 @@ def _save(figure: Any, path: Path) -> Path:
 def stage_curves(run_dir: Path, title: str = "") -> Path | None:
     """`run_dir/curves.png` with the stage's headline metrics; None when its log holds none of them."""
     series = read_log(run_dir)
-    panels = [(name, panel_title) for name, panel_title in STAGE_PANELS if series.get(name)]
+    panels = [(name, panel_title) for name, panel_title in LOSS_PANELS + RL_PANELS if series.get(name)]
     if not panels:
         return None
     figure, axes = _figure(len(panels))
@@ -102,12 +101,8 @@ def stage_curves(run_dir: Path, title: str = "") -> Path | None:
 def pipeline_curves(records: Sequence[dict[str, Any]], stage_dirs: Sequence[Path], path: Path, title: str = "") -> Path:
     """Held-out accuracy after each stage (greedy pass@1, and sampled pass@1 / pass@k when measured), then the
     RL stages' training curves."""
-    rl_panels = [
-        (record["stage"], name, panel_title)
-        for record, directory in zip(records, stage_dirs)
-        for name, panel_title in STAGE_PANELS
-        if name in RL_PANELS and read_log(directory).get(name)
-    ]
+    logs = {record["stage"]: read_log(directory) for record, directory in zip(records, stage_dirs)}
+    rl_panels = [(stage, name, title) for stage, log_ in logs.items() for name, title in RL_PANELS if log_.get(name)]
     figure, axes = _figure(1 + len(rl_panels))
     stages = [record["stage"] for record in records]
     heldout = [record.get("heldout") or {} for record in records]
@@ -121,7 +116,6 @@ def pipeline_curves(records: Sequence[dict[str, Any]], stage_dirs: Sequence[Path
     summary.set_ylim(0, 100)
     summary.grid(alpha=0.3)
     summary.legend(fontsize=8)
-    logs = {record["stage"]: read_log(directory) for record, directory in zip(records, stage_dirs)}
     for axis, (stage, name, panel_title) in zip(axes[1:], rl_panels):
         _plot_series(axis, logs[stage][name], f"{stage}: {panel_title}")
     if title:
