@@ -28,7 +28,7 @@ from thinkforge.data.loader import StageDataModule
 from thinkforge.data.records import load_records
 from thinkforge.eval import HeldOutSums, score_rollouts
 from thinkforge.rewards.math import math_accuracy_many
-from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.rollout import HFEngine, Rollout, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +258,10 @@ class Stage(L.LightningModule):
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         prompts, golds = self.heldout_prompts()
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        usable = len(prompts) - len(prompts) % world
         heldout = self.run.heldout
         sampling = SamplingConfig(heldout.num_samples, heldout.temperature, heldout.top_p, heldout.max_new_tokens)
-        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=self.run.seed + rank)
-        sums = score_rollouts(groups, golds[rank:usable:world])
+        groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed)
+        sums = score_rollouts(groups, golds_here)
         total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
         metrics = total.metrics()
         if heldout.pass_k:
@@ -273,13 +271,21 @@ class Stage(L.LightningModule):
             log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 
+    def _generate_share(
+        self, prompts: list[str], golds: list[str], sampling: SamplingConfig, *, seed: int
+    ) -> tuple[list[list[Rollout]], list[str]]:
+        """This rank's share of the prompts (every world_size-th, trimmed so all ranks get as many), sampled."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        usable = len(prompts) - len(prompts) % world
+        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=seed + rank)
+        return groups, golds[rank:usable:world]
+
     def _heldout_pass_at_k(self, prompts: list[str], golds: list[str]) -> dict[str, float]:
         """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
-        heldout, world, rank = self.run.heldout, self.trainer.world_size, self.trainer.global_rank
-        usable = len(prompts) - len(prompts) % world
+        heldout = self.run.heldout
         sampling = SamplingConfig(heldout.pass_k, heldout.pass_k_temperature, 1.0, heldout.max_new_tokens)
-        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=self.run.seed + 1 + rank)
-        scores = math_accuracy_many([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds[rank:usable:world]) for _ in g])
+        groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed + 1)
+        scores = math_accuracy_many([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds_here) for _ in g])
         k = heldout.pass_k
         solved = sum(any(scores[i * k : (i + 1) * k]) for i in range(len(groups)))
         correct, solved, count = self.global_sum(torch.tensor([sum(scores), solved, len(groups)], dtype=torch.float64)).tolist()
