@@ -118,3 +118,21 @@ def test_math500_solutions_grade_as_their_answers():
 
 
 from thinkforge.rewards.math import _check as _check_for_test  # noqa: E402
+
+
+def test_answer_check_workers_exit_with_a_killed_owner(tmp_path):
+    """A trainer killed with SIGKILL (a node failure, the kill/resume drills) must not leave its verifier workers
+    behind: they would hold its stdout open, so whoever waits for its output waits forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed_owner.py"
+    script.write_text(
+        "import os, signal\n"
+        "from thinkforge.rewards.math import math_accuracy_many\n"
+        "if __name__ == '__main__':\n"
+        "    print(math_accuracy_many(['<think></think>\\\\boxed{1}'], ['1']), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -9 and result.stdout.strip() == "[1.0]"

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import re
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -102,6 +104,33 @@ def _parse_gold(gold: str) -> bool:
     return any(isinstance(value, (sympy.Basic, MatrixBase)) for value in parse(f"${stripped}$", parsing_timeout=None))
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (killed, not yet reaped by its parent) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _exit_with(owner: int) -> None:
+    """Worker initializer: exit once the pool's owner is gone. CPython's pool workers outlive an owner killed with
+    SIGKILL (each holds its own queue's pipe ends), and would keep its stdout open, and its caller waiting, forever."""
+
+    def watch() -> None:
+        while _process_alive(owner):
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-owner").start()
+
+
 @dataclass
 class VerifierPool:
     """Worker processes for answer checks; a worker that overruns its deadline is killed with its pool."""
@@ -114,7 +143,9 @@ class VerifierPool:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_exit_with, initargs=(os.getpid(),)
+            )
         return self._executor
 
     def _restart(self) -> None:
