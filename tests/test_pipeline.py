@@ -66,8 +66,9 @@ def test_real_recipes_keep_their_structure(tmp_path):
     phi4_mini = plan_recipe(tmp_path, "recipe=phi4_mini_reasoning")
     assert [s.config.stage._target_.rsplit(".", 1)[1] for s in phi4_mini] == ["MidTraining", "SFT", "DPO", "GRPO"]
     assert phi4_mini[2].config.stage.pairs == "rollout"
-    plus = plan_recipe(tmp_path, "recipe=phi4_reasoning_plus")[-1].config.stage.reward
-    assert plus.cosine_length.max_length == 31744 and "repetition" in plus
+    plus = plan_recipe(tmp_path, "recipe=phi4_reasoning_plus")[-1].config.stage
+    assert plus.max_completion_length == 31744 and plus.reward.cosine_length.positive_fraction == 0.8065
+    assert "repetition" in plus.reward
 
 
 def test_per_stage_override_reaches_only_that_stage(tmp_path):

@@ -19,6 +19,9 @@ class Sample:
     truncated: bool
     # Whether the final answer matches the gold one: checked for a whole batch at once, in parallel.
     correct: bool
+    # The completion budget it was sampled with (max_completion_length at this step): length rewards scale to it,
+    # so a preset works at 96 tokens as at 32K and follows a context-lengthening schedule.
+    max_tokens: int
 
 
 def well_formed(completion: str) -> bool:
@@ -41,17 +44,19 @@ def format_reward(sample: Sample) -> float:
     return float(well_formed(sample.completion))
 
 
-def cosine_length_reward(sample: Sample, *, max_length: int, positive_length: int, negative_length: int) -> float:
-    """Phi-4-reasoning-plus: correct 1.0 → 0.5 as it grows past `positive_length`; wrong −1 (short) → −0.5 (long)."""
+def cosine_length_reward(sample: Sample, *, positive_fraction: float, negative_fraction: float) -> float:
+    """Phi-4-reasoning-plus: correct 1.0 → 0.5 as it grows past `positive_fraction` of the budget; wrong −1 (short)
+    → −0.5 (long) by `negative_fraction` of it. The paper's 25600 and 3702 of 31744 tokens: 0.806 and 0.117."""
     if sample.truncated:
         return -0.5
     if not well_formed(sample.completion):
         return -1.0
-    length = sample.num_tokens
+    length, budget = sample.num_tokens, sample.max_tokens
     if sample.correct:
-        rho = min(1.0, max(length - positive_length, 0) / (max_length - positive_length))
+        positive = positive_fraction * budget
+        rho = min(1.0, max(length - positive, 0) / max(budget - positive, 1e-9))
         return 0.5 + 0.25 * (1 + math.cos(math.pi * rho))
-    rho = min(1.0, length / negative_length)
+    rho = min(1.0, length / max(negative_fraction * budget, 1e-9))
     return -0.5 - 0.25 * (1 + math.cos(math.pi * rho))
 
 
@@ -66,13 +71,15 @@ def repetition_reward(sample: Sample, *, ngram: int = 5, frequent_count: int = 5
     return -max(frequent / total, max(counts.values()) / (len(words) / ngram))
 
 
-def overlong_reward(sample: Sample, *, max_length: int, cache_length: int) -> float:
-    """DAPO soft overlong penalty: 0 until the last `cache_length` tokens, then linear to −1, −1 beyond."""
-    limit = max_length - cache_length
+def overlong_reward(sample: Sample, *, cache_fraction: float) -> float:
+    """DAPO soft overlong penalty: 0 until the last `cache_fraction` of the budget, then linear to −1, −1 beyond.
+    DAPO's 4096-token cache of 20480: 0.2."""
+    cache = cache_fraction * sample.max_tokens
+    limit = sample.max_tokens - cache
     if sample.num_tokens <= limit:
         return 0.0
-    if sample.num_tokens <= max_length:
-        return (limit - sample.num_tokens) / cache_length
+    if sample.num_tokens <= sample.max_tokens:
+        return (limit - sample.num_tokens) / cache
     return -1.0
 
 
@@ -99,7 +106,7 @@ class RewardModel:
             weight = float(options.pop("weight", 1.0))
             try:
                 function = partial(REWARD_FUNCTIONS[name], **options)
-                function(Sample("<think>\nx\n</think>\n\\boxed{1}", "1", 10, False, True))
+                function(Sample("<think>\nx\n</think>\n\\boxed{1}", "1", 10, False, True, 96))
             except TypeError as error:
                 raise ValueError(f"stage.reward.{name}: {error}") from None
             self.functions[name] = (weight, function)
@@ -109,13 +116,13 @@ class RewardModel:
         return sum(self.functions[name][0] * value for name, value in parts.items()), parts
 
     def score(
-        self, completions: Sequence[str], golds: Sequence[str], lengths: Sequence[int], truncated: Sequence[bool]
+        self, completions: Sequence[str], golds: Sequence[str], lengths: Sequence[int], truncated: Sequence[bool], max_tokens: int
     ) -> list[tuple[float, dict[str, float]]]:
         """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool.
 
         Each sample's parts also carry `accuracy` (1/0, whatever the reward mix), which is logged, never summed.
         """
         correct = [score == 1.0 for score in math_accuracy_many(completions, golds)]
-        scored = [self(Sample(*fields)) for fields in zip(completions, golds, lengths, truncated, correct)]
+        scored = [self(Sample(*fields, max_tokens)) for fields in zip(completions, golds, lengths, truncated, correct)]
         return [(total, {**parts, "accuracy": float(ok)}) for (total, parts), ok in zip(scored, correct)]
 
