@@ -3,7 +3,7 @@
     python scripts/bench_midtrain.py                      # the tiny default model on the synthetic task
     python scripts/bench_midtrain.py model.config.hidden_size=512 data.max_length=1024 --steps 20
 
-Arguments are Hydra overrides of conf/train.yaml. The peak is measured here (fp32 on CPU, bf16 on GPU) with
+Arguments are Hydra overrides of conf/train.yaml. The peak is measured here in the compute dtype (fp32 on CPU, bf16 on GPU) with
 square matmuls, so MFU compares the trainer with what this machine can actually do.
 """
 
@@ -15,7 +15,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from thinkforge.backbone import CausalLM, load_hf_model, load_tokenizer, resolve_dtype
+from thinkforge.backbone import CausalLM, compute_dtype, load_hf_model, load_tokenizer
 from thinkforge.cli import config_dir
 from thinkforge.config import register_configs, validate
 from thinkforge.data.loader import StepBatches
@@ -51,11 +51,12 @@ def main() -> None:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         run = validate(compose("train", overrides=["output_dir=unused", *overrides]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(run.model.dtype)
+    dtype = compute_dtype(run.model.dtype)
     tokenizer = load_tokenizer(run.model)
     stage = MidTraining(run, tokenizer)
     rows = stage.build_items("train")
-    model = CausalLM(load_hf_model(run.model, tokenizer), run.model.logprob_chunk_size).to(device)
+    # fp32 master weights, compute in `dtype`: what training does
+    model = CausalLM(load_hf_model(run.model, tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr)
     batches = StepBatches(
         rows, batch_size=run.data.batch_size, micro_batch_size=run.data.micro_batch_size, collate=stage.collate,
@@ -70,7 +71,8 @@ def main() -> None:
         started = time.perf_counter()
         units = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
         for batch in micro_batches:
-            logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
             loss, _ = causal_lm_loss_sum(logprobs, batch["labels"])
             (loss / units).backward()
         optimizer.step()

@@ -7,9 +7,13 @@ from lightning.pytorch.callbacks import Callback
 
 
 class KillAtStep(Callback):
+    """Every rank kills itself after the same step. The barrier first, so that no rank is left waiting in a
+    collective for a peer that is already dead (it would hang until the process-group timeout)."""
+
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
+            trainer.strategy.barrier("fault")
             os.kill(os.getpid(), signal.SIGKILL)

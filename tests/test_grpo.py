@@ -29,35 +29,38 @@ GRPO_FAST = [
 
 
 def test_cosine_length_reward_by_hand():
-    lengths = dict(max_length=100, positive_length=50, negative_length=20)
-    assert cosine_length_reward(Sample(RIGHT, "4", 10, False, True), **lengths) == 1.0
-    assert cosine_length_reward(Sample(RIGHT, "4", 75, False, True), **lengths) == pytest.approx(0.75)
-    assert cosine_length_reward(Sample(RIGHT, "4", 100, False, True), **lengths) == pytest.approx(0.5)
-    assert cosine_length_reward(Sample(WRONG, "4", 0, False, False), **lengths) == pytest.approx(-1.0)
-    assert cosine_length_reward(Sample(WRONG, "4", 10, False, False), **lengths) == pytest.approx(-0.75)
-    assert cosine_length_reward(Sample(WRONG, "4", 40, False, False), **lengths) == pytest.approx(-0.5)
-    assert cosine_length_reward(Sample(RIGHT, "4", 100, True, True), **lengths) == -0.5
-    assert cosine_length_reward(Sample("\\boxed{4}", "4", 5, False, False), **lengths) == -1.0
+    lengths = dict(positive_fraction=0.5, negative_fraction=0.2)
+    assert cosine_length_reward(Sample(RIGHT, "4", 10, False, True, 100), **lengths) == 1.0
+    assert cosine_length_reward(Sample(RIGHT, "4", 75, False, True, 100), **lengths) == pytest.approx(0.75)
+    assert cosine_length_reward(Sample(RIGHT, "4", 100, False, True, 100), **lengths) == pytest.approx(0.5)
+    assert cosine_length_reward(Sample(WRONG, "4", 0, False, False, 100), **lengths) == pytest.approx(-1.0)
+    assert cosine_length_reward(Sample(WRONG, "4", 10, False, False, 100), **lengths) == pytest.approx(-0.75)
+    assert cosine_length_reward(Sample(WRONG, "4", 40, False, False, 100), **lengths) == pytest.approx(-0.5)
+    assert cosine_length_reward(Sample(RIGHT, "4", 100, True, True, 100), **lengths) == -0.5
+    assert cosine_length_reward(Sample("\\boxed{4}", "4", 5, False, False, 100), **lengths) == -1.0
+    # lengths scale with the budget: the same share of a 32K budget is worth the same
+    assert cosine_length_reward(Sample(RIGHT, "4", 24000, False, True, 32000), **lengths) == pytest.approx(0.75)
+    assert overlong_reward(Sample("", "", 28800, False, False, 32000), cache_fraction=0.2) == pytest.approx(-0.5)
 
 
 def test_format_overlong_and_repetition_by_hand():
-    assert format_reward(Sample(RIGHT, "4", 5, False, True)) == 1.0
-    assert format_reward(Sample("<think>\nx\n</think><think>y</think>\\boxed{4}", "4", 5, False, False)) == 0.0
-    assert format_reward(Sample("<think>\nx\n\\boxed{4}", "4", 5, False, False)) == 0.0
-    assert overlong_reward(Sample("", "", 70, False, False), max_length=100, cache_length=20) == 0.0
-    assert overlong_reward(Sample("", "", 90, False, False), max_length=100, cache_length=20) == pytest.approx(-0.5)
-    assert overlong_reward(Sample("", "", 101, False, False), max_length=100, cache_length=20) == -1.0
+    assert format_reward(Sample(RIGHT, "4", 5, False, True, 100)) == 1.0
+    assert format_reward(Sample("<think>\nx\n</think><think>y</think>\\boxed{4}", "4", 5, False, False, 100)) == 0.0
+    assert format_reward(Sample("<think>\nx\n\\boxed{4}", "4", 5, False, False, 100)) == 0.0
+    assert overlong_reward(Sample("", "", 70, False, False, 100), cache_fraction=0.2) == 0.0
+    assert overlong_reward(Sample("", "", 90, False, False, 100), cache_fraction=0.2) == pytest.approx(-0.5)
+    assert overlong_reward(Sample("", "", 101, False, False, 100), cache_fraction=0.2) == -1.0
     # 30 words "a b c a b c ...": 26 five-grams, 3 distinct, each seen 8 or 9 times (> 5)
-    looping = Sample(" ".join(["a", "b", "c"] * 10), "", 30, False, False)
+    looping = Sample(" ".join(["a", "b", "c"] * 10), "", 30, False, False, 100)
     assert repetition_reward(looping) == pytest.approx(-max(26 / 26, 9 / (30 / 5)))
-    assert repetition_reward(Sample("one two three four five six seven", "", 7, False, False)) == pytest.approx(-1 / (7 / 5))
+    assert repetition_reward(Sample("one two three four five six seven", "", 7, False, False, 100)) == pytest.approx(-1 / (7 / 5))
 
 
 def test_reward_model_weights_and_errors():
     model = RewardModel({"math_accuracy": {"weight": 0.5}, "format": {"weight": 0.25}})
-    total, parts = model(Sample(RIGHT, "4", 5, False, True))
+    total, parts = model(Sample(RIGHT, "4", 5, False, True, 100))
     assert total == 0.75 and parts == {"math_accuracy": 1.0, "format": 1.0}
-    batch = model.score([RIGHT, WRONG, "\\boxed{4}"], ["4", "4", "4"], [5, 5, 5], [False, False, False])
+    batch = model.score([RIGHT, WRONG, "\\boxed{4}"], ["4", "4", "4"], [5, 5, 5], [False, False, False], 100)
     assert [total for total, _ in batch] == [0.75, 0.25, 0.0]
     assert [parts["accuracy"] for _, parts in batch] == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="unknown reward"):
@@ -92,9 +95,13 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
     assert logged(tmp_path, "train/completion/truncation_rate")[0] > 0.5
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
-def test_grpo_with_fsdp(tmp_path, loss_type):
-    result = run_cli(*GRPO_FAST, "trainer.max_steps=2", f"stage.loss_type={loss_type}", "hardware=cpu_fsdp", "logger=csv",
+@pytest.mark.parametrize("settings", [
+    # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint
+    ["stage.loss_type=dapo", "stage.advantage_scale=batch", "stage.beta=0.04"],
+    ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
+])
+def test_grpo_with_fsdp(tmp_path, settings):
+    result = run_cli(*GRPO_FAST, "trainer.max_steps=2", *settings, "hardware=cpu_fsdp", "logger=csv",
                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").exists()
@@ -147,9 +154,9 @@ def test_a_step_whose_rollouts_are_all_truncated_trains_on_nothing_without_crash
 
     from thinkforge.stages.grpo import GRPO
 
-    generate = GRPO._generate
-    monkeypatch.setattr(GRPO, "_generate", lambda self, *args: [
-        [dataclasses.replace(rollout, finished=False) for rollout in group] for group in generate(self, *args)
+    generate = GRPO.generate
+    monkeypatch.setattr(GRPO, "generate", lambda self, *args, **kwargs: [
+        [dataclasses.replace(rollout, finished=False) for rollout in group] for group in generate(self, *args, **kwargs)
     ])
     run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.mask_truncated=true", "stage.dynamic_sampling=false",
                              "stage.loss_type=dapo", output_dir=tmp_path))

@@ -23,6 +23,15 @@ def test_group_advantages_by_hand():
         group_advantages(rewards, 4)
 
 
+def test_batch_scaled_advantages_of_a_rank_share_use_the_global_batch_std():
+    """Two ranks, one group each: each rank's share alone has another std than the whole batch."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 2.0, 2.0, 3.0])
+    whole = group_advantages(rewards, 4, "batch")
+    shares = [group_advantages(share, 4, "batch", batch_std=rewards.std().item()) for share in rewards.chunk(2)]
+    torch.testing.assert_close(torch.cat(shares), whole)
+    assert not torch.allclose(group_advantages(rewards[:4], 4, "batch"), whole[:4]), "the local std would differ"
+
+
 def setup_case():
     # two sequences of up to 3 tokens; the second has one padding token
     logps = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))

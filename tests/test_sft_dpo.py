@@ -11,10 +11,10 @@ import torch
 from conftest import FAST, compose_config, logged, run_cli
 from thinkforge.config import validate
 from thinkforge.data import synthetic
-from thinkforge.data.pairs import build_rollout_pairs
+from thinkforge.data.pairs import pair_rollouts
 from thinkforge.losses import dpo_loss
 from thinkforge.rewards.math import math_accuracy
-from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout import Rollout
 from thinkforge.stages.sft import SFT
 from thinkforge.train import run_stage
 
@@ -99,29 +99,17 @@ def test_rpo_adds_the_chosen_per_token_nll_by_hand():
         dpo_loss(*args, beta=0.1, rpo_alpha=0.5)
 
 
-class ScriptedEngine:
-    """Returns fixed completions, to test the pair builder without a model."""
-
-    def __init__(self, texts):
-        self.texts = texts
-
-    def generate(self, prompts, sampling, *, seed):
-        return [[Rollout(i, text, (1, 2), True) for text in self.texts[i]] for i in range(len(prompts))]
-
-    def update_weights(self):
-        pass
-
-
 def test_rollout_pairs_take_correct_over_incorrect_and_count_the_rest():
     right, wrong = "<think>\nx\n</think>\n\\boxed{7}", "<think>\nx\n</think>\n\\boxed{8}"
-    engine = ScriptedEngine([[wrong, right, wrong], [right, right], [wrong, "no think \\boxed{7}"]])
-    pairs, counts = build_rollout_pairs(
-        engine, ["p0", "p1", "p2"], ["r0", "r1", "r2"], ["7", "7", "7"], SamplingConfig(num_samples=3), math_accuracy,
-        seed=0, source_model="m",
-    )
+    texts = [[wrong, right, wrong], [right, right], [wrong, "no think \\boxed{7}"]]
+    groups = [[Rollout(i, text, (1, 2), finished=j != 2) for j, text in enumerate(group)] for i, group in enumerate(texts)]
+    pairs, counts = pair_rollouts(groups, ["p0", "p1", "p2"], ["7", "7", "7"], math_accuracy, prompt_indices=[4, 6, 8],
+                                  provenance={"source_model": "m"})
     assert counts == {"pairs": 1, "no_incorrect": 1, "no_correct": 1}
     assert pairs[0]["chosen"] == right and pairs[0]["rejected"] == wrong
-    assert pairs[0]["provenance"] | {} == pairs[0]["provenance"] and pairs[0]["provenance"]["chosen_sample"] == 1
+    assert pairs[0]["chosen_finished"] and pairs[0]["rejected_finished"]
+    assert pairs[0]["provenance"] == {"source_model": "m", "prompt_index": 4, "chosen_sample": 1, "rejected_sample": 0,
+                                      "num_correct": 1, "num_samples": 3}
 
 
 @pytest.fixture(scope="module")

@@ -17,26 +17,41 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from thinkforge.config import HardwareConfig, ModelConfig
 from thinkforge.losses import token_logprobs
-from thinkforge.tokenizer import build_synthetic_tokenizer
+from thinkforge.tokenizer import build_synthetic_tokenizer, end_token_ids
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_attn_implementation(requested: str) -> str:
+def resolve_attn_implementation(requested: str, model_class: type[PreTrainedModel] | None = None) -> str:
+    """`auto`: FlashAttention-2 on GPU when installed, else SDPA, else (architectures without SDPA) eager."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+        if model_class is None or getattr(model_class, "_supports_flash_attn", False):
+            return "flash_attention_2"
+    if model_class is None or getattr(model_class, "_supports_sdpa", False):
+        return "sdpa"
+    log.info("attention: %s supports neither FlashAttention-2 nor SDPA; using eager", model_class.__name__)
+    return "eager"
 
 
-def resolve_dtype(requested: str) -> torch.dtype:
-    """`auto` is bf16 on GPU and fp32 on CPU (CPUs here have no fast bf16)."""
+def compute_dtype(requested: str) -> torch.dtype:
+    """The dtype matmuls run in. `auto` is bf16 on GPU and fp32 on CPU (CPUs here have no fast bf16). Training
+    keeps parameters and optimizer state in fp32 whatever this is: bf16 weights would round away small updates."""
     if requested != "auto":
         return TORCH_DTYPES[requested]
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def checkpoint_dtype(model: ModelConfig) -> torch.dtype:
+    """The dtype the starting weights are stored in (fp32 for a model built from a config): exports keep it."""
+    if model.name_or_path is None:
+        return torch.float32
+    config = AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
@@ -49,10 +64,15 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_hf_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    attn = resolve_attn_implementation(model.attn_implementation)
-    dtype = resolve_dtype(model.dtype)
+def load_hf_model(
+    model: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, param_dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """The HF model with its parameters in `param_dtype`: fp32 master weights for training, or by default the
+    compute dtype, for inference only."""
+    dtype = param_dtype or compute_dtype(model.dtype)
     if model.name_or_path is not None:
+        config = AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+        attn = resolve_attn_implementation(model.attn_implementation, _model_class(config))
         hf_model = AutoModelForCausalLM.from_pretrained(
             model.name_or_path,
             dtype=dtype,
@@ -71,6 +91,7 @@ def load_hf_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
             bos_token_id=tokenizer.bos_token_id,
             **fields,
         )
+        attn = resolve_attn_implementation(model.attn_implementation, _model_class(config))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.init_seed)
             hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -83,6 +104,8 @@ def load_hf_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
         raise NotImplementedError("models with final_logit_softcapping are not supported by the chunked LM head yet")
     hf_model.config.use_cache = False
     hf_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # sampling stops at any end token, and the exported generation_config says so to other engines (vLLM)
+    hf_model.generation_config.eos_token_id = end_token_ids(tokenizer, hf_model.generation_config)
     if model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("model: %s, %.2fM parameters, attention=%s, dtype=%s", model.name_or_path or "from config",
@@ -119,6 +142,10 @@ class CausalLM(nn.Module):
             hidden, head.weight, labels, chunk_size=self.logprob_chunk_size, with_entropy=with_entropy, temperature=temperature
         )
 
+    @property
+    def generation_config(self) -> Any:
+        return self.hf.generation_config
+
     def generate(self, **kwargs: Any) -> torch.Tensor:
         return self.hf.generate(**kwargs)
 
@@ -132,11 +159,23 @@ def decoder_layers(model: CausalLM) -> list[nn.Module]:
     return layers
 
 
-def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig) -> CausalLM:
+def _model_class(config: Any) -> type[PreTrainedModel] | None:
+    """The class AutoModelForCausalLM would build for `config`, to ask what attention it supports."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None  # remote code or an unknown architecture: let transformers decide
+
+
+def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig, compute: torch.dtype) -> CausalLM:
     """FSDP2: `fully_shard` each decoder layer, then the root. A no-op without a device mesh (one process).
 
     Order matters (as in torchtitan): activation checkpointing is applied when the model is loaded, before
     sharding; layers are sharded before the root so the root unit only owns embeddings, final norm and LM head.
+    The shards stay fp32 (parameters and optimizer state); FSDP casts each all-gathered layer to the compute
+    dtype and reduces gradients in fp32.
     """
     if mesh is None:
         return model
@@ -144,8 +183,8 @@ def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig) -> CausalL
 
     data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
     policy = MixedPrecisionPolicy()
-    if hardware.mixed_precision is not None:
-        policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[hardware.mixed_precision], reduce_dtype=torch.float32)
+    if compute != torch.float32:
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=data_parallel, mp_policy=policy, reshard_after_forward=hardware.reshard_after_forward)
     fully_shard(model, mesh=data_parallel, mp_policy=policy)

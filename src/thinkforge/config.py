@@ -28,7 +28,7 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 CANONICAL_FIELDS = ("text", "prompt", "completion", "messages", "answer", "chosen", "rejected")
 
 
@@ -41,6 +41,8 @@ class ModelConfig:
     # Tokenizer id or directory; null means: the model's own, or the built-in synthetic-task tokenizer.
     tokenizer: Optional[str] = None
     attn_implementation: str = "auto"
+    # The compute dtype: auto is bfloat16 on GPU, float32 on CPU. Parameters and optimizer state are fp32 in any
+    # case (bf16 weights round small updates away); fp16 is not offered, as it needs loss scaling.
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -162,16 +164,11 @@ class HardwareConfig:
     # "single" (one process) or "fsdp" (FSDP2 fully_shard over all processes).
     strategy: str = "single"
     process_group_backend: Optional[str] = None
-    # Lightning precision for single-process runs; FSDP runs cast through `mixed_precision` instead.
-    precision: str = "32-true"
-    mixed_precision: Optional[str] = None
     reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
         _one_of(self.accelerator, ("cpu", "gpu", "cuda", "auto"), "hardware.accelerator")
         _one_of(self.strategy, ("single", "fsdp"), "hardware.strategy")
-        if self.mixed_precision is not None:
-            _one_of(self.mixed_precision, ("bfloat16", "float16"), "hardware.mixed_precision")
         _require(self.devices > 0 and self.num_nodes > 0, "hardware", "devices and num_nodes must be positive")
         _require(
             self.strategy == "fsdp" or (self.devices == 1 and self.num_nodes == 1),

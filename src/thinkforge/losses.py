@@ -115,10 +115,13 @@ def dpo_loss(
     return losses.mean(), metrics
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std: float | None = None
+) -> torch.Tensor:
     """A_i = r_i − mean of its group, divided by the group's std (`group`), the batch's std (`batch`) or 1 (`none`).
 
     Groups are contiguous blocks of `group_size` rewards; std is the unbiased estimate, as in DeepSeek-R1's GRPO.
+    With several ranks, `batch_std` passes the whole global batch's std: each rank holds only its share.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -127,7 +130,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     elif scale != "none":
         raise ValueError(f"scale must be group, batch or none; got {scale!r}")
     return centred.reshape(-1)

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from thinkforge.backbone import load_tokenizer
+from thinkforge.backbone import compute_dtype, load_tokenizer
 from thinkforge.config import ConfigError, TrainConfig, validate
 from thinkforge.curves import stage_curves
 from thinkforge.stages.base import Stage
@@ -64,6 +65,14 @@ def build_strategy(run: TrainConfig) -> Any:
     )
 
 
+def lightning_precision(run: TrainConfig) -> str:
+    """One device: Lightning autocasts to the compute dtype over fp32 weights. FSDP: the weights' shards stay
+    fp32 and `parallelize`'s mixed-precision policy casts, so Lightning must not cast a second time."""
+    if run.hardware.strategy == "single" and compute_dtype(run.model.dtype) == torch.bfloat16:
+        return "bf16-mixed"
+    return "32-true"
+
+
 def _instantiate_group(group: Any) -> list[Any]:
     """A config group of named `_target_` entries (loggers, callbacks) -> objects; null entries are switched off."""
     if not group:
@@ -88,7 +97,7 @@ def build_trainer(run: TrainConfig) -> L.Trainer:
         devices=run.hardware.devices,
         num_nodes=run.hardware.num_nodes,
         strategy=build_strategy(run),
-        precision=run.hardware.precision,
+        precision=lightning_precision(run),
         max_steps=run.trainer.max_steps,
         val_check_interval=run.trainer.val_every if has_val else None,
         check_val_every_n_epoch=None,

@@ -173,13 +173,15 @@ def cmd_rejection_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_rollout_pairs(args: argparse.Namespace) -> None:
-    from thinkforge.data.pairs import build_rollout_pairs
+    from thinkforge.data.pairs import pair_rollouts
 
     rows = read_rows(args.input)
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
     engine, render = load_engine(args)
-    pairs, counts = build_rollout_pairs(engine, problems, [render(p) for p in problems], golds, sampling_of(args),
-                                        math_accuracy, seed=args.seed, source_model=args.model)
+    sampling = sampling_of(args)
+    groups = engine.generate([render(p) for p in problems], sampling, seed=args.seed)
+    provenance = {"source_model": args.model, "temperature": sampling.temperature, "seed": args.seed}
+    pairs, counts = pair_rollouts(groups, problems, golds, math_accuracy, provenance=provenance)
     write_rows(args.out, pairs)
     print(f"[rollout-pairs] {len(rows)} prompts: {len(pairs)} pairs (chosen verified correct, rejected incorrect) -> {args.out}")
     print(f"[rollout-pairs]   no pair: {counts['no_correct']} prompts had no correct sample, "

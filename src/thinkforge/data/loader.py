@@ -76,7 +76,9 @@ class EvalBatches(IterableDataset):
 
 
 class StageDataModule(L.LightningDataModule):
-    """Builds a stage's items on every rank in `setup`, then serves them step-indexed."""
+    """A stage's items on every rank, served step-indexed. Built in `setup`, so bad data stops the run before
+    the model loads, unless `defer`: items sampled from the model itself (rollout DPO pairs) are built at their
+    first use, once the model sits sharded on its device."""
 
     def __init__(
         self,
@@ -87,17 +89,31 @@ class StageDataModule(L.LightningDataModule):
         micro_batch_size: int,
         seed: int,
         has_val: bool,
+        defer: bool = False,
     ) -> None:
         super().__init__()
         self.build_items, self.collate = build_items, collate
         self.batch_size, self.micro_batch_size, self.seed, self.has_val = batch_size, micro_batch_size, seed, has_val
-        self.train_items: Sequence[Any] = ()
-        self.val_items: Sequence[Any] = ()
+        self.defer = defer
+        self._items: dict[str, Sequence[Any]] = {}
+
+    def items(self, split: str) -> Sequence[Any]:
+        if split not in self._items:
+            self._items[split] = self.build_items(split) if split == "train" or self.has_val else ()
+        return self._items[split]
+
+    @property
+    def train_items(self) -> Sequence[Any]:
+        return self.items("train")
+
+    @property
+    def val_items(self) -> Sequence[Any]:
+        return self.items("val")
 
     def setup(self, stage: str) -> None:
-        if not self.train_items:
-            self.train_items = self.build_items("train")
-            self.val_items = self.build_items("val") if self.has_val else ()
+        if not self.defer:
+            self.items("train")
+            self.items("val")
 
     def train_dataloader(self) -> DataLoader:
         batches = StepBatches(

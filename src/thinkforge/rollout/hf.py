@@ -9,6 +9,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from thinkforge.rollout.base import Rollout, SamplingConfig
+from thinkforge.tokenizer import end_token_ids
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -47,15 +48,19 @@ class SampledLogprobs(LogitsProcessor):
 
 class HFEngine:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False) -> None:
-        """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock."""
+        """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
+
+        A row ends at any of the model's end tokens (`end_token_ids`): the chat turn's end, the tokenizer's EOS
+        and the generation config's own list. The same set decides `finished`."""
         self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     def update_weights(self) -> None:
         """Nothing to do: generation runs on the live policy weights."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
-        tokenizer, eos_id = self.tokenizer, self.tokenizer.eos_token_id
+        tokenizer = self.tokenizer
         jobs = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(sampling.num_samples)]
         rollouts: list[list[Rollout]] = [[] for _ in prompts]
         device = next(self.model.parameters()).device
@@ -77,7 +82,7 @@ class HFEngine:
                         temperature=sampling.temperature if sampled else None,
                         top_p=sampling.top_p if sampled else None,
                         top_k=0 if sampled else None,
-                        eos_token_id=eos_id,
+                        eos_token_id=self.end_ids,
                         pad_token_id=tokenizer.pad_token_id,
                         use_cache=True,
                         synced_gpus=self.synced,
@@ -94,12 +99,13 @@ class HFEngine:
         return rollouts
 
     def _rollout(self, index: int, row: list[int], logprobs: list[float], stop_strings: Sequence[str]) -> Rollout:
-        """Cuts a generated row after EOS, or after the first stop string (HF may stop a row later than that when
-        the string straddles tokens; the rest is padding). The cut is the shortest prefix whose text holds a stop
-        string, found by bisection: a few decodes per row, not one per token."""
-        tokenizer, eos_id = self.tokenizer, self.tokenizer.eos_token_id
-        finished = eos_id in row
-        tokens = row[: row.index(eos_id) + 1] if finished else row
+        """Cuts a generated row after its first end token, or after the first stop string (HF may stop a row later
+        than that when the string straddles tokens; the rest is padding). The cut is the shortest prefix whose text
+        holds a stop string, found by bisection: a few decodes per row, not one per token."""
+        tokenizer = self.tokenizer
+        end = next((position for position, token in enumerate(row) if token in self.end_ids), None)
+        finished = end is not None
+        tokens = row[: end + 1] if finished else row
         text = tokenizer.decode(tokens, skip_special_tokens=False)
         if any(s in text for s in stop_strings):
             low, high = 1, len(tokens)
@@ -111,4 +117,6 @@ class HFEngine:
             text = tokenizer.decode(tokens, skip_special_tokens=False)
             stop = min((s for s in stop_strings if s in text), key=text.index)
             return Rollout(index, text, tuple(tokens), False, stop, tuple(logprobs[:low]))
-        return Rollout(index, text.removesuffix(tokenizer.eos_token), tuple(tokens), finished, None, tuple(logprobs[: len(tokens)]))
+        # the text is the reply without its end token; token_ids keep it, as the trainer scores it
+        text = tokenizer.decode(tokens[:-1], skip_special_tokens=False) if finished else text
+        return Rollout(index, text, tuple(tokens), finished, None, tuple(logprobs[: len(tokens)]))

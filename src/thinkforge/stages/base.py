@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
-from thinkforge.backbone import CausalLM, load_hf_model, parallelize
+from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_hf_model, parallelize
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.records import load_records
@@ -49,12 +49,17 @@ class Stage(L.LightningModule):
     loss_unit = "tokens"
     #: whether a step whose global batch has no loss unit is a zero-loss step rather than an error
     allows_empty_steps = False
+    #: whether `build_items` samples the model (and so waits until it is on its device) instead of reading data
+    items_need_model = False
 
     def __init__(self, run: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
         self.run, self.tokenizer = run, tokenizer
         self.automatic_optimization = False
         self.policy: CausalLM | None = None
+        # the frozen reference lives outside the module tree (a dict is not registered), so checkpoints hold no
+        # copy of it: it is the starting checkpoint, which a resumed run loads again
+        self._frozen: dict[str, CausalLM] = {}
         self.export_dir = Path(run.output_dir) / "export"
         self._val_sums: defaultdict[str, float] = defaultdict(float)
         self.heldout_metrics: dict[str, float] = {}
@@ -96,6 +101,7 @@ class Stage(L.LightningModule):
             micro_batch_size=self.run.data.micro_batch_size,
             seed=self.run.data.seed,
             has_val=self.has_val(),
+            defer=self.items_need_model,
         )
 
     def configure_model(self) -> None:
@@ -108,10 +114,25 @@ class Stage(L.LightningModule):
 
     def load_backbone(self, *, frozen: bool = False) -> CausalLM:
         """The starting checkpoint, sharded like every other copy; `frozen` for reference models."""
-        model = CausalLM(load_hf_model(self.run.model, self.tokenizer), self.run.model.logprob_chunk_size)
+        hf_model = load_hf_model(self.run.model, self.tokenizer, param_dtype=torch.float32)
+        model = CausalLM(hf_model, self.run.model.logprob_chunk_size)
         if frozen:
             model.requires_grad_(False).eval()
-        return parallelize(model, self.data_parallel_mesh(), self.run.hardware)
+        return parallelize(model, self.data_parallel_mesh(), self.run.hardware, compute_dtype(self.run.model.dtype))
+
+    @property
+    def reference(self) -> CausalLM | None:
+        return self._frozen.get("reference")
+
+    def load_reference(self) -> None:
+        """The frozen starting checkpoint (DPO's reference, GRPO's KL anchor), on the policy's device."""
+        if "reference" not in self._frozen:
+            self._frozen["reference"] = self.load_backbone(frozen=True).to(self.trainer.strategy.root_device)
+
+    def compute_context(self) -> Any:
+        """The compute dtype outside Lightning's own step hooks (generation, precomputed reference log-probs):
+        bf16 autocast on one device; a no-op under FSDP, whose mixed-precision policy casts instead."""
+        return self.trainer.precision_plugin.forward_context()
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
@@ -141,6 +162,20 @@ class Stage(L.LightningModule):
         if self.trainer.world_size == 1:
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def rank_share(self, count: int) -> list[int]:
+        """This rank's share of `count` items: every world_size-th, trimmed so all ranks get as many (each rank
+        must make the same number of sharded generate calls)."""
+        world = self.trainer.world_size
+        return list(range(self.trainer.global_rank, count - count % world, world))
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.trainer.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         if hasattr(self.policy, "set_requires_gradient_sync"):
@@ -253,8 +288,11 @@ class Stage(L.LightningModule):
     def render_prompt(self, prompt: str) -> str:
         return self.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
-    def rollout_engine(self) -> HFEngine:
-        return HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
+        """This rank's prompts sampled from the live policy; under FSDP every rank must call it together."""
+        engine = HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
+        with self.compute_context():
+            return engine.generate(prompts, sampling, seed=seed)
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         prompts, golds = self.heldout_prompts()
@@ -274,11 +312,10 @@ class Stage(L.LightningModule):
     def _generate_share(
         self, prompts: list[str], golds: list[str], sampling: SamplingConfig, *, seed: int
     ) -> tuple[list[list[Rollout]], list[str]]:
-        """This rank's share of the prompts (every world_size-th, trimmed so all ranks get as many), sampled."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        usable = len(prompts) - len(prompts) % world
-        groups = self.rollout_engine().generate(prompts[rank:usable:world], sampling, seed=seed + rank)
-        return groups, golds[rank:usable:world]
+        """This rank's share of the prompts, sampled, and their gold answers."""
+        share = self.rank_share(len(prompts))
+        groups = self.generate([prompts[i] for i in share], sampling, seed=seed + self.trainer.global_rank)
+        return groups, [golds[i] for i in share]
 
     def _heldout_pass_at_k(self, prompts: list[str], golds: list[str]) -> dict[str, float]:
         """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
@@ -299,7 +336,8 @@ class Stage(L.LightningModule):
         if self.trainer.is_global_zero:
             # Gathered copies no longer share storage, so HF cannot see tied weights: drop their targets ourselves.
             tied = set(getattr(self.policy.hf, "all_tied_weights_keys", None) or ())
-            state = {key: tensor for name, tensor in state.items() if (key := name.removeprefix("hf.")) not in tied}
+            dtype = checkpoint_dtype(self.run.model)  # a bf16 model stays bf16 on disk; the fp32 masters are for training
+            state = {key: tensor.to(dtype) for name, tensor in state.items() if (key := name.removeprefix("hf.")) not in tied}
             self.policy.hf.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
             log.info("exported HF checkpoint to %s", directory)

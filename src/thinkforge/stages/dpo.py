@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from thinkforge.backbone import CausalLM, load_hf_model
+from thinkforge.backbone import CausalLM
 from thinkforge.config import ConfigError
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
-from thinkforge.data.pairs import build_rollout_pairs
+from thinkforge.data.pairs import pair_rollouts
 from thinkforge.data.records import load_records
 from thinkforge.losses import dpo_loss
 from thinkforge.rewards.math import math_accuracy
-from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.rollout import SamplingConfig
 from thinkforge.stages.base import Batch, Stage
+from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class DPO(Stage):
         self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
         self.precompute_ref_logps, self.pairs = precompute_ref_logps, pairs
         self.rollout = SamplingConfig(**(rollout or {}))
-        self.reference: CausalLM | None = None
+        self.items_need_model = pairs == "rollout"
+        self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -69,39 +72,47 @@ class DPO(Stage):
         source, data_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
         if self.pairs == "file":
             return load_records(source, data_split, data, required=("prompt", "chosen", "rejected")).rows
-        records = load_records(source, data_split, data, required=("prompt", "answer")).rows
-        if split == "val":
-            records = records[: data.max_val_rows]
-        pairs = self.trainer.strategy.broadcast(self._rollout_pairs(records, split) if self.trainer.is_global_zero else None)
-        return pairs
-
-    def _rollout_pairs(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-        """Samples the starting checkpoint (the reference) on rank 0; every rank receives the same pairs."""
-        model = load_hf_model(self.run.model, self.tokenizer)
-        engine = HFEngine(model, self.tokenizer, batch_size=self.run.heldout.batch_size)
-        pairs, counts = build_rollout_pairs(
-            engine,
-            [r["prompt"] for r in records],
-            [self.render_prompt(r["prompt"]) for r in records],
-            [r["answer"] for r in records],
-            self.rollout,
-            math_accuracy,
-            seed=self.run.seed,
-            source_model=self.run.model.name_or_path or "model.config",
-        )
-        log.info("rollout pairs (%s): %d prompts -> %s", split, len(records), dict(counts))
         path = Path(self.run.output_dir) / f"rollout_pairs_{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        if path.exists():
+            pairs = [json.loads(line) for line in path.read_text().splitlines()]
+            log.info("rollout pairs (%s): %d read back from %s", split, len(pairs), path)
+            return pairs
+        if self.global_step > 0:
+            raise RuntimeError(f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again")
+        records = load_records(source, data_split, data, required=("prompt", "answer")).rows
+        return self._rollout_pairs(records[: data.max_val_rows] if split == "val" else records, path)
+
+    def _rollout_pairs(self, records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+        """Every rank samples its share of the prompts with the (sharded) policy, still the starting checkpoint;
+        rank 0 writes all pairs to the run directory, where a resumed run reads them back."""
+        share = self.rank_share(len(records))
+        rank = self.trainer.global_rank
+        groups = self.generate([self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank)
+        provenance = {"source_model": self.run.model.name_or_path or "model.config", "temperature": self.rollout.temperature,
+                      "seed": self.run.seed + rank, "rank": rank}
+        pairs, counts = pair_rollouts(
+            groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], math_accuracy,
+            prompt_indices=share, provenance=provenance,
+        )
+        gathered = self.gather_objects((pairs, counts))
+        pairs = sorted((pair for rank_pairs, _ in gathered for pair in rank_pairs), key=lambda pair: pair["provenance"]["prompt_index"])
+        counts = sum((rank_counts for _, rank_counts in gathered), Counter())
         if not pairs:
-            raise RuntimeError(f"no {split} prompt had both a correct and an incorrect rollout ({dict(counts)})")
+            raise RuntimeError(f"{path.stem}: no prompt had both a correct and an incorrect rollout ({dict(counts)})")
+        if self.trainer.is_global_zero:
+            log.info("%s: %d prompts sampled on %d ranks -> %s", path.name, len(share) * len(gathered), len(gathered), dict(counts))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            partial.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+            partial.replace(path)  # whole or absent: a run killed while writing samples again on restart
+        self.trainer.strategy.barrier("rollout pairs")
         return pairs
 
     def build_items(self, split: str) -> Sequence[Pair]:
         items, dropped = [], 0
         for record in self.pair_records(split):
             prompt_ids = self.tokenizer(self.render_prompt(record["prompt"]), add_special_tokens=False)["input_ids"]
-            sides = [self._completion(prompt_ids, record[side]) for side in ("chosen", "rejected")]
+            sides = [self._completion(prompt_ids, record[side], record.get(f"{side}_finished", True)) for side in ("chosen", "rejected")]
             if any(side is None for side in sides):
                 dropped += 1
                 continue
@@ -109,8 +120,9 @@ class DPO(Stage):
         log.info("%s: %d pairs%s", split, len(items), f", {dropped} over data.max_length dropped" if dropped else "")
         return items
 
-    def _completion(self, prompt_ids: list[int], completion: str) -> TokenSequence | None:
-        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+    def _completion(self, prompt_ids: list[int], completion: str, finished: bool) -> TokenSequence | None:
+        """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at."""
+        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + ([self.turn_end_id] if finished else [])
         ids = prompt_ids + completion_ids
         if len(ids) > self.run.data.max_length:
             if self.run.data.overflow == "drop" or len(prompt_ids) >= self.run.data.max_length:
@@ -131,16 +143,19 @@ class DPO(Stage):
     # ---- reference --------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
-        if self.reference is None and not self.precompute_ref_logps:
-            self.reference = self.load_backbone(frozen=True)
+        if not self.precompute_ref_logps:
+            self.load_reference()
 
     def on_fit_start(self) -> None:
-        """Precomputed once per fit from the starting checkpoint, so a resumed run gets the very same values."""
+        """Rollout pairs are sampled here, where the policy is on its device and still the starting checkpoint
+        (both splits: validation comes later, from a trained policy). Reference log-probs are precomputed once
+        per fit from the starting checkpoint, so a resumed run gets the very same values."""
+        datamodule = self.trainer.datamodule
+        train_items, val_items = datamodule.train_items, datamodule.val_items
         if self.precompute_ref_logps and not self.ref_logps:
-            datamodule = self.trainer.datamodule
-            self.ref_logps = {"train": self._precompute(datamodule.train_items)}
-            if datamodule.val_items:
-                self.ref_logps["val"] = self._precompute(datamodule.val_items)
+            self.ref_logps = {"train": self._precompute(train_items)}
+            if val_items:
+                self.ref_logps["val"] = self._precompute(val_items)
 
     @torch.no_grad()
     def _precompute(self, items: Sequence[Pair]) -> torch.Tensor:
@@ -150,9 +165,10 @@ class DPO(Stage):
         per_rank = -(-len(items) // world)
         share = [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores = []
-        for start in range(0, len(share), micro):
-            batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
-            scores.append(self._sequence_logps(reference, batch).view(2, -1).T)
+        with self.compute_context():
+            for start in range(0, len(share), micro):
+                batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
+                scores.append(self._sequence_logps(reference, batch).view(2, -1).T)
         gathered = self.trainer.strategy.all_gather(torch.cat(scores))
         del reference
         return gathered.reshape(-1, 2)[: len(items)].cpu()

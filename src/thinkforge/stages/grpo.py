@@ -15,7 +15,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from thinkforge.backbone import CausalLM
 from thinkforge.config import ConfigError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import TokenSequence, collate_rows
@@ -103,7 +102,6 @@ class GRPO(Stage):
         self.advantage_scale, self.epsilon_low, self.epsilon_high, self.beta = advantage_scale, epsilon_low, epsilon_high, beta
         self.max_completion_length, self.temperature, self.top_p = max_completion_length, temperature, top_p
         self.mask_truncated, self.dynamic_sampling, self.max_refills = mask_truncated, dynamic_sampling, max_refills
-        self.reference: CausalLM | None = None
 
     # ---- data -------------------------------------------------------------------------------------------------
     def has_val(self) -> bool:
@@ -135,8 +133,8 @@ class GRPO(Stage):
     # ---- model ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
-        if self.beta > 0 and self.reference is None:
-            self.reference = self.load_backbone(frozen=True)
+        if self.beta > 0:
+            self.load_reference()
 
     def on_train_start(self) -> None:
         if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
@@ -168,13 +166,12 @@ class GRPO(Stage):
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
 
-    def _generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[list[Rollout]]:
-        return self.rollout_engine().generate([p.text for p in prompts], sampling, seed=seed)
-
-    def _score(self, prompts: Sequence[Prompt], rollouts: list[list[Rollout]]) -> list[Group]:
+    def _sample_and_score(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[Group]:
+        rollouts = self.generate([p.text for p in prompts], sampling, seed=seed)
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
-            [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat], [not r.finished for _, r in flat]
+            [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat],
+            [not r.finished for _, r in flat], sampling.max_new_tokens,
         )
         groups = []
         for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
@@ -191,7 +188,7 @@ class GRPO(Stage):
         the kept groups' reward sits near the middle whatever the policy does (`reward/kept_mean`).
         """
         seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
-        first_round = self._score(prompts, self._generate(prompts, sampling, seed))
+        first_round = self._sample_and_score(prompts, sampling, seed)
         if not self.dynamic_sampling:
             return first_round, self._rollout_stats(first_round, dropped=0)
         keep = [g for g in first_round if g.has_signal]
@@ -203,7 +200,7 @@ class GRPO(Stage):
                 break
             extra = refills.rank_batch(self.batches_consumed() * self.max_refills + refill)[0]
             # a prompt already in this step is still generated (every rank must join each round) but not kept twice
-            more = [g for g in self._score(extra, self._generate(extra, sampling, seed + 7 * (refill + 1))) if g.prompt.index not in used]
+            more = [g for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1)) if g.prompt.index not in used]
             used |= {g.prompt.index for g in more}
             keep += [g for g in more if g.has_signal]
             spare += [g for g in more if not g.has_signal]
@@ -254,7 +251,7 @@ class GRPO(Stage):
         """Micro-batches of (prompt + completion) sequences with their advantages, the sampler's log-probs, and
         old and reference log-probs, all at the sampling temperature of this step."""
         rewards = torch.cat([g.rewards for g in groups])
-        advantages = group_advantages(rewards, self.group_size, self.advantage_scale)
+        advantages = group_advantages(rewards, self.group_size, self.advantage_scale, batch_std=self.global_std(rewards) if self.advantage_scale == "batch" else None)
         rollouts = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
         per_micro = self.run.data.micro_batch_size * self.group_size
         batches = []
@@ -279,6 +276,11 @@ class GRPO(Stage):
                         )
             batches.append(batch)
         return batches
+
+    def global_std(self, values: torch.Tensor) -> float:
+        """The unbiased std of `values` over all ranks together."""
+        total, squares, count = self.global_sum(torch.stack([values.sum(), (values**2).sum(), torch.tensor(float(values.numel()))]).double()).tolist()
+        return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
 
     @staticmethod
     def _sampler_logps(chunk: Sequence[tuple[Prompt, Rollout]], shape: torch.Size) -> torch.Tensor:

@@ -9,6 +9,7 @@ from thinkforge.config import ConfigError
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_records
 from thinkforge.stages.causal import CausalLMStage
+from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ class SFT(CausalLMStage):
         if run.data.overflow == "split":
             raise ConfigError("data.overflow: SFT conversations can be truncated or dropped, not split")
         self.format = format
+        # the token the template closes a reply with, which generation also stops at (not always the EOS)
+        self.turn_end = turn_end_token(tokenizer)
 
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         data = self.run.data
@@ -39,7 +42,7 @@ class SFT(CausalLMStage):
         return [self.assistant_only(messages) for messages in self.conversations(split)]
 
     def assistant_only(self, messages: list[dict[str, Any]]) -> TokenSequence:
-        """Tokens of the rendered conversation; targets are each assistant reply up to and including its EOS.
+        """Tokens of the rendered conversation; targets are each assistant reply up to and including its end token.
 
         The reply's characters are found by rendering the conversation up to it with the generation prompt and
         up to its end: this works for any chat template that renders a conversation's prefixes as its prefix.
@@ -48,7 +51,6 @@ class SFT(CausalLMStage):
             messages = [{"role": "system", "content": self.run.data.system_prompt}, *messages]
         template = self.tokenizer.apply_chat_template
         text = template(messages, tokenize=False)
-        eos = self.tokenizer.eos_token
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -57,8 +59,8 @@ class SFT(CausalLMStage):
             upto = template(messages[: index + 1], tokenize=False)
             if not text.startswith(upto) or len(upto) < start:
                 raise ValueError("the chat template does not render conversation prefixes as prefixes; cannot mask")
-            eos_at = upto.find(eos, start)
-            spans.append((start, eos_at + len(eos) if eos_at >= 0 else len(upto)))
+            end_at = upto.find(self.turn_end, start)
+            spans.append((start, end_at + len(self.turn_end) if end_at >= 0 else len(upto)))
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         mask = [any(lo <= begin < hi for lo, hi in spans) for begin, _ in encoded["offset_mapping"]]
         return TokenSequence.causal(encoded["input_ids"], mask)
