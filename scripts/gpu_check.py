@@ -60,26 +60,27 @@ def check_packing(device: str, dtype: torch.dtype) -> tuple[bool, str]:
     config = {"model_type": "qwen2", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}
     model = CausalLM(load_hf_model(ModelConfig(config=config), tokenizer, param_dtype=torch.float32)).to(device)
+    attention = model.hf.config._attn_implementation
     problems = synthetic.generate("train", 3, seed=1)
     documents = [TokenSequence.causal(tokenizer.encode(p.prompt + p.completion)) for p in problems]
-    batch = {k: v.to(device) for k, v in collate_rows([documents], tokenizer.pad_token_id, row_length=sum(map(len, documents))).items()}
+
+    def collate(row: list[TokenSequence]) -> dict[str, torch.Tensor]:
+        batch = collate_rows([row], tokenizer.pad_token_id, row_length=sum(map(len, row)), flatten=attention == "flash_attention_2")
+        return {k: v.to(device) for k, v in batch.items()}
+
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        batch = collate(documents)
         packed, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
         alone = []
         for document in documents:
-            single = {k: v.to(device) for k, v in collate_rows([[document]], tokenizer.pad_token_id, row_length=len(document)).items()}
+            single = collate([document])
             alone.append(model(single["input_ids"], single["labels"], position_ids=single["position_ids"])[0][0])
     gap = (packed[0] - torch.cat(alone)).abs().max().item()
-    attention = model.hf.config._attn_implementation
     return gap < 0.05, f"max |log p| gap {gap:.2e} over {sum(map(len, documents))} tokens ({attention}, {dtype})"
 
 
 def pairs_file(path: Path) -> Path:
-    rows = []
-    for problem in synthetic.generate("train", 64, seed=5):
-        wrong = problem.completion.replace("\\boxed{" + problem.answer + "}", "\\boxed{" + str(int(problem.answer) + 1) + "}")
-        rows.append({"prompt": problem.prompt, "chosen": problem.completion, "rejected": wrong})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic.wrong_answer_pairs(64, seed=5)))
     return path
 
 
@@ -91,7 +92,7 @@ def main() -> None:
         sys.exit("no CUDA device: run on a GPU machine, or pass --cpu to test the script")
     device = "cpu" if args.cpu else "cuda"
     gpus = 2 if args.cpu else torch.cuda.device_count()
-    one, many = ("hardware=cpu", "hardware=cpu_fsdp") if args.cpu else ("hardware=gpu", f"hardware=fsdp")
+    one, many = ("hardware=cpu", "hardware=cpu_fsdp") if args.cpu else ("hardware=gpu", "hardware=fsdp")
     many_devices = [] if args.cpu else [f"hardware.devices={gpus}"]
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} x{gpus}, torch {torch.__version__}")
     results: list[tuple[str, bool, str, float]] = []

@@ -116,11 +116,7 @@ def test_rollout_pairs_take_correct_over_incorrect_and_count_the_rest():
 def pairs_file(tmp_path_factory):
     """Verified pairs from the synthetic task: the right trace vs the same trace with a wrong final answer."""
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    rows = []
-    for problem in synthetic.generate("train", 64, seed=5):
-        wrong = problem.completion.replace("\\boxed{" + problem.answer + "}", "\\boxed{" + str(int(problem.answer) + 1) + "}")
-        rows.append({"prompt": problem.prompt, "chosen": problem.completion, "rejected": wrong})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic.wrong_answer_pairs(64, seed=5)))
     return path
 
 

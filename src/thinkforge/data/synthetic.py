@@ -134,3 +134,13 @@ def generate(
         seen.add(problem.prompt)
         problems.append(problem)
     return problems
+
+
+def wrong_answer_pairs(count: int, *, seed: int = 0) -> list[dict[str, str]]:
+    """Preference rows of known quality: a problem's right trace as chosen, the same trace with its boxed answer
+    off by one as rejected. For DPO checks that need no model to build pairs."""
+    rows = []
+    for problem in generate("train", count, seed=seed):
+        wrong = problem.completion.replace("\\boxed{" + problem.answer + "}", "\\boxed{" + str(int(problem.answer) + 1) + "}")
+        rows.append({"prompt": problem.prompt, "chosen": problem.completion, "rejected": wrong})
+    return rows
