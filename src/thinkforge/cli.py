@@ -1,4 +1,4 @@
-"""Console entry points: thin Hydra mains over `thinkforge.train`, `thinkforge.pipeline` and `thinkforge.eval`."""
+"""Console entry points: thin Hydra mains over `thinkforge.train`, `.pipeline`, `.doctor` and `.eval`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ PER_STAGE_OVERRIDE = re.compile(r"^stages\.[^.=]+\.[^=]+=")
 def pipeline_main() -> None:
     sys.argv = [sys.argv[0]] + [f"++{arg}" if PER_STAGE_OVERRIDE.match(arg) else arg for arg in sys.argv[1:]]
     _pipeline_hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="doctor")
+def doctor_main(cfg: DictConfig) -> None:
+    from thinkforge.doctor import format_findings, run_doctor
+
+    findings = run_doctor(cfg)
+    print(format_findings(findings))
+    if any(finding.status == "fail" for finding in findings):
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")

@@ -251,6 +251,8 @@ class PipelineConfig:
     output_dir: str = MISSING
     # Compose and validate every stage, print the plan, and stop.
     dry_run: bool = False
+    # Run thinkforge-doctor's checks on every stage instead of training.
+    doctor: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.stages), "stages", "a recipe needs at least one stage")

@@ -157,11 +157,35 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def doctor_stages(pipeline: DictConfig, stages: list[PlannedStage]) -> bool:
+    """`thinkforge-doctor` on every stage's config. A stage that starts from an earlier stage's export (not there
+    yet) is checked with the recipe's own model standing in. True when no check failed."""
+    from thinkforge.doctor import format_findings, run_doctor
+
+    healthy = True
+    for stage in stages:
+        cfg = stage.config.copy()
+        stand_in = cfg.model.name_or_path is not None and Path(cfg.model.name_or_path).resolve().is_relative_to(stage.directory.parent)
+        with open_dict(cfg):
+            if stand_in:
+                cfg.model = OmegaConf.merge(cfg.model, OmegaConf.to_container(pipeline.model, resolve=True))
+            cfg.output_dir = str(Path(pipeline.output_dir) / "doctor" / stage.name)
+        findings = run_doctor(cfg, stand_in=stand_in)
+        healthy &= not any(finding.status == "fail" for finding in findings)
+        model = "the recipe's model standing in for the previous export" if stand_in else "its own starting model"
+        print(f"\n[doctor] stage {stage.name} ({model}):\n{format_findings(findings)}", flush=True)
+    return healthy
+
+
 def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     stages = plan(pipeline)
     if pipeline.dry_run:
         for stage in stages:
             print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
+        return []
+    if pipeline.doctor:
+        if not doctor_stages(pipeline, stages):
+            sys.exit(1)
         return []
     records = [run_one(stage) for stage in stages]
     table = format_table(records)

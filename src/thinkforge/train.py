@@ -6,7 +6,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -80,7 +80,7 @@ def _instantiate_group(group: Any) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def build_trainer(run: TrainConfig) -> L.Trainer:
+def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=Path(run.output_dir) / "checkpoints",
@@ -90,6 +90,7 @@ def build_trainer(run: TrainConfig) -> L.Trainer:
         ),
         RichProgressBar(),
         *_instantiate_group(run.callbacks),
+        *extra_callbacks,
     ]
     has_val = run.data.val is not None
     return L.Trainer(
@@ -126,14 +127,15 @@ def resume_checkpoint(run: TrainConfig) -> str | None:
     return str(newest)
 
 
-def run_stage(cfg: DictConfig) -> RunResult | None:
+def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult | None:
+    """Trains one stage; `callbacks` join the configured ones (the doctor times and interrupts runs with them)."""
     run = validate(cfg)
     if run.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
     L.seed_everything(run.seed, workers=True, verbose=False)
     stage = build_stage(run)
-    trainer = build_trainer(run)
+    trainer = build_trainer(run, callbacks)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=resume_checkpoint(run))

@@ -1,0 +1,433 @@
+"""`thinkforge-doctor`: the silent failures of RL and SFT trainers, checked on the user's own config in minutes.
+
+Each check is a function the test suite also calls, on the same stage code the run will use:
+template and loss mask, split invariance of the loss and gradient, sampler-vs-trainer log-probs, the grader on
+the user's gold answers, resume equivalence, and a budget estimate. Short training runs go through `run_stage`
+itself, a few steps each, in the doctor's own directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from thinkforge.backbone import CausalLM, load_hf_model
+from thinkforge.config import TrainConfig, validate
+from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, fit_to_length, pack
+from thinkforge.losses import causal_lm_loss_sum
+from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
+from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.stages.base import Stage
+from thinkforge.stages.causal import CausalLMStage
+from thinkforge.stages.dpo import DPO
+from thinkforge.stages.grpo import GRPO, scheduled
+from thinkforge.stages.sft import SFT
+from thinkforge.tokenizer import turn_end_token
+from thinkforge.train import build_stage, run_stage
+
+SPLIT_TOLERANCE = 1e-5
+LOGPROB_WARN, LOGPROB_FAIL = 1e-2, 1e-1
+Verifier = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+@dataclass
+class Finding:
+    check: str
+    status: str  # pass | warn | fail | skip
+    measured: str
+    advice: str = ""
+
+
+# ---- 1. template and loss mask ---------------------------------------------------------------------------------
+def marked(tokenizer: Any, sequence: TokenSequence, limit: int = 160) -> str:
+    """The sequence's text with every run of tokens that carry loss inside [brackets], cut to its last `limit`
+    characters. Runs are decoded whole, so a character split across byte-level tokens stays whole."""
+    targets = [False] + [label != IGNORE_INDEX for label in sequence.labels[:-1]]
+    parts, start = [], 0
+    for end in range(1, len(targets) + 1):
+        if end == len(targets) or targets[end] != targets[start]:
+            text = tokenizer.decode(list(sequence.input_ids[start:end]), skip_special_tokens=False)
+            parts.append(f"[{text}]" if targets[start] else text)
+            start = end
+    text = "".join(parts).replace("\n", "⏎")
+    return "…" + text[-limit:] if len(text) > limit else text
+
+
+def mask_problems(tokenizer: Any, prompt_ids: Sequence[int], sequence: TokenSequence, end_id: int | None) -> list[str]:
+    """What is wrong with one trained sequence: prompt tokens that are targets, or a reply that never ends."""
+    targets = [i + 1 for i, label in enumerate(sequence.labels) if label != IGNORE_INDEX]
+    problems = []
+    if tuple(sequence.input_ids[: len(prompt_ids)]) != tuple(prompt_ids):
+        problems.append("the generation prompt is not a prefix of the training text")
+    if any(position < len(prompt_ids) for position in targets):
+        problems.append("prompt tokens carry loss")
+    if not targets:
+        problems.append("no token carries loss")
+    elif end_id is not None and end_id not in {sequence.input_ids[position] for position in targets}:
+        problems.append(f"the reply's end token {tokenizer.convert_ids_to_tokens(end_id)!r} is not a target: the model never learns to stop")
+    return problems
+
+
+def check_template(stage: Stage, golds: list[tuple[str, str]], examples: int = 2) -> Finding:
+    """SFT, DPO and mid-training: the sequences the stage trains. GRPO trains on its rollouts, whose end token the
+    engine keeps; what can drift is the prompt, so a reply to it is rendered and checked the same way."""
+    tokenizer = stage.tokenizer
+    end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
+    cases: list[tuple[list[int], TokenSequence, int | None]] = []
+    if isinstance(stage, SFT):
+        for messages in stage.conversations("train")[:examples]:
+            first_reply = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+            prompt = stage.render_chat(messages[:first_reply], add_generation_prompt=True)
+            cases.append((tokenizer(prompt, add_special_tokens=False)["input_ids"], stage.assistant_only(messages), end_id))
+    elif isinstance(stage, CausalLMStage):
+        document_end = tokenizer.eos_token_id if getattr(stage, "document_format", "") == "text" else end_id
+        cases = [([], sequence, document_end) for sequence in stage.sequences("train")[:examples]]
+    else:
+        if isinstance(stage, DPO) and stage.pairs == "file":
+            replies = [(record["prompt"], record["chosen"]) for record in stage.pair_records("train")[:examples]]
+        else:
+            replies = [(prompt, formatted_answer(gold)) for prompt, gold in golds[:examples]]
+        for prompt, reply in replies:
+            prompt_ids = tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+            if isinstance(stage, DPO):
+                cases.append((prompt_ids, stage._completion(prompt_ids, reply, True), end_id))
+            else:
+                text = stage.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                cases.append((prompt_ids, TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))), end_id))
+    if not cases:
+        return Finding("template and mask", "skip", "no training example to render")
+    problems = sorted({problem for prompt, sequence, end in cases for problem in mask_problems(tokenizer, prompt, sequence, end)})
+    example = marked(tokenizer, cases[0][1])
+    if problems:
+        return Finding("template and mask", "fail", f"{'; '.join(problems)}: {example}",
+                       "fix the chat template or data.system_prompt so each reply ends with the turn's end token")
+    return Finding("template and mask", "pass", f"{len(cases)} examples, targets in []: {example}")
+
+
+def formatted_answer(gold: str) -> str:
+    return f"<think>\nworked\n</think>\nThe answer is \\boxed{{{gold}}}."
+
+
+# ---- 2. split invariance ---------------------------------------------------------------------------------------
+def first_step(cfg: DictConfig, directory: Path, *overrides: str) -> dict[str, float]:
+    """train/loss and train/grad_norm of one step of `cfg` with `overrides`, run by `run_stage` itself."""
+    run_cfg = with_values(cfg, directory, [*overrides, "trainer.max_steps=1"])
+    run_stage(run_cfg)
+    row = read_steps(directory)[0]
+    return {"loss": row["train/loss"], "grad_norm": row["train/grad_norm"]}
+
+
+def relative_gap(a: dict[str, float], b: dict[str, float]) -> float:
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in b)
+
+
+def check_micro_batches(cfg: DictConfig, workdir: Path) -> Finding:
+    """One micro-batch per rank vs the smallest micro-batches: the same global batch, the same loss and gradient."""
+    run = validate(cfg)
+    world = run.hardware.devices * run.hardware.num_nodes
+    whole = run.data.batch_size // world
+    if whole == 1:
+        return Finding("split: micro-batches", "skip", "one sample per rank: nothing to split")
+    one = first_step(cfg, workdir / "split_one", f"data.micro_batch_size={whole}")
+    many = first_step(cfg, workdir / "split_many", "data.micro_batch_size=1")
+    if one["grad_norm"] == 0 and many["grad_norm"] == 0:
+        return Finding("split: micro-batches", "warn", "the first step has no gradient (for RL: no group with a reward spread)",
+                       "nothing to compare; run the doctor from a checkpoint that already solves some prompts")
+    gap = relative_gap(many, one)
+    measured = f"1 x {whole} vs {whole} x 1 per rank: loss {one['loss']:.6g} / {many['loss']:.6g}, relative gap {gap:.1e}"
+    if gap > SPLIT_TOLERANCE:
+        return Finding("split: micro-batches", "fail", measured,
+                       "the loss is not the global mean: gradient accumulation weights micro-batches unequally")
+    return Finding("split: micro-batches", "pass", measured)
+
+
+def packed_vs_unpacked(model: CausalLM, documents: Sequence[TokenSequence], row_length: int, pad_id: int) -> float:
+    """Relative gap of the token-mean loss and its gradient norm between packed rows and one document per row."""
+    results = []
+    for rows in (pack(documents, row_length), [[document] for document in documents]):
+        model.zero_grad(set_to_none=True)
+        batch = collate_rows(rows, pad_id, row_length=row_length, flatten=False)
+        logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        loss, units = causal_lm_loss_sum(logprobs, batch["labels"])
+        (loss / units).backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+        results.append({"loss": float(loss / units), "grad_norm": float(norm)})
+    model.zero_grad(set_to_none=True)
+    return relative_gap(results[0], results[1])
+
+
+def check_packing(stage: Stage, run: TrainConfig) -> Finding:
+    if not isinstance(stage, CausalLMStage) or not run.data.pack:
+        return Finding("split: packed vs unpacked", "skip", "this stage does not pack")
+    sequences, _ = fit_to_length(stage.sequences("train")[:16], run.data.max_length, "truncate")
+    model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
+    gap = packed_vs_unpacked(model, sequences, run.data.max_length, stage.tokenizer.pad_token_id)
+    measured = f"{len(sequences)} documents: relative gap of loss and gradient norm {gap:.1e}"
+    if gap > SPLIT_TOLERANCE:
+        return Finding("split: packed vs unpacked", "fail", measured,
+                       "packed documents attend to each other: the attention backend ignores position_ids")
+    return Finding("split: packed vs unpacked", "pass", measured)
+
+
+def check_ranks(cfg: DictConfig, stage: Stage, workdir: Path) -> Finding:
+    run = validate(cfg)
+    if run.hardware.strategy != "fsdp":
+        return Finding("split: ranks", "skip", "one process")
+    if isinstance(stage, GRPO):
+        return Finding("split: ranks", "skip", "GRPO samples per rank: another split samples other rollouts")
+    single = "hardware=cpu" if run.hardware.accelerator == "cpu" else "hardware=gpu"
+    sharded = launched_first_step(cfg, workdir / "ranks_all")
+    alone = launched_first_step(cfg, workdir / "ranks_one", single, f"data.micro_batch_size={run.data.micro_batch_size}")
+    gap = relative_gap(sharded, alone)
+    world = run.hardware.devices * run.hardware.num_nodes
+    measured = f"{world} ranks vs 1: relative gap {gap:.1e}"
+    status = "fail" if gap > SPLIT_TOLERANCE else "pass"
+    return Finding("split: ranks", status, measured, "the loss is averaged per rank, not over the global batch" if status == "fail" else "")
+
+
+def launched_first_step(cfg: DictConfig, directory: Path, *overrides: str) -> dict[str, float]:
+    """As `first_step`, in its own `thinkforge-train` process: multi-process strategies launch their own ranks."""
+    import subprocess
+    import sys
+
+    run_cfg = with_values(cfg, directory, [*overrides, "trainer.max_steps=1"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "doctor_config.yaml").write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(run_cfg))
+    command = [str(Path(sys.executable).with_name("thinkforge-train")), "--config-dir", str(directory),
+               "--config-name", "doctor_config", f"hydra.run.dir='{directory}'"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{directory.name}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'}")
+    row = read_steps(directory)[0]
+    return {"loss": row["train/loss"], "grad_norm": row["train/grad_norm"]}
+
+
+# ---- 3. sampler vs trainer log-probs -----------------------------------------------------------------------------
+def sampler_trainer_gap(
+    model: CausalLM, tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig, *, score_temperature: float | None = None
+) -> float:
+    """Mean |log p_sampler − log p_trainer| per completion token: the engine's recorded log-probs against the
+    training forward pass at `score_temperature` (the sampling temperature unless told otherwise)."""
+    groups = HFEngine(model, tokenizer).generate(prompts, sampling, seed=0)
+    temperature = score_temperature or sampling.temperature
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, group in zip(prompts, groups):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for rollout in group:
+                if not rollout.token_ids:
+                    continue
+                ids = list(prompt_ids) + list(rollout.token_ids)
+                sequence = TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * len(rollout.token_ids))
+                logps, _ = model(torch.tensor([sequence.input_ids]), torch.tensor([sequence.labels]), temperature=temperature)
+                trainer_side = logps[0, len(prompt_ids) - 1 : len(ids) - 1]
+                total += (trainer_side - torch.tensor(rollout.logprobs)).abs().sum().item()
+                count += len(rollout.logprobs)
+    return total / max(count, 1)
+
+
+def check_logprobs(stage: Stage, run: TrainConfig, prompts: list[str]) -> Finding:
+    if isinstance(stage, GRPO):
+        sampling = SamplingConfig(2, float(scheduled(stage.temperature, 0)), stage.top_p, min(64, int(scheduled(stage.max_completion_length, 0))))
+    elif isinstance(stage, DPO) and stage.pairs == "rollout":
+        sampling = SamplingConfig(2, stage.rollout.temperature or 1.0, stage.rollout.top_p, min(64, stage.rollout.max_new_tokens))
+    else:
+        return Finding("sampler vs trainer log-probs", "skip", "this stage does not train on its own samples")
+    model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
+    gap = sampler_trainer_gap(model, stage.tokenizer, prompts[:4], sampling)
+    measured = f"mean |Δ log p| {gap:.1e} per token at T={sampling.temperature}, top_p={sampling.top_p}"
+    if gap < LOGPROB_WARN:
+        return Finding("sampler vs trainer log-probs", "pass", measured)
+    advice = ("the trainer scores another distribution than the sampler drew from: importance ratios and clipping refer "
+              "to the wrong policy (top_p < 1 renormalises the sampler only; use top_p=1 for RL)")
+    return Finding("sampler vs trainer log-probs", "warn" if gap < LOGPROB_FAIL else "fail", measured, advice)
+
+
+# ---- 4. grader audit ------------------------------------------------------------------------------------------
+def gaming_shapes(gold: str) -> dict[str, str]:
+    """Completions that must score 0 for this gold answer, whatever else the grader accepts."""
+    other = "0" if gold.strip() != "0" else "1"
+    return {
+        "hedged boxes": f"<think>\nmaybe\n</think>\n\\boxed{{{gold}}} or \\boxed{{{other}}}",
+        "answer only in <think>": f"<think>\nit is \\boxed{{{gold}}}\n</think>\nI am not sure.",
+        "unclosed <think>": f"<think>\nit is \\boxed{{{gold}}}",
+    }
+
+
+def grader_audit(golds: Sequence[str], verifier: Verifier = math_accuracy_many) -> Finding:
+    parseable = [gold for gold in golds if gold_is_parseable(gold)]
+    skipped = 1 - len(parseable) / max(len(golds), 1)
+    formatted = [formatted_answer(gold) for gold in parseable]
+    started = time.perf_counter()
+    right = verifier(formatted, parseable)
+    shapes = [(name, text, gold) for gold in parseable for name, text in gaming_shapes(gold).items()]
+    gamed = verifier([text for _, text, _ in shapes], [gold for _, _, gold in shapes])
+    seconds = time.perf_counter() - started
+    slowest = max((timed_check(verifier, text, gold) for text, gold in zip(formatted[:16], parseable[:16])), default=0.0)
+    accepted = sum(score >= 1 for score in right) / max(len(parseable), 1)
+    gamers = sorted({name for (name, _, _), score in zip(shapes, gamed) if score >= 1})
+    measured = (f"{len(golds)} golds: {skipped:.0%} unparseable (skipped), formatted gold accepted {accepted:.0%}, "
+                f"gaming shapes accepted: {', '.join(gamers) or 'none'}; {len(formatted) + len(shapes)} checks in {seconds:.1f} s, "
+                f"slowest {slowest * 1e3:.0f} ms")
+    if gamers or accepted < 0.99:
+        return Finding("grader audit", "fail", measured,
+                       "the reward can be gamed" if gamers else "correct answers score 0: check data.fields.answer and the gold format")
+    if skipped > 0.05:
+        return Finding("grader audit", "warn", measured, "prompts with unparseable gold answers are skipped in training")
+    return Finding("grader audit", "pass", measured)
+
+
+def timed_check(verifier: Verifier, text: str, gold: str) -> float:
+    started = time.perf_counter()
+    verifier([text], [gold])
+    return time.perf_counter() - started
+
+
+def check_grader(golds: list[str]) -> Finding:
+    if not golds:
+        return Finding("grader audit", "skip", "this stage's data has no gold answers")
+    return grader_audit(golds)
+
+
+# ---- 5. resume equivalence and 6. budget ------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Stands for a killed run: raised before a step, after the checkpoint of the step before was written."""
+
+
+class InterruptAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, stage, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted(f"interrupted at step {self.step}")
+
+
+class StepClock(Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def resume_gap(cfg: DictConfig, workdir: Path, steps: int = 4) -> tuple[float, StepClock]:
+    """Largest |loss difference| over `steps` steps between an uninterrupted run and one interrupted half-way
+    and resumed from its checkpoint; and the uninterrupted run's step clock."""
+    common = [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps // 2}"]
+    clock = StepClock()
+    run_stage(with_values(cfg, workdir / "resume_full", common), callbacks=[clock])
+    try:
+        run_stage(with_values(cfg, workdir / "resume_cut", common), callbacks=[InterruptAt(steps // 2)])
+    except Interrupted:
+        pass
+    run_stage(with_values(cfg, workdir / "resume_cut", common))
+    full, resumed = read_steps(workdir / "resume_full"), read_steps(workdir / "resume_cut")
+    if sorted(resumed) != list(range(steps)):
+        return float("inf"), clock
+    return max(abs(full[s]["train/loss"] - resumed[s]["train/loss"]) for s in range(steps)), clock
+
+
+def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Finding, Finding]:
+    gap, clock = resume_gap(cfg, workdir)
+    steps = len(clock.ends)
+    measured = f"4 steps vs 2 + interrupt + resume + 2: largest loss difference {gap:.1e}"
+    resume = (Finding("resume equivalence", "pass", measured) if gap <= 1e-6 else
+              Finding("resume equivalence", "fail", measured, "a resumed run trains on other batches or another state"))
+    seconds = (clock.ends[-1] - clock.ends[0]) / max(steps - 1, 1) if steps > 1 else float("nan")
+    rows = read_steps(workdir / "resume_full")
+    tokens_per_s = sum(row.get("train/tokens_per_s", 0.0) for row in rows.values()) / max(len(rows), 1)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    total_hours = seconds * run.trainer.max_steps / 3600
+    budget = Finding("budget", "pass", f"{seconds:.2f} s/step, {tokens_per_s:,.0f} tokens/s, peak memory {peak:.1f} GiB "
+                                       f"({'GPU' if torch.cuda.is_available() else 'process RSS'}); "
+                                       f"{run.trainer.max_steps} steps ≈ {total_hours:.2f} h at this rate")
+    return resume, budget
+
+
+# ---- the doctor ---------------------------------------------------------------------------------------------------
+def with_values(cfg: DictConfig, directory: Path, overrides: Sequence[str]) -> DictConfig:
+    """A copy of `cfg` with dotted overrides, writing to `directory`, without held-out evaluation or validation."""
+    updated = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
+        f"output_dir={directory}", "heldout.num_prompts=0", "trainer.val_every=100000", "trainer.log_every=1",
+        "model.dtype=float32", "ckpt_path=last", *overrides,
+    ]))
+    with open_dict(updated):
+        updated.logger = {"csv": {"_target_": "thinkforge.csv_log.ContinuingCSVLogger", "save_dir": str(directory),
+                                  "name": "csv", "version": "", "flush_logs_every_n_steps": 1}}
+    return updated
+
+
+def read_steps(directory: Path) -> dict[int, dict[str, float]]:
+    with (directory / "csv" / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    return {int(row["step"]): {k: float(v) for k, v in row.items() if v not in ("", None) and k != "epoch"} for row in rows}
+
+
+def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
+    """Every check on `cfg`; its short runs write under `output_dir`, the findings to `output_dir/doctor.json`.
+
+    `stand_in`: the model is not the one the stage will start from (a pipeline's later stages, whose start is an
+    export that does not exist yet). A stage that samples its own training data then cannot be run with it.
+    """
+    run = validate(cfg)
+    workdir = Path(run.output_dir)
+    stage = build_stage(run)
+    golds = gold_rows(stage, run)
+    prompts = [stage.render_prompt(prompt) for prompt, _ in golds]
+    trains = not (stand_in and stage.items_need_model)
+    checks: list[tuple[str, Callable[[], Finding | tuple[Finding, ...]]]] = [
+        ("template and mask", lambda: check_template(stage, golds)),
+        ("split: micro-batches", lambda: check_micro_batches(cfg, workdir)),
+        ("split: packed vs unpacked", lambda: check_packing(stage, run)),
+        ("split: ranks", lambda: check_ranks(cfg, stage, workdir)),
+        ("sampler vs trainer log-probs", lambda: check_logprobs(stage, run, prompts)),
+        ("grader audit", lambda: check_grader([gold for _, gold in golds])),
+        ("resume equivalence", lambda: check_resume(cfg, workdir, run)),
+    ]
+    findings: list[Finding] = []
+    for name, check in checks:
+        if not trains and name in ("split: micro-batches", "split: ranks", "resume equivalence"):
+            findings.append(Finding(name, "skip", "samples its training data from the previous stage's export",
+                                    "run thinkforge-doctor on that export once it exists"))
+            continue
+        try:
+            result = check()
+        except Exception as error:  # one broken check is reported; the others still run
+            lines = str(error).strip().splitlines()
+            result = Finding(name, "fail", f"{type(error).__name__}: {lines[-1][:200] if lines else ''}")
+        findings.extend(result if isinstance(result, tuple) else [result])
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "doctor.json").write_text(json.dumps([asdict(f) for f in findings], indent=2))
+    return findings
+
+
+def gold_rows(stage: Stage, run: TrainConfig, limit: int = 64) -> list[tuple[str, str]]:
+    """(prompt, gold answer) of the first rows, for the stages whose data has them (GRPO, rollout DPO)."""
+    if not (isinstance(stage, GRPO) or (isinstance(stage, DPO) and stage.pairs == "rollout")):
+        return []
+    from thinkforge.data.records import load_records
+
+    rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", "answer")).rows[:limit]
+    return [(row["prompt"], row["answer"]) for row in rows]
+
+
+def format_findings(findings: Sequence[Finding]) -> str:
+    width = max(len(f.check) for f in findings)
+    lines = [f"{'check':<{width}}  status  measured / what to do"]
+    for finding in findings:
+        lines.append(f"{finding.check:<{width}}  {finding.status:<6}  {finding.measured}")
+        if finding.advice:
+            lines.append(f"{'':<{width}}          → {finding.advice}")
+    return "\n".join(lines)
