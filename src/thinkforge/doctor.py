@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,11 +121,35 @@ def formatted_answer(gold: str) -> str:
 
 
 # ---- 2. split invariance ---------------------------------------------------------------------------------------
+def train_briefly(cfg: DictConfig, directory: Path, overrides: Sequence[str], *, interrupt_at: int | None = None) -> dict[int, dict[str, float]]:
+    """step -> logged train metrics of a short run of `cfg` with `overrides`, trained as the real run would be:
+    by `run_stage` in this process, or as its own `thinkforge-train` process for multi-process strategies (they
+    relaunch their ranks from the command line). `interrupt_at` stops it before that step, as a kill would."""
+    run_cfg = with_values(cfg, directory, overrides)
+    if interrupt_at is not None:
+        with open_dict(run_cfg):
+            run_cfg.callbacks = {**(run_cfg.callbacks or {}), "doctor_interrupt": {"_target_": "thinkforge.doctor.InterruptAt", "step": interrupt_at}}
+    if validate(run_cfg).hardware.strategy == "fsdp":
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "doctor_config.yaml").write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(run_cfg))
+        command = [str(Path(sys.executable).with_name("thinkforge-train")), "--config-dir", str(directory),
+                   "--config-name", "doctor_config", f"hydra.run.dir='{directory}'"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 and interrupt_at is None:
+            lines = result.stderr.strip().splitlines()
+            raise RuntimeError(f"{directory.name}: {lines[-1] if lines else 'failed'}")
+    else:
+        try:
+            run_stage(run_cfg)
+        except Interrupted:
+            if interrupt_at is None:
+                raise
+    return read_steps(directory)
+
+
 def first_step(cfg: DictConfig, directory: Path, *overrides: str) -> dict[str, float]:
-    """train/loss and train/grad_norm of one step of `cfg` with `overrides`, run by `run_stage` itself."""
-    run_cfg = with_values(cfg, directory, [*overrides, "trainer.max_steps=1"])
-    run_stage(run_cfg)
-    row = read_steps(directory)[0]
+    """train/loss and train/grad_norm of one step of `cfg` with `overrides`."""
+    row = train_briefly(cfg, directory, [*overrides, "trainer.max_steps=1"])[0]
     return {"loss": row["train/loss"], "grad_norm": row["train/grad_norm"]}
 
 
@@ -161,7 +187,7 @@ def packed_vs_unpacked(model: CausalLM, documents: Sequence[TokenSequence], row_
         loss, units = causal_lm_loss_sum(logprobs, batch["labels"])
         (loss / units).backward()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        results.append({"loss": float(loss / units), "grad_norm": float(norm)})
+        results.append({"loss": float(loss.detach() / units), "grad_norm": float(norm)})
     model.zero_grad(set_to_none=True)
     return relative_gap(results[0], results[1])
 
@@ -185,31 +211,13 @@ def check_ranks(cfg: DictConfig, stage: Stage, workdir: Path) -> Finding:
         return Finding("split: ranks", "skip", "one process")
     if isinstance(stage, GRPO):
         return Finding("split: ranks", "skip", "GRPO samples per rank: another split samples other rollouts")
-    single = "hardware=cpu" if run.hardware.accelerator == "cpu" else "hardware=gpu"
-    sharded = launched_first_step(cfg, workdir / "ranks_all")
-    alone = launched_first_step(cfg, workdir / "ranks_one", single, f"data.micro_batch_size={run.data.micro_batch_size}")
+    sharded = first_step(cfg, workdir / "ranks_all")
+    alone = first_step(cfg, workdir / "ranks_one", "hardware.strategy=single", "hardware.devices=1", "hardware.num_nodes=1")
     gap = relative_gap(sharded, alone)
     world = run.hardware.devices * run.hardware.num_nodes
     measured = f"{world} ranks vs 1: relative gap {gap:.1e}"
     status = "fail" if gap > SPLIT_TOLERANCE else "pass"
     return Finding("split: ranks", status, measured, "the loss is averaged per rank, not over the global batch" if status == "fail" else "")
-
-
-def launched_first_step(cfg: DictConfig, directory: Path, *overrides: str) -> dict[str, float]:
-    """As `first_step`, in its own `thinkforge-train` process: multi-process strategies launch their own ranks."""
-    import subprocess
-    import sys
-
-    run_cfg = with_values(cfg, directory, [*overrides, "trainer.max_steps=1"])
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "doctor_config.yaml").write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(run_cfg))
-    command = [str(Path(sys.executable).with_name("thinkforge-train")), "--config-dir", str(directory),
-               "--config-name", "doctor_config", f"hydra.run.dir='{directory}'"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{directory.name}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'}")
-    row = read_steps(directory)[0]
-    return {"loss": row["train/loss"], "grad_norm": row["train/grad_norm"]}
 
 
 # ---- 3. sampler vs trainer log-probs -----------------------------------------------------------------------------
@@ -313,46 +321,35 @@ class InterruptAt(Callback):
             raise Interrupted(f"interrupted at step {self.step}")
 
 
-class StepClock(Callback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx) -> None:
-        self.ends.append(time.perf_counter())
-
-
-def resume_gap(cfg: DictConfig, workdir: Path, steps: int = 4) -> tuple[float, StepClock]:
+def resume_gap(cfg: DictConfig, workdir: Path, steps: int = 4) -> tuple[float, dict[int, dict[str, float]]]:
     """Largest |loss difference| over `steps` steps between an uninterrupted run and one interrupted half-way
-    and resumed from its checkpoint; and the uninterrupted run's step clock."""
+    and resumed from its checkpoint; and the uninterrupted run's logged steps."""
     common = [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps // 2}"]
-    clock = StepClock()
-    run_stage(with_values(cfg, workdir / "resume_full", common), callbacks=[clock])
-    try:
-        run_stage(with_values(cfg, workdir / "resume_cut", common), callbacks=[InterruptAt(steps // 2)])
-    except Interrupted:
-        pass
-    run_stage(with_values(cfg, workdir / "resume_cut", common))
-    full, resumed = read_steps(workdir / "resume_full"), read_steps(workdir / "resume_cut")
+    full = train_briefly(cfg, workdir / "resume_full", common)
+    train_briefly(cfg, workdir / "resume_cut", common, interrupt_at=steps // 2)
+    resumed = train_briefly(cfg, workdir / "resume_cut", common)
     if sorted(resumed) != list(range(steps)):
-        return float("inf"), clock
-    return max(abs(full[s]["train/loss"] - resumed[s]["train/loss"]) for s in range(steps)), clock
+        return float("inf"), full
+    return max(abs(full[s]["train/loss"] - resumed[s]["train/loss"]) for s in range(steps)), full
 
 
 def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Finding, Finding]:
-    gap, clock = resume_gap(cfg, workdir)
-    steps = len(clock.ends)
+    gap, steps = resume_gap(cfg, workdir)
     measured = f"4 steps vs 2 + interrupt + resume + 2: largest loss difference {gap:.1e}"
     resume = (Finding("resume equivalence", "pass", measured) if gap <= 1e-6 else
               Finding("resume equivalence", "fail", measured, "a resumed run trains on other batches or another state"))
-    seconds = (clock.ends[-1] - clock.ends[0]) / max(steps - 1, 1) if steps > 1 else float("nan")
-    rows = read_steps(workdir / "resume_full")
-    tokens_per_s = sum(row.get("train/tokens_per_s", 0.0) for row in rows.values()) / max(len(rows), 1)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    total_hours = seconds * run.trainer.max_steps / 3600
-    budget = Finding("budget", "pass", f"{seconds:.2f} s/step, {tokens_per_s:,.0f} tokens/s, peak memory {peak:.1f} GiB "
-                                       f"({'GPU' if torch.cuda.is_available() else 'process RSS'}); "
-                                       f"{run.trainer.max_steps} steps ≈ {total_hours:.2f} h at this rate")
+    # a step: its optimisation (tokens / tokens_per_s) and, for RL, its generation
+    seconds = [row["train/tokens"] / row["train/tokens_per_s"] + row.get("train/generation_s", 0.0) for row in steps.values()]
+    per_step = sum(seconds) / len(seconds)
+    tokens_per_s = sum(row["train/tokens_per_s"] for row in steps.values()) / len(steps)
+    if run.hardware.strategy == "fsdp":
+        memory = "peak memory not measured (the ranks ran as their own processes)"
+    elif torch.cuda.is_available():
+        memory = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    else:
+        memory = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process RSS)"
+    budget = Finding("budget", "pass", f"{per_step:.2f} s/step, {tokens_per_s:,.0f} tokens/s, {memory}; "
+                                       f"{run.trainer.max_steps} steps ≈ {per_step * run.trainer.max_steps / 3600:.2f} h at this rate")
     return resume, budget
 
 
