@@ -53,3 +53,20 @@ def test_loss_is_the_global_token_mean_whatever_the_micro_batch(tmp_path):
     # normaliser would show as a factor of two in the loss and gradient norm above.
     for name, tensor in exports[0].items():
         torch.testing.assert_close(tensor, exports[1][name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_a_short_run_prints_a_quiet_console(tmp_path):
+    """One line per event: no advertisement, no "Epoch 0/-2", no line printed twice, no eval-mode warning."""
+    import re
+
+    from conftest import logged, run_cli
+
+    result = run_cli("trainer.max_steps=20", "data.synthetic.num_train=256", "heldout.num_prompts=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip() and "━" not in line]
+    assert not [line for line in lines if "Tip" in line or "/-2" in line or "eval mode" in line], lines
+    events = [re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", line) for line in lines]
+    assert len(events) == len(set(events)), f"printed twice: {sorted(e for e in events if events.count(e) > 1)}"
+    assert len(lines) <= 15, "\n".join(lines)
+    [run_dir] = (tmp_path / "logs" / "midtrain" / "runs").iterdir()
+    assert set(logged(run_dir, "heldout/accuracy")) == {20}, "held-out scores reach the CSV log at the last step"

@@ -26,8 +26,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def train_main(cfg: DictConfig) -> None:
+    from thinkforge.console import quiet_console
     from thinkforge.train import run_stage
 
+    quiet_console()
     run_stage(cfg)
 
 
@@ -49,8 +51,10 @@ def pipeline_main() -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="doctor")
 def doctor_main(cfg: DictConfig) -> None:
+    from thinkforge.console import quiet_console
     from thinkforge.doctor import format_findings, run_doctor
 
+    quiet_console()
     findings = run_doctor(cfg)
     print(format_findings(findings))
     if any(finding.status == "fail" for finding in findings):

@@ -80,7 +80,16 @@ def _instantiate_group(group: Any) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = ()) -> L.Trainer:
+class StepProgressBar(RichProgressBar):
+    """Names no epoch: a stage trains a budget of steps over an endless stream (max_epochs is -1, which Lightning's
+    own bar prints as "Epoch 0/-2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{type(self.trainer.lightning_module).__name__} steps"
+
+
+def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *, has_val: bool | None = None) -> L.Trainer:
+    """`has_val`: whether the stage validates (GRPO never does); by default, whether the data has a val split."""
     callbacks: list[Callback] = [
         ModelCheckpoint(
             dirpath=Path(run.output_dir) / "checkpoints",
@@ -88,11 +97,13 @@ def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = ()) ->
             save_last=True,
             save_top_k=1,
         ),
-        RichProgressBar(),
+        StepProgressBar(),
         *_instantiate_group(run.callbacks),
         *extra_callbacks,
     ]
-    has_val = run.data.val is not None
+    has_val = run.data.val is not None if has_val is None else has_val
+    if has_val and run.trainer.val_every > run.trainer.max_steps:
+        log.warning("validation never runs: trainer.val_every=%d > trainer.max_steps=%d", run.trainer.val_every, run.trainer.max_steps)
     return L.Trainer(
         accelerator=run.hardware.accelerator,
         devices=run.hardware.devices,
@@ -135,7 +146,7 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult 
         return None
     L.seed_everything(run.seed, workers=True, verbose=False)
     stage = build_stage(run)
-    trainer = build_trainer(run, callbacks)
+    trainer = build_trainer(run, callbacks, has_val=stage.has_val())
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=resume_checkpoint(run))
@@ -143,7 +154,8 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult 
     metrics.update({f"heldout/{name}": value for name, value in stage.heldout_metrics.items()})
     metrics.update({f"heldout_start/{name}": value for name, value in stage.initial_heldout.items()})
     if trainer.is_global_zero:
-        summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+        # `loss` is the progress bar's copy of train/loss
+        summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()) if name != "loss")
         print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")
         print(f"[thinkforge] HF export: {stage.export_dir}")
         curves = stage_curves(Path(run.output_dir), title=f"{type(stage).__name__}: {run.output_dir}")

@@ -118,6 +118,8 @@ class Stage(L.LightningModule):
         model = CausalLM(hf_model, self.run.model.logprob_chunk_size)
         if frozen:
             model.requires_grad_(False).eval()
+        else:
+            model.train()  # from_pretrained returns eval mode; the policy trains (dropout on, where a model has any)
         return parallelize(model, self.data_parallel_mesh(), self.run.hardware, compute_dtype(self.run.model.dtype))
 
     @property
@@ -270,6 +272,16 @@ class Stage(L.LightningModule):
         self.export_hf(self.export_dir)
         if self.run.heldout.num_prompts and self.run.data.val is not None:
             self.heldout_metrics = self.evaluate_heldout()
+            self.log_outside_steps(self.heldout_metrics, "heldout/")
+
+    def log_outside_steps(self, metrics: dict[str, float], prefix: str) -> None:
+        """Metrics measured outside a training step (held-out scores before and after the stage), written
+        straight to every logger at the current step: Lightning's `self.log` is closed in these hooks."""
+        if not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics({prefix + name: value for name, value in metrics.items()}, step=self.global_step)
+            logger.save()
 
     def heldout_prompts(self) -> tuple[list[str], list[str]]:
         """Held-out prompts rendered for generation, and their gold answers."""

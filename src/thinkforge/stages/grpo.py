@@ -139,6 +139,7 @@ class GRPO(Stage):
     def on_train_start(self) -> None:
         if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
             self.initial_heldout = self.evaluate_heldout(filename=None)
+            self.log_outside_steps(self.initial_heldout, "heldout_start/")
 
     # ---- one step: sample, score, optimise --------------------------------------------------------------------
     def sampling(self) -> SamplingConfig:
