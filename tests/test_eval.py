@@ -146,3 +146,15 @@ def test_demo_benchmark_is_the_demo_pipelines_held_out_set():
     data: DataConfig = validate(train_cfg).data
     heldout = load_records(data.val, data.val_split, data, required=("prompt", "answer")).rows
     assert problems == [row["prompt"] for row in heldout] and golds == [row["answer"] for row in heldout]
+
+
+def test_regrading_writes_under_the_samples_benchmark_and_rejects_a_k_beyond_the_samples(tmp_path):
+    rows = [{"benchmark": "gsm8k", "problem": p, "gold": "1", "completion": answer(a)} for p in range(2) for a in ("1", "2")]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_cli(f"samples_file={samples}", "ks=[1,2]", cwd=tmp_path, program="thinkforge-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [summary] = (tmp_path / "logs" / "eval" / "gsm8k" / "runs").glob("*/summary.json")
+    assert json.loads(summary.read_text())["benchmark"] == "gsm8k"
+    too_many = run_cli(f"samples_file={samples}", "ks=[1,4]", cwd=tmp_path, program="thinkforge-eval")
+    assert too_many.returncode != 0 and "some problem has only 2" in too_many.stderr

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from thinkforge.config import register_configs
 
@@ -21,7 +21,14 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def _benchmark_of(samples_file: str | None, default: str) -> str:
+    from thinkforge.eval import benchmark_of
+
+    return benchmark_of(samples_file, default)
+
+
 register_configs()
+OmegaConf.register_new_resolver("benchmark_of", _benchmark_of, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -63,8 +70,6 @@ def doctor_main(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     from thinkforge.config import validate
     from thinkforge.eval import run_eval
 

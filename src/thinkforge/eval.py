@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig
+from thinkforge.config import BudgetForcingConfig, ConfigError, DataConfig, EvalConfig
 from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many, normalize_answer
 from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
 
@@ -88,10 +88,11 @@ def summarize(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, fl
     fewest = min(len(samples) for samples in problems.values())
     summary: dict[str, float] = {"problems": float(len(problems)), "samples": float(len(rows))}
     summary["pass@1"] = sum(sum(s["correct"] for s in p) / len(p) for p in problems.values()) / len(problems)
+    too_many = sorted(k for k in set(ks) if k > fewest)
+    if too_many:
+        raise ConfigError(f"ks: pass@k and maj@k need k samples of every problem; some problem has only {fewest}, "
+                          f"so {too_many} cannot be computed (set ks=[...] to values <= {fewest})")
     for k in sorted(set(ks)):
-        if k > fewest:
-            log.warning("pass@%d and maj@%d skipped: some problem has only %d samples", k, k, fewest)
-            continue
         summary[f"pass@{k}"] = sum(pass_at_k(len(p), sum(bool(s["correct"]) for s in p), k) for p in problems.values()) / len(problems)
         summary[f"maj@{k}"] = sum(majority_correct(p[:k]) for p in problems.values()) / len(problems)
     if all("num_tokens" in row for row in rows):
@@ -193,10 +194,23 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
         groups = engine.generate(prompts, sampling, seed=cfg.seed)
         completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
     return [
-        {"problem": p, "sample": s, "prompt": problems[p], "gold": golds[p], "completion": c.text,
+        {"benchmark": cfg.benchmark.name, "problem": p, "sample": s, "prompt": problems[p], "gold": golds[p], "completion": c.text,
          "num_tokens": c.num_tokens, "finished": c.finished, "waits": c.waits}
         for p, group in enumerate(completions) for s, c in enumerate(group)
     ]
+
+
+def benchmark_of(samples_file: str | None, default: str) -> str:
+    """The benchmark a samples file was drawn from (its rows say so), so that re-grading it writes under
+    logs/eval/<that benchmark>/ instead of under the default benchmark's name. Used by conf/eval.yaml's run dir."""
+    if samples_file is None or not Path(samples_file).is_file():
+        return default
+    with open(samples_file) as handle:
+        first = handle.readline()
+    try:
+        return str(json.loads(first).get("benchmark") or default)
+    except (json.JSONDecodeError, AttributeError):
+        return default  # read_samples reports the bad row
 
 
 def read_samples(path: str) -> list[dict[str, Any]]:
@@ -234,7 +248,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     output.mkdir(parents=True, exist_ok=True)
     with (output / "samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
-    name = cfg.benchmark.name if not cfg.samples_file else cfg.samples_file
+    name = benchmark_of(cfg.samples_file, cfg.benchmark.name)
     (output / "summary.json").write_text(json.dumps({"benchmark": name, **summary}, indent=2))
     header = " | ".join(summary)
     values = " | ".join(f"{v:.1%}" if "@" in k or k == "eos_rate" else f"{v:.4g}" for k, v in summary.items())
