@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST, run_cli
-from thinkforge.cli import PER_STAGE_OVERRIDE, config_dir
+from thinkforge.cli import OPEN_KEY_OVERRIDE, config_dir
 from thinkforge.config import ConfigError
 from thinkforge.pipeline import plan
 
@@ -73,7 +73,7 @@ def test_real_recipes_keep_their_structure(tmp_path):
 
 def test_per_stage_override_reaches_only_that_stage(tmp_path):
     argument = "stages.grpo.optim.lr=1e-6"
-    assert PER_STAGE_OVERRIDE.match(argument) and not PER_STAGE_OVERRIDE.match("recipe=demo")
+    assert OPEN_KEY_OVERRIDE.match(argument) and not OPEN_KEY_OVERRIDE.match("recipe=demo")
     stages = {s.name: s for s in plan_recipe(tmp_path, f"++{argument}", "hardware=cpu_fsdp")}
     assert stages["grpo"].config.optim.lr == 1e-6
     assert stages["sft"].config.optim.lr != 1e-6
@@ -150,3 +150,14 @@ def test_pipeline_and_eval_sweep_with_multirun(tmp_path):
                          cwd=tmp_path, program="thinkforge-eval")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert sorted(p.parent.name for p in (tmp_path / "e").glob("*/summary.json")) == ["0", "1"]
+
+
+def test_a_pipeline_wide_data_file_reaches_every_stage_and_a_misspelled_stage_names_the_real_ones(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n")
+    stages = plan_recipe(tmp_path, "recipe=deepscaler", f"+data.train={prompts}")
+    assert [s.config.data.train for s in stages] == [str(prompts)] * 3
+    result = run_cli("recipe=deepscaler", f"data.train={prompts}", "stages.grpo8k.optim.lr=1e-6", "dry_run=true",
+                     cwd=tmp_path, program="thinkforge-pipeline")
+    assert result.returncode != 0
+    assert "stages.grpo8k: not a stage of this recipe; its stages are grpo_8k, grpo_16k, grpo_24k" in result.stderr + result.stdout

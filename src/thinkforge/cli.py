@@ -47,12 +47,13 @@ def _pipeline_hydra_main(cfg: DictConfig) -> None:
     run_pipeline(cfg)
 
 
-# `stages.<name>.<key>=value` names keys a recipe does not set; Hydra's struct mode only adds keys with `++`.
-PER_STAGE_OVERRIDE = re.compile(r"^stages\.[^.=]+\.[^=]+=")
+# Keys no schema lists: `stages.<name>.<key>=value` (what a recipe does not set) and the pipeline-wide
+# `data.<key>=value`; Hydra's struct mode only adds such keys with `++`.
+OPEN_KEY_OVERRIDE = re.compile(r"^(stages\.[^.=]+|data)\.[^=]+=")
 
 
 def pipeline_main() -> None:
-    sys.argv = [sys.argv[0]] + [f"++{arg}" if PER_STAGE_OVERRIDE.match(arg) else arg for arg in sys.argv[1:]]
+    sys.argv = [sys.argv[0]] + [f"++{arg}" if OPEN_KEY_OVERRIDE.match(arg) else arg for arg in sys.argv[1:]]
     _pipeline_hydra_main()
 
 

@@ -246,6 +246,9 @@ class PipelineConfig:
     # name -> {overrides: [thinkforge-train overrides, e.g. stage=grpo], init_from: <an earlier stage; default the
     # previous one>, <config values, e.g. optim: {lr: 1e-6}>}
     stages: dict[str, Any] = field(default_factory=dict)
+    # Data settings for every stage, over the recipe's own (e.g. data.train=/data/prompts.jsonl for all of
+    # DeepScaleR's GRPO stages); stages.<name>.data.* sets one stage's.
+    data: dict[str, Any] = field(default_factory=dict)
     # Every stage's seed: model init, data order and sampling move together.
     seed: int = 0
     output_dir: str = MISSING
@@ -256,7 +259,13 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.stages), "stages", "a recipe needs at least one stage")
+        real = [name for name, entry in self.stages.items() if isinstance(entry, dict) and "overrides" in entry]
         for name, entry in self.stages.items():
+            _require(
+                not isinstance(entry, dict) or "overrides" in entry,
+                f"stages.{name}",
+                f"not a stage of this recipe; its stages are {', '.join(real)} (a new stage needs an `overrides` list)",
+            )
             _require(isinstance(entry, dict), f"stages.{name}", "must be a mapping with an `overrides` list")
             overrides = entry.get("overrides", [])
             _require(

@@ -65,7 +65,8 @@ def compose_stage(
     name: str, entry: dict[str, Any], pipeline: DictConfig, directory: Path, previous_export: Path | None
 ) -> DictConfig:
     """The train config of one stage: its overrides composed like a `thinkforge-train` command line, then the
-    pipeline's model and hardware, the handoff from the previous stage, and the entry's own values on top."""
+    pipeline's model and hardware, the handoff from the previous stage, the entry's own values, and the
+    pipeline-wide data settings on top."""
     values = {key: value for key, value in entry.items() if key not in ("overrides", "init_from")}
     try:
         cfg = compose("train", overrides=list(entry.get("overrides", [])))
@@ -77,7 +78,7 @@ def compose_stage(
                 cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
             cfg.seed = cfg.data.seed = cfg.model.init_seed = pipeline.seed
             cfg.output_dir = str(directory)
-        cfg = OmegaConf.merge(cfg, values)
+        cfg = OmegaConf.merge(cfg, values, {"data": OmegaConf.to_container(pipeline.data, resolve=True)} if pipeline.get("data") else {})
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ConfigError) as error:
         raise ConfigError(f"stages.{name}: {error}") from None
