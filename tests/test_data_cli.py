@@ -132,3 +132,19 @@ def test_rollout_pairs_pair_correct_with_incorrect(scripted, tmp_path, capsys):
     [pair] = read_jsonl(out)
     assert pair["prompt"] == "p2" and "\\boxed{2}" in pair["chosen"] and "\\boxed{5}" in pair["rejected"]
     assert "no pair: 1 prompts had no correct sample, 1 had no incorrect one" in capsys.readouterr().out
+
+
+def test_decontaminate_ignores_a_benchmark_stock_phrase_but_not_a_copied_problem(tmp_path):
+    stock = "The probability can be written as m/n, where m and n are relatively prime positive integers. Find m+n."
+    bench = write_jsonl(tmp_path / "aime.jsonl", [
+        {"problem": f"A fair coin is tossed {k} times and a die is rolled {k + 1} times in a row. {stock}"} for k in range(3, 7)
+    ])
+    rows = [
+        {"prompt": f"Two cards are drawn from a deck without replacement, both red. {stock}"},
+        {"prompt": "A fair coin is tossed 5 times and a die is rolled 6 times in a row. " + stock},
+    ]
+    out = tmp_path / "clean.jsonl"
+    cli.main(["decontaminate", write_jsonl(tmp_path / "in.jsonl", rows), "--against", bench, "--out", str(out)])
+    assert [r["prompt"] for r in read_jsonl(out)] == [rows[0]["prompt"]], "the stock phrase alone is not contamination"
+    [dropped] = read_jsonl(tmp_path / "clean.dropped.jsonl")
+    assert dropped["prompt"] == rows[1]["prompt"] and "aime.jsonl row 3" in dropped["reason"]

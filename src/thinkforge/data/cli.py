@@ -94,7 +94,7 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
         if field is None:
             raise DataError(f"{path}: no field among {args.against_fields} is set on every row")
         references += [(f"{Path(path).name} row {r['_row']}", str(r[field])) for r in bench_rows]
-    finish("decontaminate", rows, curate.contaminated(texts, references, n=args.ngram), args.out)
+    finish("decontaminate", rows, curate.contaminated(texts, references, n=args.ngram, boilerplate=args.boilerplate), args.out)
 
 
 def cmd_filter_verifiable(args: argparse.Namespace) -> None:
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--against", nargs="+", required=True, help="benchmark files (.jsonl/.parquet)")
     command.add_argument("--against-fields", nargs="+", default=["problem", "question", "prompt"])
     command.add_argument("--ngram", type=int, default=13)
+    command.add_argument("--boilerplate", type=int, default=3,
+                         help="an n-gram in this many benchmark problems is stock phrasing and does not count")
     command.set_defaults(run=cmd_decontaminate)
 
     command = commands.add_parser("filter-verifiable", help="keep rows whose gold answer the verifier can parse")

@@ -8,6 +8,7 @@ words, equality with one); model-based filters (pass rate, rejection sampling) l
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Iterable, Sequence
 
 import torch
@@ -75,15 +76,24 @@ def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def contaminated(texts: Sequence[str], references: Sequence[tuple[str, str]], *, n: int) -> dict[int, str]:
-    """index -> reason for texts sharing a word n-gram with a reference (name, text), or equal to a short one."""
+def contaminated(
+    texts: Sequence[str], references: Sequence[tuple[str, str]], *, n: int, boilerplate: int = 3
+) -> dict[int, str]:
+    """index -> reason for texts sharing a word n-gram with a reference (name, text), or equal to a short one.
+
+    An n-gram found in `boilerplate` or more references is the set's stock phrasing ("m and n are relatively prime
+    positive integers. Find m+n."), not a copied problem, and does not count.
+    """
     owner: dict[tuple[str, ...], str] = {}
+    owners: Counter[tuple[str, ...]] = Counter()
     short: dict[str, str] = {}
     for name, reference in references:
-        for gram in word_ngrams(reference, n):
+        for gram in set(word_ngrams(reference, n)):
             owner.setdefault(gram, name)
+            owners[gram] += 1
         if len(normalize_text(reference).split()) < n:
             short.setdefault(normalize_text(reference), name)
+    owner = {gram: name for gram, name in owner.items() if owners[gram] < boilerplate}
     dropped = {}
     for index, text in enumerate(texts):
         gram = next((g for g in word_ngrams(text, n) if g in owner), None)
