@@ -177,3 +177,16 @@ def test_prompts_longer_than_max_length_are_dropped(tmp_path):
     items = GRPO(run, tokenizer).build_items("train")
     assert items and all(len(item.token_ids) <= 40 for item in items)
     assert len(items) < run.data.synthetic.num_train
+
+
+def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path):
+    from thinkforge.config import validate
+    from thinkforge.train import build_stage
+
+    lengthening = "stage.max_completion_length={0: 8192, 10: 16384}"
+    stage = build_stage(validate(compose_config(*GRPO_FAST, "heldout.max_new_tokens=null", lengthening, "trainer.max_steps=20",
+                                                output_dir=tmp_path)))
+    assert stage.heldout_max_new_tokens() == 16384, "the length of the last steps"
+    assert build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path))).heldout_max_new_tokens() == 24
+    sft = build_stage(validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path)))
+    assert sft.heldout_max_new_tokens() == 256, "data.max_length"

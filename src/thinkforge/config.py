@@ -185,7 +185,9 @@ class HeldOutConfig:
     num_samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 160
+    # null: the stage's own completion length (GRPO's max_completion_length at its last step, rollout DPO's
+    # rollout.max_new_tokens, else data.max_length), so a 16K-token reasoning stage is not scored on 160 tokens
+    max_new_tokens: Optional[int] = None
     batch_size: int = 64
     # pass@k beside pass@1: k samples at `pass_k_temperature` on the first `pass_k_prompts` prompts (0: off).
     # What RL can reach: it sharpens what the model already samples, so pass@k bounds its greedy gain.
@@ -195,7 +197,8 @@ class HeldOutConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
-        _require(self.num_samples > 0 and self.max_new_tokens > 0, "heldout", "num_samples and max_new_tokens must be positive")
+        _require(self.num_samples > 0, "heldout.num_samples", "must be positive")
+        _require(self.max_new_tokens is None or self.max_new_tokens > 0, "heldout.max_new_tokens", "must be positive (or null)")
         _require(self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0")
         _require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
 

@@ -283,6 +283,13 @@ class Stage(L.LightningModule):
             logger.log_metrics({prefix + name: value for name, value in metrics.items()}, step=self.global_step)
             logger.save()
 
+    def heldout_max_new_tokens(self) -> int:
+        return self.run.heldout.max_new_tokens or self.completion_length()
+
+    def completion_length(self) -> int:
+        """How long this stage's completions may be: held-out generation follows it unless heldout sets one."""
+        return self.run.data.max_length
+
     def heldout_prompts(self) -> tuple[list[str], list[str]]:
         """Held-out prompts rendered for generation, and their gold answers."""
         data = self.run.data
@@ -309,7 +316,7 @@ class Stage(L.LightningModule):
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         prompts, golds = self.heldout_prompts()
         heldout = self.run.heldout
-        sampling = SamplingConfig(heldout.num_samples, heldout.temperature, heldout.top_p, heldout.max_new_tokens)
+        sampling = SamplingConfig(heldout.num_samples, heldout.temperature, heldout.top_p, self.heldout_max_new_tokens())
         groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed)
         sums = score_rollouts(groups, golds_here)
         total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
@@ -332,7 +339,7 @@ class Stage(L.LightningModule):
     def _heldout_pass_at_k(self, prompts: list[str], golds: list[str]) -> dict[str, float]:
         """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
         heldout = self.run.heldout
-        sampling = SamplingConfig(heldout.pass_k, heldout.pass_k_temperature, 1.0, heldout.max_new_tokens)
+        sampling = SamplingConfig(heldout.pass_k, heldout.pass_k_temperature, 1.0, self.heldout_max_new_tokens())
         groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed + 1)
         scores = math_accuracy_many([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds_here) for _ in g])
         k = heldout.pass_k

@@ -108,6 +108,9 @@ class DPO(Stage):
         self.trainer.strategy.barrier("rollout pairs")
         return pairs
 
+    def completion_length(self) -> int:
+        return self.rollout.max_new_tokens if self.pairs == "rollout" else self.run.data.max_length
+
     def build_items(self, split: str) -> Sequence[Pair]:
         items, dropped = [], 0
         for record in self.pair_records(split):

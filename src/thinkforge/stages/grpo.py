@@ -136,6 +136,9 @@ class GRPO(Stage):
         if self.beta > 0:
             self.load_reference()
 
+    def completion_length(self) -> int:
+        return int(scheduled(self.max_completion_length, self.run.trainer.max_steps // self.num_iterations - 1))
+
     def on_train_start(self) -> None:
         if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
             self.initial_heldout = self.evaluate_heldout(filename=None)
