@@ -88,7 +88,12 @@ def test_bad_stage_value_is_named(tmp_path):
 
 
 def test_dry_run_from_the_command_line(tmp_path):
-    result = run_cli("recipe=deepscaler", "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
+    brief = run_cli("recipe=deepscaler", "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
+                    cwd=tmp_path, program="thinkforge-pipeline")
+    assert brief.returncode == 0, brief.stderr[-3000:]
+    assert "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | max_length 1024, completions 16384 |" in brief.stdout
+    assert len(brief.stdout.splitlines()) < 10 and "# ---- stage" not in brief.stdout, "one screen; the YAML with verbose"
+    result = run_cli("recipe=deepscaler", "dry_run=true", "verbose=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
                      cwd=tmp_path, program="thinkforge-pipeline")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("# ---- stage") == 3
@@ -138,7 +143,7 @@ def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
 
 
 def test_pipeline_and_eval_sweep_with_multirun(tmp_path):
-    pipeline = run_cli("-m", "dry_run=true", "stages.grpo.optim.lr=1e-4,2e-4", f"hydra.sweep.dir={tmp_path / 'p'}",
+    pipeline = run_cli("-m", "dry_run=true", "verbose=true", "stages.grpo.optim.lr=1e-4,2e-4", f"hydra.sweep.dir={tmp_path / 'p'}",
                        cwd=tmp_path, program="thinkforge-pipeline")
     assert pipeline.returncode == 0, pipeline.stderr[-3000:]
     assert pipeline.stdout.count("# ---- stage grpo") == 2

@@ -255,8 +255,9 @@ class PipelineConfig:
     # Every stage's seed: model init, data order and sampling move together.
     seed: int = 0
     output_dir: str = MISSING
-    # Compose and validate every stage, print the plan, and stop.
+    # Compose and validate every stage, print the plan, and stop; verbose adds every stage's full config.
     dry_run: bool = False
+    verbose: bool = False
     # Run thinkforge-doctor's checks on every stage instead of training.
     doctor: bool = False
 

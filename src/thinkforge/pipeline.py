@@ -178,11 +178,29 @@ def doctor_stages(pipeline: DictConfig, stages: list[PlannedStage]) -> bool:
     return healthy
 
 
+def overview(stages: list[PlannedStage]) -> str:
+    """One line per stage: what it trains, from what, on what, for how long, how fast, how long its sequences."""
+    lines = ["| stage | trains | from | data | steps | lr | lengths |", "|---|---|---|---|---|---|---|"]
+    for stage in stages:
+        cfg = stage.config
+        source = cfg.model.name_or_path or "model.config"
+        source = Path(source).parent.name if Path(source).name == "export" else source
+        lengths = f"max_length {cfg.data.max_length}"
+        if "max_completion_length" in cfg.stage:
+            lengths += f", completions {OmegaConf.to_container(cfg.stage, resolve=True)['max_completion_length']}"
+        data = cfg.data.train if cfg.data.train != "synthetic" else f"synthetic ({cfg.data.synthetic.num_train} rows)"
+        lines.append(f"| {stage.name} | {cfg.stage._target_.rsplit('.', 1)[1]} | {source} | {data} | {cfg.trainer.max_steps} "
+                     f"| {cfg.optim.lr:g} | {lengths} |")
+    return "\n".join(lines)
+
+
 def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     stages = plan(pipeline)
     if pipeline.dry_run:
-        for stage in stages:
-            print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
+        print(f"[pipeline] {pipeline.name}: {len(stages)} stages composed and validated -> {pipeline.output_dir}\n{overview(stages)}")
+        if pipeline.verbose:
+            for stage in stages:
+                print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
         return []
     if pipeline.doctor:
         if not doctor_stages(pipeline, stages):
