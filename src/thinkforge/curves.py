@@ -8,11 +8,8 @@ picture puts held-out accuracy after each stage first, then the RL stages' panel
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 from typing import Any, Sequence
-
-log = logging.getLogger(__name__)
 
 # (metric in the CSV log, panel title); a panel is drawn when the log has the metric
 LOSS_PANELS: tuple[tuple[str, str], ...] = (("train/loss", "training loss"), ("val/loss", "validation loss"))
@@ -80,7 +77,6 @@ def _save(figure: Any, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    log.info("curves: %s", path)
     return path
 
 
