@@ -162,6 +162,9 @@ def test_a_pipeline_wide_data_file_reaches_every_stage_and_a_misspelled_stage_na
     prompts.write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n")
     stages = plan_recipe(tmp_path, "recipe=deepscaler", f"+data.train={prompts}")
     assert [s.config.data.train for s in stages] == [str(prompts)] * 3
+    dry = run_cli("recipe=deepscaler", f"data.train={prompts}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert [line.split(" | ")[3] for line in dry.stdout.splitlines() if line.startswith("| grpo_")] == [str(prompts)] * 3
     result = run_cli("recipe=deepscaler", f"data.train={prompts}", "stages.grpo8k.optim.lr=1e-6", "dry_run=true",
                      cwd=tmp_path, program="thinkforge-pipeline")
     assert result.returncode != 0

@@ -9,7 +9,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from thinkforge.rollout.base import Rollout, SamplingConfig
-from thinkforge.tokenizer import end_token_ids
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -50,10 +49,13 @@ class HFEngine:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False) -> None:
         """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
 
-        A row ends at any of the model's end tokens (`end_token_ids`): the chat turn's end, the tokenizer's EOS
-        and the generation config's own list. The same set decides `finished`."""
+        A row ends at any of the model's end tokens: its generation config's list (which `load_hf_model` fills with
+        the chat turn's end, the tokenizer's EOS and the model's own) and the tokenizer's EOS. The same set decides
+        `finished`."""
         self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
-        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+        declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+        self.end_ids = list(dict.fromkeys([*declared, tokenizer.eos_token_id]))
 
     def update_weights(self) -> None:
         """Nothing to do: generation runs on the live policy weights."""
