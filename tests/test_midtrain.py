@@ -61,8 +61,8 @@ def test_a_short_run_prints_a_quiet_console(tmp_path):
 
     from conftest import logged, run_cli
 
-    result = run_cli("trainer.max_steps=20", "data.synthetic.num_train=256", "heldout.num_prompts=8", "heldout.max_new_tokens=32",
-                     cwd=tmp_path)
+    result = run_cli("trainer.max_steps=20", "data.synthetic.num_train=256", "data.max_length=128", "heldout.num_prompts=8",
+                     "heldout.max_new_tokens=32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip() and "━" not in line]
     assert not [line for line in lines if "Tip" in line or "/-2" in line or "eval mode" in line], lines
