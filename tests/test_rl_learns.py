@@ -75,7 +75,7 @@ def _greedy_prefers_chosen(export, rows) -> float:
 
 def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
     """With the RPO term, as the demo runs it: the chosen answers become what greedy decoding says."""
-    train = _parity_pairs(tmp_path / "train.jsonl", range(0, 400, 1))
+    _parity_pairs(tmp_path / "train.jsonl", range(0, 400))
     val = _parity_pairs(tmp_path / "val.jsonl", range(1000, 1064))
     steps = 60
     run_dir = tmp_path / "run"
