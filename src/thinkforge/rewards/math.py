@@ -12,6 +12,7 @@ and math-verify's own `signal.alarm` timeouts only work in a main thread. A time
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -22,10 +23,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 THINK_END = "</think>"
 DEFAULT_TIMEOUT_S = 5.0
+# starting a worker imports sympy and math-verify: seconds, more on a busy node
+STARTUP_TIMEOUT_S = 120.0
+_LATE = object()
+log = logging.getLogger(__name__)
 MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "arcsin", "arccos", "arctan", "sqrt", "inf"}
 
 
@@ -98,10 +103,19 @@ def _parse_gold(gold: str) -> bool:
 
     _quiet_math_verify()
     stripped = normalize_answer(gold)
-    words = re.findall(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+", "", stripped))
+    # environment names (\begin{pmatrix}) and commands are markup, not words
+    markup_free = re.sub(r"\\(?:begin|end)\{[a-zA-Z*]+\}|\\[a-zA-Z]+", " ", stripped)
+    words = re.findall(r"[a-zA-Z]{3,}", markup_free)
+    if words and all(word.lower() not in MATH_WORDS for word in words) and re.fullmatch(r"[a-zA-Z]+(?: [a-zA-Z]+)?", gold_text(gold)):
+        return True  # a short text answer ("Evelyn", "east", "ellipse"): the grader matches it exactly
     if any(word.lower() not in MATH_WORDS for word in words):
         return False  # prose such as "see the figure" would otherwise parse as a product of symbols
     return any(isinstance(value, (sympy.Basic, MatrixBase)) for value in parse(f"${stripped}$", parsing_timeout=None))
+
+
+def gold_text(gold: str) -> str:
+    """A gold answer's plain words: `\\text{Evelyn}` -> "Evelyn"."""
+    return re.sub(r"\\(?:text|textbf|mathrm|mbox)\{\s*([^}]*)\}", r"\1", gold).strip().strip("$").strip()
 
 
 def _process_alive(pid: int) -> bool:
@@ -119,9 +133,13 @@ def _process_alive(pid: int) -> bool:
         return False
 
 
-def _exit_with(owner: int) -> None:
-    """Worker initializer: exit once the pool's owner is gone. CPython's pool workers outlive an owner killed with
-    SIGKILL (each holds its own queue's pipe ends), and would keep its stdout open, and its caller waiting, forever."""
+def _start_worker(owner: int) -> None:
+    """Worker initializer. Imports sympy and math-verify up front: seconds of CPU on a busy node, which must not
+    count against the first checks' deadlines. And exits once the pool's owner is gone: CPython's pool workers
+    outlive an owner killed with SIGKILL (each holds its own queue's pipe ends), and would keep its stdout open,
+    and its caller waiting, forever."""
+    for module in ("sympy", "math_verify"):
+        importlib.import_module(module)
 
     def watch() -> None:
         while _process_alive(owner):
@@ -129,6 +147,10 @@ def _exit_with(owner: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-owner").start()
+
+
+def _ready() -> bool:
+    return True
 
 
 @dataclass
@@ -142,10 +164,13 @@ class VerifierPool:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _pool(self) -> ProcessPoolExecutor:
+        """The workers, started and warm: deadlines count from here, not from a worker's imports."""
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_exit_with, initargs=(os.getpid(),)
+                self.workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_start_worker, initargs=(os.getpid(),)
             )
+            for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
+                future.result(timeout=STARTUP_TIMEOUT_S)
         return self._executor
 
     def _restart(self) -> None:
@@ -156,28 +181,48 @@ class VerifierPool:
             executor.shutdown(wait=False, cancel_futures=True)
 
     def run(self, function, argument_pairs: Sequence[tuple[str, ...]]) -> list[bool | None]:
-        """function(*args) for each args, in parallel; None where a check timed out or crashed."""
+        """function(*args) for each args, in parallel; None where a check timed out twice or crashed.
+
+        A check past its deadline is retried once, with four times the time, in a fresh pool: on a node whose
+        cores are busy with training a slow check is not a wrong one. Only a second timeout scores as no match.
+        """
         with self._lock:
-            futures = [self._pool().submit(function, *args) for args in argument_pairs]
-            results: list[bool | None] = []
-            broken = False
-            for future in futures:
-                try:
-                    results.append(None if broken else bool(future.result(timeout=self.timeout_s)))
-                except FutureTimeout:
-                    self.timeouts += 1
-                    results.append(None)
-                    broken = True
-                except BrokenProcessPool as error:
-                    self._restart()
-                    raise RuntimeError(
-                        "answer-check workers died; a script that scores answers needs an `if __name__ == '__main__':` guard"
-                    ) from error
-                except Exception:
-                    results.append(None)
-            if broken:
-                self._restart()
+            results = self._run_once(function, argument_pairs, self.timeout_s)
+            late = [i for i, result in enumerate(results) if result is _LATE]
+            if late:
+                again = self._run_once(function, [argument_pairs[i] for i in late], 4 * self.timeout_s)
+                for index, result in zip(late, again):
+                    results[index] = None if result is _LATE else result
+                failed = sum(result is _LATE for result in again)
+                self.timeouts += failed
+                if failed:
+                    log.warning("answer checks: %d of %d ran out of time twice (%.0f s) and score 0", failed, len(results), 4 * self.timeout_s)
             return results
+
+    def _run_once(self, function, argument_pairs: Sequence[tuple[str, ...]], timeout_s: float) -> list[Any]:
+        """Results, with _LATE for a check past its deadline and for those after it (their pool is killed)."""
+        futures = [self._pool().submit(function, *args) for args in argument_pairs]
+        results: list[Any] = []
+        late = False
+        for future in futures:
+            if late:
+                results.append(_LATE)
+                continue
+            try:
+                results.append(bool(future.result(timeout=timeout_s)))
+            except FutureTimeout:
+                results.append(_LATE)
+                late = True
+            except BrokenProcessPool as error:
+                self._restart()
+                raise RuntimeError(
+                    "answer-check workers died; a script that scores answers needs an `if __name__ == '__main__':` guard"
+                ) from error
+            except Exception:
+                results.append(None)
+        if late:
+            self._restart()
+        return results
 
     def close(self) -> None:
         with self._lock:
@@ -192,8 +237,23 @@ def shared_verifier_pool() -> VerifierPool:
     return _shared_pool
 
 
+# Answers that would cost sympy seconds, found by their text: a tower (2^{10^{12}}), a power with a 5-digit
+# exponent, a factorial of a 4-digit number, a 101-digit number, or 1,000 characters of anything.
+_COSTLY = re.compile(r"\^\{[^{}]*\^|\^\d+\^|\^\{?\d{5,}|\d{4,}!|\d{101}")
+
+
+def too_costly(answer: str) -> bool:
+    text = normalize_answer(answer)
+    return len(text) > 1000 or bool(_COSTLY.search(text))
+
+
 def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | None = None) -> list[bool]:
-    return [bool(result) for result in (pool or _shared_pool).run(_check, pairs)]
+    """A costly answer matches only as the gold's very text: it never reaches sympy, so it returns at once."""
+    checked = [i for i, (pred, _) in enumerate(pairs) if not too_costly(pred)]
+    results = [normalize_answer(pred) == normalize_answer(gold) for pred, gold in pairs]
+    for index, result in zip(checked, (pool or _shared_pool).run(_check, [pairs[i] for i in checked])):
+        results[index] = bool(result)
+    return results
 
 
 def answers_match(pred: str, gold: str) -> bool:
