@@ -9,6 +9,7 @@ its checkpoint), so every step is in the file exactly once.
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
@@ -49,3 +50,17 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def read_csv_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] from `run_dir/csv/metrics.csv`; empty when the run logged no CSV."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.exists():
+        return {}
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            for name, value in row.items():
+                if name != "step" and value not in ("", None):
+                    series.setdefault(name, []).append((int(row["step"]), float(value)))
+    return series

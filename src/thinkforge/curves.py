@@ -7,9 +7,10 @@ picture puts held-out accuracy after each stage first, then the RL stages' panel
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Sequence
+
+from thinkforge.csv_log import read_csv_log
 
 # (metric in the CSV log, panel title); a panel is drawn when the log has the metric
 LOSS_PANELS: tuple[tuple[str, str], ...] = (("train/loss", "training loss"), ("val/loss", "validation loss"))
@@ -25,20 +26,6 @@ RL_PANELS: tuple[tuple[str, str], ...] = (
     ("val/rewards/accuracies", "DPO held-out implicit-reward accuracy"),
 )
 SMOOTHING_WINDOW = 5
-
-
-def read_log(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric -> [(step, value)] from `run_dir/csv/metrics.csv`; empty when the run logged no CSV."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.exists():
-        return {}
-    series: dict[str, list[tuple[int, float]]] = {}
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            for name, value in row.items():
-                if name != "step" and value not in ("", None):
-                    series.setdefault(name, []).append((int(row["step"]), float(value)))
-    return series
 
 
 def _smoothed(values: Sequence[float]) -> list[float]:
@@ -82,7 +69,7 @@ def _save(figure: Any, path: Path) -> Path:
 
 def stage_curves(run_dir: Path, title: str = "") -> Path | None:
     """`run_dir/curves.png` with the stage's headline metrics; None when its log holds none of them."""
-    series = read_log(run_dir)
+    series = read_csv_log(run_dir)
     panels = [(name, panel_title) for name, panel_title in LOSS_PANELS + RL_PANELS if series.get(name)]
     if not panels:
         return None
@@ -97,7 +84,7 @@ def stage_curves(run_dir: Path, title: str = "") -> Path | None:
 def pipeline_curves(records: Sequence[dict[str, Any]], stage_dirs: Sequence[Path], path: Path, title: str = "") -> Path:
     """Held-out accuracy after each stage (greedy pass@1, and sampled pass@1 / pass@k when measured), then the
     RL stages' training curves."""
-    logs = {record["stage"]: read_log(directory) for record, directory in zip(records, stage_dirs)}
+    logs = {record["stage"]: read_csv_log(directory) for record, directory in zip(records, stage_dirs)}
     rl_panels = [(stage, name, title) for stage, log_ in logs.items() for name, title in RL_PANELS if log_.get(name)]
     figure, axes = _figure(1 + len(rl_panels))
     stages = [record["stage"] for record in records]

@@ -8,11 +8,9 @@ itself, a few steps each, in the doctor's own directory.
 
 from __future__ import annotations
 
-import csv
 import json
 import resource
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import TrainConfig, validate
+from thinkforge.csv_log import read_csv_log
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, fit_to_length, pack
 from thinkforge.losses import causal_lm_loss_sum
 from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
@@ -34,7 +33,7 @@ from thinkforge.stages.dpo import DPO
 from thinkforge.stages.grpo import GRPO, scheduled
 from thinkforge.stages.sft import SFT
 from thinkforge.tokenizer import turn_end_token
-from thinkforge.train import build_stage, run_stage
+from thinkforge.train import build_stage, own_process_command, run_stage
 
 SPLIT_TOLERANCE = 1e-5
 LOGPROB_WARN, LOGPROB_FAIL = 1e-2, 1e-1
@@ -130,11 +129,7 @@ def train_briefly(cfg: DictConfig, directory: Path, overrides: Sequence[str], *,
         with open_dict(run_cfg):
             run_cfg.callbacks = {**(run_cfg.callbacks or {}), "doctor_interrupt": {"_target_": "thinkforge.doctor.InterruptAt", "step": interrupt_at}}
     if validate(run_cfg).hardware.strategy == "fsdp":
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "doctor_config.yaml").write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(run_cfg))
-        command = [str(Path(sys.executable).with_name("thinkforge-train")), "--config-dir", str(directory),
-                   "--config-name", "doctor_config", f"hydra.run.dir='{directory}'"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(own_process_command(run_cfg, directory), capture_output=True, text=True)
         if result.returncode != 0 and interrupt_at is None:
             lines = result.stderr.strip().splitlines()
             raise RuntimeError(f"{directory.name}: {lines[-1] if lines else 'failed'}")
@@ -367,9 +362,12 @@ def with_values(cfg: DictConfig, directory: Path, overrides: Sequence[str]) -> D
 
 
 def read_steps(directory: Path) -> dict[int, dict[str, float]]:
-    with (directory / "csv" / "metrics.csv").open() as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
-    return {int(row["step"]): {k: float(v) for k, v in row.items() if v not in ("", None) and k != "epoch"} for row in rows}
+    """step -> every metric logged at that step, for the steps that trained (they log train/loss)."""
+    steps: dict[int, dict[str, float]] = {}
+    for name, points in read_csv_log(directory).items():
+        for step, value in points:
+            steps.setdefault(step, {})[name] = value
+    return {step: metrics for step, metrics in steps.items() if "train/loss" in metrics}
 
 
 def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -29,11 +28,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from thinkforge.config import ConfigError, PipelineConfig, validate
 from thinkforge.curves import pipeline_curves
+from thinkforge.train import own_process_command
 
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline_stage.json"
-STAGE_CONFIG = "stage_config.yaml"
 
 
 @dataclass
@@ -98,15 +97,6 @@ def plan(pipeline: DictConfig) -> list[PlannedStage]:
     return list(planned.values())
 
 
-def train_command() -> list[str]:
-    """`thinkforge-train` of this environment (Lightning relaunches it per rank for multi-process strategies)."""
-    script = Path(sys.executable).with_name("thinkforge-train")
-    found = str(script) if script.exists() else shutil.which("thinkforge-train")
-    if found is None:
-        raise RuntimeError("thinkforge-train is not installed in this environment (pip install -e .)")
-    return [found]
-
-
 def run_one(stage: PlannedStage) -> dict[str, Any]:
     """Runs, resumes or skips one stage; returns its finished record."""
     record = stage.record()
@@ -120,15 +110,7 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
         return record
     resume = record is not None and stage.last_checkpoint.exists()
     stage.directory.mkdir(parents=True, exist_ok=True)
-    config_text = "defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(stage.config)
-    (stage.directory / STAGE_CONFIG).write_text(config_text)
-    command = train_command() + [
-        "--config-dir",
-        str(stage.directory),
-        "--config-name",
-        Path(STAGE_CONFIG).stem,
-        f"hydra.run.dir='{stage.directory}'",
-    ]
+    command = own_process_command(stage.config, stage.directory)
     print(f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}", flush=True)
     stage.write_record(status="running")
     started = time.monotonic()

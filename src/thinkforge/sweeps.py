@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -11,17 +10,16 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from thinkforge.csv_log import read_csv_log
+
 
 def job_row(job: Path) -> dict[str, str]:
     """A finished (or failed) job's overrides (its folder's name), last logged step and loss, held-out accuracy."""
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
     row = {"overrides": " ".join(overrides), "step": "-", "train/loss": "-", "held-out accuracy": "-"}
-    metrics = job / "csv" / "metrics.csv"
-    if metrics.exists():
-        with metrics.open() as handle:
-            steps = [r for r in csv.DictReader(handle) if r.get("train/loss")]
-        if steps:
-            row["step"], row["train/loss"] = steps[-1]["step"], f"{float(steps[-1]['train/loss']):.4f}"
+    losses = read_csv_log(job).get("train/loss")
+    if losses:
+        row["step"], row["train/loss"] = str(losses[-1][0]), f"{losses[-1][1]:.4f}"
     heldout = job / "heldout.json"
     if heldout.exists():
         row["held-out accuracy"] = f"{json.loads(heldout.read_text())['accuracy']:.1%}"

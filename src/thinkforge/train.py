@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +138,21 @@ def resume_checkpoint(run: TrainConfig) -> str | None:
     newest = max(found, key=lambda path: path.stat().st_mtime)
     log.info("resuming from %s", newest)
     return str(newest)
+
+
+STAGE_CONFIG = "stage_config.yaml"
+
+
+def own_process_command(cfg: DictConfig, directory: Path) -> list[str]:
+    """`thinkforge-train` on exactly `cfg`, saved as `directory/stage_config.yaml`: how a stage runs as its own
+    process (the pipeline's stages; the doctor's runs under FSDP, whose ranks relaunch from the command line)."""
+    script = Path(sys.executable).with_name("thinkforge-train")
+    found = str(script) if script.exists() else shutil.which("thinkforge-train")
+    if found is None:
+        raise RuntimeError("thinkforge-train is not installed in this environment (pip install -e .)")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STAGE_CONFIG).write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(cfg))
+    return [found, "--config-dir", str(directory), "--config-name", Path(STAGE_CONFIG).stem, f"hydra.run.dir='{directory}'"]
 
 
 def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult | None:
