@@ -156,7 +156,7 @@ def test_math500_solutions_grade_as_their_answers():
     agreement = sum(bool(r) for r in results) / len(rows)
     print(f"MATH-500 solution vs answer agreement: {agreement:.3%} ({sum(bool(r) for r in results)}/{len(rows)})")
     pool.close()
-    assert agreement >= 0.97
+    assert sum(bool(r) for r in results) >= 498
 
 
 from thinkforge.rewards.math import _check as _check_for_test  # noqa: E402

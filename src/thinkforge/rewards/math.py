@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 DEFAULT_TIMEOUT_S = 5.0
 # starting a worker imports sympy and math-verify: seconds, more on a busy node
 STARTUP_TIMEOUT_S = 120.0
@@ -47,28 +47,106 @@ def boxed_contents(text: str) -> list[str]:
     return contents
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final answer: the last `\\boxed{}` after the last `</think>`; several boxes there form one set answer."""
-    if THINK_END not in completion:
+def extract_answer(completion: str, lenient: bool = False) -> str | None:
+    """The final answer: the `\\boxed{}` after the last `</think>`; several boxes there form one set answer.
+
+    `lenient` is for evaluating instruct models, never for rewards: no `</think>` is needed unless a `<think>` was
+    opened, and a text with no box falls back to its stated final answer, its last formula, or its last number."""
+    if THINK_END in completion:
+        final = completion.rsplit(THINK_END, 1)[1]
+    elif lenient and THINK_START not in completion:
+        final = completion
+    else:
         return None
-    boxes = boxed_contents(completion.rsplit(THINK_END, 1)[1])
-    if not boxes:
-        return None
-    return boxes[0] if len(boxes) == 1 else "\\{" + ", ".join(boxes) + "\\}"
+    boxes = boxed_contents(final)
+    if boxes:
+        return boxes[0] if len(boxes) == 1 else "\\{" + ", ".join(boxes) + "\\}"
+    return _unboxed_answer(final) if lenient else None
+
+
+_STATED = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*(.+?)(?:\.\s|\.?$|\n)", re.I | re.S)
+_FORMULA = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$((?:\\\$|[^$\n])+?)\$|\\\((.+?)\\\)", re.S)
+_NUMBER = re.compile(r"(?<![a-zA-Z\d.,])-?\d+(?:[.,]\d+)*")
+_TURN_MARKER = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end)\|>")
+_UNIT_WORDS = {"percent", "percentage", "pct", "and", "cm", "meters", "miles", "degrees", "dollars", "units"}
+
+
+def _unboxed_answer(text: str) -> str | None:
+    """A final answer in words ("Final Answer: The largest $n$ is 34."), else the last formula, else a short
+    text of numbers and units as it is, else the last number; a following chat turn is not part of it."""
+    text = _TURN_MARKER.split(text)[0]
+    stated = _STATED.findall(text)
+    if stated:
+        text = re.split(r"\s+is\s+", stated[-1])[-1]
+    formulas = [next(group for group in match if group) for match in _FORMULA.findall(text)]
+    if formulas:
+        return formulas[-1].strip()
+    words = {word.lower() for word in re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", text)}
+    if len(text.strip()) <= 40 and words <= _UNIT_WORDS:
+        return text.strip().rstrip(".") or None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical string form: no $, \\boxed, spacing, \\left/\\right, units or variable name; used before
-    parsing, and as the voting key of maj@k."""
-    answer = answer.strip().strip("$").strip()
+    """A canonical string form: no $, \\boxed, spacing, \\left/\\right, units, currency or variable name; used
+    before parsing, and as the voting key of maj@k.
+
+    Written-out forms become the ones math-verify parses: "28 percent" -> `28\\%`, "6 and 8" -> `6,8`,
+    `p=-1, p=2` -> `-1,2`, `-2 \\le x \\le 7` -> `x\\in[-2,7]`, an unambiguous decimal comma `2,74` -> `2.74`. A comma
+    followed by a space stays a list separator: `32, 349` is two numbers, `32,349` is one."""
+    answer = re.sub(r"(?<!\\)\$", "", answer).strip()
     answer = re.sub(r"^\\boxed\{(.*)\}$", r"\1", answer, flags=re.S)
-    answer = re.sub(r"(?<=\d)\s*\\(?:text|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}", "", answer)  # units: "5 \text{ cm}"
-    answer = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{\s*([^}]*)\}", r"\1", answer)
-    answer = re.sub(r"(?<!\\)\\[,;!: ]|\\left|\\right|\s+", "", answer)
+    answer = re.sub(r",\s*\\!\s*", ",", answer)  # "32,\\! 349": LaTeX's thousands spacing
+    answer = re.sub(r"(?<=\d)\s*(?:\\?%|percent(?:age)?s?\b|pct\b)", r"\\%", answer)
+    answer = re.sub(r"\s*(?:\\q?quad)?\s*(?:\\text\{\s*and\s*\}|\band\b)\s*(?:\\q?quad)?\s*", ",", answer)
+    answer = re.sub(r"(?<=\d)\s*\\(?:text|textnormal|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^[23])?", "", answer)  # "5 \text{ cm}"
+    answer = re.sub(r"\\(?:text|textbf|textnormal|mathrm|mbox)\{\s*([^}]*)\}", r"\1", answer)
+    answer = re.sub(r"^(?:\\\$|[$€£¥])\s*|\s*(?:\\\$|\\euro|[$€£¥]|(?<=\d)\s*[a-zA-Z]{1,2}[²³])$", "", answer)
+    answer = re.sub(r"(?<!\\)\\[,;!: ]|\\q?quad|\\left|\\right", "", answer)
+    answer = re.sub(r"(?<!,)\s+|(?<=,)\s+(?!\d{3}(?!\d))", "", answer)
     answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
-    answer = re.sub(r"^[a-zA-Z]\w*=(?=[^=]+$)", "", answer)  # "x=3" -> "3"
-    answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", answer)  # thousands separators
-    return answer.rstrip(".")
+    answer = re.sub(r"^\([a-zA-Z](?:,[a-zA-Z])+\)=(?=\()", "", answer)  # "(x,y)=(5,8),(8,5)"
+    if re.fullmatch(r"([a-zA-Z])=[^=,a-zA-Z]+(?:,\1=[^=,a-zA-Z]+)*", answer):
+        answer = re.sub(r"(^|,)[a-zA-Z]=", r"\1", answer)  # "x=3" -> "3", "p=-1,p=2" -> "-1,2"
+    answer = re.sub(r"^(-?\d+),(\d+)$", _decimal_comma, answer)
+    answer = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])", _without_thousands_commas, answer)
+    return _interval_of_chain(answer.rstrip("."))
+
+
+def _decimal_comma(number: re.Match) -> str:
+    """`2,74`, `1000,99`, `0,111` are decimals; `1,2` stays a list of two, and `1,000` a thousand."""
+    whole, fraction = number[1], number[2]
+    if whole.lstrip("-") == "0" or len(fraction) not in (1, 3):
+        return f"{whole}.{fraction}"
+    return number[0]
+
+
+def _without_thousands_commas(number: re.Match) -> str:
+    """`12,345,678` -> `12345678`; but `(12,102)` alone in brackets is an interval or a point."""
+    text = number.string
+    before, after = text[number.start() - 1: number.start()], text[number.end(): number.end() + 1]
+    if before and after and before in "([" and after in ")]":
+        return number[0]
+    return number[0].replace(",", "")
+
+
+_LOWER = r"<=|<|\\leq?|\\lt"
+_UPPER = r">=|>|\\geq?|\\gt"
+_BOUND = r"(?:(?!\\[lg][et]|[<>=]).)+"
+
+
+def _interval_of_chain(answer: str) -> str:
+    """`a \\le x < b` (or `b > x \\ge a`) as the interval `x\\in[a,b)`, the form math-verify compares with one."""
+    for ops, flip in ((_LOWER, False), (_UPPER, True)):
+        chain = re.fullmatch(rf"({_BOUND})({ops})([a-zA-Z])({ops})({_BOUND})", answer)
+        if chain:
+            low, low_op, variable, high_op, high = chain.groups()
+            if flip:
+                low, low_op, high_op, high = high, high_op, low_op, low
+            closed_low, closed_high = ("=" in low_op or "e" in low_op), ("=" in high_op or "e" in high_op)
+            return f"{variable}\\in{'[' if closed_low else '('}{low},{high}{']' if closed_high else ')'}"
+    return answer
 
 
 def _check(pred: str, gold: str) -> bool:
@@ -269,13 +347,15 @@ def golds_parseable_many(golds: Sequence[str], pool: VerifierPool | None = None)
     return [bool(result) for result in (pool or _shared_pool).run(_parse_gold, [(gold,) for gold in golds])]
 
 
-def math_accuracy(completion: str, gold: str) -> float:
-    return math_accuracy_many([completion], [gold])[0]
+def math_accuracy(completion: str, gold: str, lenient: bool = False) -> float:
+    return math_accuracy_many([completion], [gold], lenient=lenient)[0]
 
 
-def math_accuracy_many(completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None) -> list[float]:
+def math_accuracy_many(
+    completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None, lenient: bool = False
+) -> list[float]:
     """1.0/0.0 per completion; all answer checks of the batch run at once in the worker pool."""
-    answers = [extract_answer(completion) for completion in completions]
+    answers = [extract_answer(completion, lenient) for completion in completions]
     checkable = [i for i, answer in enumerate(answers) if answer is not None]
     scores = [0.0] * len(completions)
     for index, match in zip(checkable, answers_match_many([(answers[i], golds[i]) for i in checkable], pool)):
