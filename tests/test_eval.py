@@ -158,3 +158,17 @@ def test_regrading_writes_under_the_samples_benchmark_and_rejects_a_k_beyond_the
     assert json.loads(summary.read_text())["benchmark"] == "gsm8k"
     too_many = run_cli(f"samples_file={samples}", "ks=[1,4]", cwd=tmp_path, program="thinkforge-eval")
     assert too_many.returncode != 0 and "some problem has only 2" in too_many.stderr
+
+
+def test_lenient_grading_is_chosen_by_config_and_strict_stays_the_default(tmp_path):
+    rows = [{"problem": 0, "gold": "34", "completion": "Final Answer: The largest $n$ is 34."},
+            {"problem": 0, "gold": "34", "completion": "<think>\n</think>\n\\boxed{34}"}]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for grading, expected in (("strict", [False, True]), ("lenient", [True, True])):
+        out = tmp_path / grading
+        result = run_cli(f"samples_file={samples}", "ks=[1]", f"grading={grading}", f"hydra.run.dir={out}", cwd=tmp_path, program="thinkforge-eval")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [json.loads(line)["correct"] for line in (out / "samples.jsonl").read_text().splitlines()] == expected
+    wrong = run_cli(f"samples_file={samples}", "grading=loose", cwd=tmp_path, program="thinkforge-eval")
+    assert wrong.returncode != 0 and "grading" in wrong.stderr

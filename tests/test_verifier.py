@@ -117,15 +117,18 @@ def _spin() -> None:
         pass
 
 
-def test_a_check_that_never_returns_is_killed_retried_once_and_counted():
+def test_a_check_that_never_returns_is_killed_retried_once_counted_and_warned_of_past_a_trace(caplog):
     """Killed at its deadline, retried once at four times it, then counted; the pool keeps working."""
-    pool = VerifierPool(workers=1, timeout_s=0.5)
+    pool = VerifierPool(workers=1, timeout_s=0.5, warn_rate=0.3)
     pool.run(_equal, [("1", "1")])  # started and warm
     started = time.perf_counter()
-    assert pool.run(_hang, [("9^{9^{9^{9^{9^{9}}}}}", "1")]) == [None]
+    with caplog.at_level("WARNING", logger="thinkforge.rewards.math"):
+        assert pool.run(_hang, [("9^{9^{9^{9^{9^{9}}}}}", "1")]) == [None]
     assert time.perf_counter() - started < 0.5 + 2.0 + 3.0, "two deadlines and a pool restart"
-    assert pool.timeouts == 1
-    assert pool.run(_equal, [("2", "2")]) == [True]
+    assert (pool.timeouts, pool.checks, pool.timeout_rate) == (1, 2, 0.5)
+    assert "50.0% of all checks so far" in caplog.text
+    assert pool.run(_equal, [("2", "2")] * 2) == [True, True]
+    assert pool.timeout_rate == 0.25
     pool.close()
 
 

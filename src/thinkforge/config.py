@@ -8,6 +8,7 @@ when `validate` converts the composed config to these dataclasses, i.e. before a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -327,6 +328,14 @@ class BudgetForcingConfig:
         _require(self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0")
 
 
+class Grading(str, Enum):
+    """strict: the RL reward's rule (a `\\boxed{}` after `</think>`). lenient: for instruct models that state
+    their answer in words or a last formula; never used for rewards."""
+
+    strict = "strict"
+    lenient = "lenient"
+
+
 @dataclass
 class EvalConfig:
     # Required unless grading a samples_file: e.g. model=pretrained model.name_or_path=<an export>.
@@ -344,6 +353,7 @@ class EvalConfig:
     seed: int = 0
     # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
     samples_file: Optional[str] = None
+    grading: Grading = Grading.strict
     benchmarks_dir: str = "../shared/data/benchmarks"
     output_dir: str = MISSING
     dry_run: bool = False

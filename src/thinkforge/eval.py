@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from thinkforge.config import BudgetForcingConfig, ConfigError, DataConfig, EvalConfig
+from thinkforge.config import BudgetForcingConfig, ConfigError, DataConfig, EvalConfig, Grading
 from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many, normalize_answer
 from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
 
@@ -233,16 +233,17 @@ def read_samples(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def grade(rows: list[dict[str, Any]]) -> None:
-    scores = math_accuracy_many([row["completion"] for row in rows], [str(row["gold"]) for row in rows])
+def grade(rows: list[dict[str, Any]], grading: Grading = Grading.strict) -> None:
+    lenient = grading is Grading.lenient
+    scores = math_accuracy_many([row["completion"] for row in rows], [str(row["gold"]) for row in rows], lenient=lenient)
     for row, score in zip(rows, scores):
-        row["answer"] = extract_answer(row["completion"])
+        row["answer"] = extract_answer(row["completion"], lenient)
         row["correct"] = bool(score)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
     rows = read_samples(cfg.samples_file) if cfg.samples_file else sample_benchmark(cfg)
-    grade(rows)
+    grade(rows, cfg.grading)
     summary = summarize(rows, cfg.ks)
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

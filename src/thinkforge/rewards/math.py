@@ -238,6 +238,9 @@ class VerifierPool:
     workers: int = 2
     timeout_s: float = DEFAULT_TIMEOUT_S
     timeouts: int = 0
+    checks: int = 0
+    # above this share of checks timing out twice, a warning: slow hardware or a too-small timeout_s, not answers
+    warn_rate: float = 0.01
     _executor: ProcessPoolExecutor | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -265,6 +268,7 @@ class VerifierPool:
         cores are busy with training a slow check is not a wrong one. Only a second timeout scores as no match.
         """
         with self._lock:
+            self.checks += len(argument_pairs)
             results = self._run_once(function, argument_pairs, self.timeout_s)
             late = [i for i, result in enumerate(results) if result is _LATE]
             if late:
@@ -273,9 +277,16 @@ class VerifierPool:
                     results[index] = None if result is _LATE else result
                 failed = sum(result is _LATE for result in again)
                 self.timeouts += failed
-                if failed:
-                    log.warning("answer checks: %d of %d ran out of time twice (%.0f s) and score 0", failed, len(results), 4 * self.timeout_s)
+                if failed and self.timeout_rate > self.warn_rate:
+                    log.warning(
+                        "answer checks: %d of %d ran out of time twice (%.0f s) and score 0; %.1f%% of all checks so far",
+                        failed, len(results), 4 * self.timeout_s, 100 * self.timeout_rate,
+                    )
             return results
+
+    @property
+    def timeout_rate(self) -> float:
+        return self.timeouts / max(self.checks + 0.0, 1.0)
 
     def _run_once(self, function, argument_pairs: Sequence[tuple[str, ...]], timeout_s: float) -> list[Any]:
         """Results, with _LATE for a check past its deadline and for those after it (their pool is killed)."""

@@ -249,6 +249,7 @@ class GRPO(Stage):
             "groups/zero_variance_fraction": totals["zero_variance"] / totals["groups"],
             "groups/dropped_fraction": totals["dropped"] / totals["groups"],
             "reward/verifier_timeouts": float(shared_verifier_pool().timeouts),
+            "reward/verifier_timeout_rate": shared_verifier_pool().timeout_rate,
         }
 
     def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
