@@ -17,9 +17,10 @@ from hydra import compose, initialize_config_dir
 
 from thinkforge.backbone import CausalLM, compute_dtype, load_hf_model, load_tokenizer
 from thinkforge.cli import config_dir
-from thinkforge.config import register_configs, validate
+from thinkforge.config import validate
+from thinkforge.stage_configs import register_configs
 from thinkforge.data.loader import StepBatches
-from thinkforge.losses import causal_lm_loss_sum
+from thinkforge.losses import causal_lm_loss
 from thinkforge.stages.midtrain import MidTraining
 
 
@@ -73,8 +74,7 @@ def main() -> None:
         for batch in micro_batches:
             with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-            loss, _ = causal_lm_loss_sum(logprobs, batch["labels"])
-            (loss / units).backward()
+            (causal_lm_loss(logprobs, batch["labels"]).total / units).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":

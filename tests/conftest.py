@@ -37,11 +37,14 @@ def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfi
         return compose("train", overrides=[*overrides, *extra])
 
 
+def run_cli_command(program: str) -> list[str]:
+    executable = Path(sys.executable).with_name(program)
+    return [str(executable) if executable.exists() else program]
+
+
 def run_cli(*args: str, cwd: Path, program: str = "thinkforge-train", timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
-    executable = Path(sys.executable).with_name(program)
-    command = [str(executable) if executable.exists() else program, *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*run_cli_command(program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

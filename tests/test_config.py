@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from conftest import compose_config
+from conftest import FAST, compose_config, run_cli, run_cli_command
 from thinkforge.cli import config_dir
 from thinkforge.config import ConfigError, validate
 
@@ -37,7 +40,7 @@ def test_every_group_option_composes_and_validates(group, option):
     if option == "fsdp":
         overrides += ["data.batch_size=64", "data.micro_batch_size=8"]
     run = validate(compose_config(*overrides))
-    assert run.stage["_target_"].startswith("thinkforge.stages.")
+    assert run.stage._target_.startswith("thinkforge.stages.")
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
@@ -90,11 +93,8 @@ def test_missing_required_data_path_is_reported():
 
 
 def test_unknown_stage_argument_is_reported(tmp_path):
-    from thinkforge.train import build_stage
-
-    run = validate(compose_config("+stage.no_such_option=1", output_dir=tmp_path))
-    with pytest.raises(ConfigError, match="no_such_option"):
-        build_stage(run)
+    with pytest.raises(ConfigError, match="^stage.no_such_option: not a knob of MidTrainingConfig; its knobs: documents"):
+        validate(compose_config("+stage.no_such_option=1", output_dir=tmp_path))
 
 
 def test_every_value_is_overridable():
@@ -112,3 +112,89 @@ def test_every_logger_config_instantiates(option, tmp_path):
     cfg = compose_config(f"logger={option}", output_dir=tmp_path)
     loggers = [instantiate(entry) for entry in cfg.logger.values()]
     assert loggers and all(isinstance(logger, Logger) for logger in loggers)
+
+
+# One bad value per knob family of each stage: (stage, override, the key the error must name).
+BAD_STAGE_VALUES = [
+    ("midtrain", "stage.documents=html", "stage.documents"),
+    ("sft", "stage.format=sharegpt", "stage.format"),
+    ("sft", "data.overflow=split", "data.overflow"),
+    ("dpo", "stage.loss_type=ppo", "stage.loss_type"),
+    ("dpo", "stage.beta=-1", "stage.beta"),
+    ("dpo", "stage.label_smoothing=0.5", "stage.label_smoothing"),
+    ("dpo", "stage.rpo_alpha=-0.1", "stage.rpo_alpha"),
+    ("dpo", "stage.pairs=web", "stage.pairs"),
+    ("dpo", "stage.rollout.num_samples=1", "stage.rollout.num_samples"),
+    ("dpo", "stage.rollout.temperature=0", "stage.rollout.temperature"),
+    ("grpo", "stage.loss_type=ppo", "stage.loss_type"),
+    ("grpo", "stage.advantage_scale=rank", "stage.advantage_scale"),
+    ("grpo", "stage.group_size=1", "stage.group_size"),
+    ("grpo", "stage.num_iterations=0", "stage.num_iterations"),
+    ("grpo", "stage.epsilon_high=-0.1", "stage.epsilon_low/epsilon_high"),
+    ("grpo", "stage.beta=-1", "stage.beta"),
+    ("grpo", "stage.top_p=1.5", "stage.top_p"),
+    ("grpo", "stage.max_completion_length={5:64}", "stage.max_completion_length"),
+    ("grpo", "stage.max_completion_length=0", "stage.max_completion_length"),
+    ("grpo", "stage.temperature=0", "stage.temperature"),
+    ("grpo", "stage.max_refills=-1", "stage.max_refills"),
+    ("grpo", "+stage.reward.helpfulness={weight:1}", "stage.reward.helpfulness"),
+]
+
+
+@pytest.mark.parametrize("stage,override,key", BAD_STAGE_VALUES)
+def test_every_stage_knob_is_checked_at_validation_naming_its_key(stage, override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        validate(compose_config(f"stage={stage}", override))
+
+
+def test_a_misspelt_stage_knob_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="loss_typ"):
+        compose_config("stage=grpo", "stage.loss_typ=dapo")
+
+
+@pytest.mark.parametrize(
+    "program,override,key",
+    [
+        ("thinkforge-train", ["stage=grpo", "stage.loss_type=ppo"], "stage.loss_type"),
+        ("thinkforge-train", ["stage=dpo", "stage.beta=-1"], "stage.beta"),
+        ("thinkforge-pipeline", ["stages.grpo.stage.loss_type=ppo"], "stages.grpo: stage.loss_type"),
+    ],
+)
+def test_dry_runs_reject_a_bad_stage_value_in_one_line_before_any_stage_runs(program, override, key, tmp_path):
+    started = time.perf_counter()
+    result = run_cli(*override, "dry_run=true", cwd=tmp_path, program=program)
+    assert time.perf_counter() - started < 30
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert not [path for path in tmp_path.glob("logs/pipeline/*/*") if path.is_dir() and path.name != ".hydra"], "no stage ran"
+
+
+def test_user_errors_are_one_line_with_exit_2_and_hydra_full_error_shows_the_traceback(tmp_path):
+    malformed = tmp_path / "chats.jsonl"
+    malformed.write_text('{"prompt": "2+2?", "completion": "4"}\n{"prompt": "3+3?"\n')
+    cases = {
+        "malformed row": (["data=jsonl", f"data.train={malformed}", "data.val=null", *FAST],
+                          f"error: {malformed}: row 2: invalid JSON: Expecting ',' delimiter at column 18"),
+        "missing data file": (["data=jsonl", f"data.train={tmp_path}/missing.jsonl"], f"error: data.train: {tmp_path}/missing.jsonl: no such file"),
+        "missing model directory": (["model=pretrained", f"model.name_or_path={tmp_path}/export"],
+                                    f"error: model.name_or_path: {tmp_path}/export: no such directory"),
+        "missing checkpoint": ([f"ckpt_path={tmp_path}/last.ckpt"], f"error: ckpt_path: {tmp_path}/last.ckpt: no such checkpoint"),
+    }
+    for case, (overrides, message) in cases.items():
+        result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        assert result.returncode == 2, (case, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1].startswith(message), (case, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr, case
+    traced = subprocess.run([*run_cli_command("thinkforge-train"), "data=jsonl", f"data.train={tmp_path}/missing.jsonl"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert traced.returncode == 1 and "Traceback" in traced.stderr
+
+
+def test_a_recipe_whose_data_files_are_missing_fails_its_dry_run_naming_them(tmp_path):
+    result = run_cli("recipe=r1_zero", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    assert result.returncode == 2 and result.stderr.startswith("error: stages.grpo: data.train: data/r1_zero/train.jsonl: no such file")
+    (tmp_path / "data" / "r1_zero").mkdir(parents=True)
+    (tmp_path / "data" / "r1_zero" / "train.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    local_model = tmp_path / "base"
+    local_model.mkdir()
+    ok = run_cli("recipe=r1_zero", f"model.name_or_path={local_model}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from thinkforge.data import cli
+from thinkforge import data_cli as cli
 from thinkforge.data.synthetic import split_of
 from thinkforge.rollout.base import Rollout
 

@@ -9,6 +9,7 @@ from conftest import FAST, compose_config, run_cli
 from thinkforge import doctor
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import validate
+from thinkforge.losses import LossSum
 from thinkforge.rollout import SamplingConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.causal import CausalLMStage
@@ -45,7 +46,7 @@ def test_split_check_fails_for_a_loss_averaged_per_micro_batch(tmp_path, monkeyp
     cfg = compose_config(*FAST, "data.synthetic.num_train=64", output_dir=tmp_path)
     assert doctor.check_micro_batches(cfg, tmp_path / "right").status == "pass"
     token_mean = CausalLMStage.loss_sum
-    monkeypatch.setattr(CausalLMStage, "loss_sum", lambda self, batch: (token_mean(self, batch)[0] / (batch["labels"] != -100).sum(), {}))
+    monkeypatch.setattr(CausalLMStage, "loss_sum", lambda self, batch: LossSum(token_mean(self, batch).mean(), torch.tensor(1), {}))
     monkeypatch.setattr(CausalLMStage, "count_units", lambda self, batch: torch.tensor(1))
     finding = doctor.check_micro_batches(cfg, tmp_path / "broken")
     assert finding.status == "fail" and "gradient accumulation" in finding.advice

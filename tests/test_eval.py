@@ -8,7 +8,8 @@ import pytest
 
 from conftest import BENCHMARKS, run_cli
 from thinkforge.config import BudgetForcingConfig
-from thinkforge.eval import generate_with_budget, pass_at_k
+from thinkforge.eval import generate_with_budget
+from thinkforge.metrics import pass_at_k
 from thinkforge.rollout.base import Rollout, SamplingConfig
 from thinkforge.rollout.hf import HFEngine
 
@@ -110,10 +111,19 @@ def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
 
 @pytest.mark.parametrize("name", ["synthetic", "demo", "math500", "aime24", "amc23", "gsm8k"])
 def test_benchmark_configs_compose(name, tmp_path):
-    result = run_cli(f"benchmark={name}", "model=pretrained", "model.name_or_path=some/model", "dry_run=true",
-                     f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
+    for file in ("aime24", "amc23", "gsm8k_test", "math500"):  # the dry run checks that they exist
+        (tmp_path / f"{file}.jsonl").touch()
+    result = run_cli(f"benchmark={name}", "model=pretrained", f"model.name_or_path={tmp_path}", f"benchmarks_dir={tmp_path}",
+                     "dry_run=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"name: {name}" in result.stdout
+
+
+def test_a_missing_benchmark_file_is_one_line_naming_where_benchmarks_are_read_from(tmp_path):
+    result = run_cli("benchmark=math500", "model=pretrained", f"model.name_or_path={tmp_path}", f"benchmarks_dir={tmp_path}/none",
+                     cwd=tmp_path, program="thinkforge-eval")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(f"error: benchmark.path: {tmp_path}/none/math500.jsonl: no such file") and "THINKFORGE_BENCHMARKS" in result.stderr
 
 
 @pytest.mark.skipif(not BENCHMARKS.exists(), reason="shared benchmarks not present")

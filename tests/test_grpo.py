@@ -16,6 +16,7 @@ from thinkforge.rewards.shaping import (
     overlong_reward,
     repetition_reward,
 )
+from thinkforge.stage_configs import check_schedule
 from thinkforge.stages.grpo import scheduled
 from thinkforge.train import run_stage
 
@@ -73,8 +74,8 @@ def test_schedules_are_piecewise_constant():
     lengthening = {0: 8192, 500: 16384, 1000: 24576}
     assert [scheduled(lengthening, s) for s in (0, 499, 500, 1500)] == [8192, 8192, 16384, 24576]
     assert scheduled(0.6, 123) == 0.6
-    with pytest.raises(ConfigError):
-        scheduled({5: 1.0}, 0)
+    with pytest.raises(ConfigError, match="stage.temperature: a schedule must start at step 0"):
+        check_schedule({5: 1.0}, "stage.temperature", float)
 
 
 def test_grpo_runs_and_logs_what_matters(tmp_path):

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from thinkforge.losses import causal_lm_loss_sum, token_logprobs
+from thinkforge.backbone import token_logprobs
+from thinkforge.losses import causal_lm_loss
 
 
 def test_chunked_logprobs_match_full_softmax_values_and_gradients():
@@ -25,9 +26,9 @@ def test_chunked_logprobs_match_full_softmax_values_and_gradients():
         torch.testing.assert_close(got, want)
 
 
-def test_causal_lm_loss_sum_by_hand():
+def test_causal_lm_loss_by_hand():
     logprobs = torch.tensor([[math.log(0.5), math.log(0.25), 0.0]])
     labels = torch.tensor([[4, 7, -100]])
-    loss, count = causal_lm_loss_sum(logprobs, labels)
+    loss, count, _ = causal_lm_loss(logprobs, labels)
     assert int(count) == 2
     assert float(loss) == torch.tensor(math.log(2) + math.log(4)).item()

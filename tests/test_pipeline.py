@@ -87,13 +87,22 @@ def test_bad_stage_value_is_named(tmp_path):
         plan_recipe(tmp_path, "++stages.sft.optim.learning_rate=1")
 
 
+def with_deepscaler_inputs(tmp_path: Path) -> str:
+    """What a dry run checks exists: the recipe's data file, and a local model in place of its hub model."""
+    (tmp_path / "data" / "deepscaler").mkdir(parents=True)
+    (tmp_path / "data" / "deepscaler" / "train.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n")
+    (tmp_path / "base").mkdir()
+    return f"model.name_or_path={tmp_path / 'base'}"
+
+
 def test_dry_run_from_the_command_line(tmp_path):
-    brief = run_cli("recipe=deepscaler", "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
+    model = with_deepscaler_inputs(tmp_path)
+    brief = run_cli("recipe=deepscaler", model, "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
                     cwd=tmp_path, program="thinkforge-pipeline")
     assert brief.returncode == 0, brief.stderr[-3000:]
     assert "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | max_length 1024, completions 16384 |" in brief.stdout
     assert len(brief.stdout.splitlines()) < 10 and "# ---- stage" not in brief.stdout, "one screen; the YAML with verbose"
-    result = run_cli("recipe=deepscaler", "dry_run=true", "verbose=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
+    result = run_cli("recipe=deepscaler", model, "dry_run=true", "verbose=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
                      cwd=tmp_path, program="thinkforge-pipeline")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("# ---- stage") == 3
@@ -162,7 +171,8 @@ def test_a_pipeline_wide_data_file_reaches_every_stage_and_a_misspelled_stage_na
     prompts.write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n")
     stages = plan_recipe(tmp_path, "recipe=deepscaler", f"+data.train={prompts}")
     assert [s.config.data.train for s in stages] == [str(prompts)] * 3
-    dry = run_cli("recipe=deepscaler", f"data.train={prompts}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    model = with_deepscaler_inputs(tmp_path)
+    dry = run_cli("recipe=deepscaler", model, f"data.train={prompts}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert [line.split(" | ")[3] for line in dry.stdout.splitlines() if line.startswith("| grpo_")] == [str(prompts)] * 3
     result = run_cli("recipe=deepscaler", f"data.train={prompts}", "stages.grpo8k.optim.lr=1e-6", "dry_run=true",

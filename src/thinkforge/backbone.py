@@ -12,11 +12,13 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from thinkforge.config import HardwareConfig, ModelConfig
-from thinkforge.losses import token_logprobs
+from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.tokenizer import build_synthetic_tokenizer, end_token_ids
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,57 @@ def load_hf_model(
     log.info("model: %s, %.2fM parameters, attention=%s, dtype=%s", model.name_or_path or "from config",
              sum(p.numel() for p in hf_model.parameters()) / 1e6, attn, dtype)
     return hf_model
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float() / temperature
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 2048,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per position, 0 where the target is IGNORE_INDEX; optionally the entropy (no grad).
+
+    `temperature` divides the logits first: RL must score completions under the distribution that sampled them,
+    or its ratio, clipping and KL refer to another policy. Logits exist only `chunk_size` rows at a time, in the
+    forward and (recomputed) in the backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive to score samples; got {temperature}")
+    shape = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, flat_targets.numel(), chunk_size):
+        chunk_hidden = flat_hidden[start : start + chunk_size]
+        chunk_targets = flat_targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            logprob_chunks.append(
+                checkpoint(_chunk_logprobs, chunk_hidden, lm_head_weight, chunk_targets, temperature, use_reentrant=False)
+            )
+        else:
+            logprob_chunks.append(_chunk_logprobs(chunk_hidden, lm_head_weight, chunk_targets, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                entropy_chunks.append(_chunk_entropy(chunk_hidden, lm_head_weight, temperature))
+    # masked_fill after view: the outputs must not be views (FSDP2 hooks the backward of module outputs).
+    ignored = targets == IGNORE_INDEX
+    logprobs = torch.cat(logprob_chunks).view(shape).masked_fill(ignored, 0.0)
+    entropy = torch.cat(entropy_chunks).view(shape).masked_fill(ignored, 0.0) if with_entropy else None
+    return logprobs, entropy
 
 
 class CausalLM(nn.Module):

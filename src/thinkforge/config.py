@@ -7,25 +7,30 @@ when `validate` converts the composed config to these dataclasses, i.e. before a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in a config, a data file or a path, not in thinkforge: the command line reports it in one line
+    and exits with code 2 (HYDRA_FULL_ERROR=1 shows the traceback)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
 
-def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+def one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -52,16 +57,16 @@ class ModelConfig:
     logprob_chunk_size: int = 2048
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             (self.name_or_path is None) != (self.config is None),
             "model",
             "set exactly one of model.name_or_path (load pretrained) or model.config (build from scratch)",
         )
         if self.config is not None:
-            _require("model_type" in self.config, "model.config.model_type", "is required to pick an architecture")
-        _one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
-        _one_of(self.dtype, DTYPES, "model.dtype")
-        _require(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be positive")
+            require("model_type" in self.config, "model.config.model_type", "is required to pick an architecture")
+        one_of(self.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+        one_of(self.dtype, DTYPES, "model.dtype")
+        require(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be positive")
 
 
 @dataclass
@@ -80,11 +85,11 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
-        _require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
-        _require(self.max_number >= 2, "data.synthetic", "max_number must be at least 2")
-        _require(0 <= self.answer_only_fraction <= 1, "data.synthetic.answer_only_fraction", "must be in [0, 1]")
-        _require(0 <= self.boxed_fraction <= 1, "data.synthetic.boxed_fraction", "must be in [0, 1]")
+        require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
+        require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
+        require(self.max_number >= 2, "data.synthetic", "max_number must be at least 2")
+        require(0 <= self.answer_only_fraction <= 1, "data.synthetic.answer_only_fraction", "must be in [0, 1]")
+        require(0 <= self.boxed_fraction <= 1, "data.synthetic.boxed_fraction", "must be in [0, 1]")
 
 
 @dataclass
@@ -110,14 +115,14 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.train is not None, "data.train", "is required: 'synthetic', a .jsonl/.parquet path or a hub name")
-        _one_of(self.overflow, ("split", "truncate", "drop"), "data.overflow")
-        _one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
-        _require(self.max_length > 1, "data.max_length", "must be at least 2")
-        _require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+        require(self.train is not None, "data.train", "is required: 'synthetic', a .jsonl/.parquet path or a hub name")
+        one_of(self.overflow, ("split", "truncate", "drop"), "data.overflow")
+        one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
+        require(self.max_length > 1, "data.max_length", "must be at least 2")
+        require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
         unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
-        _require(not unknown, "data.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
-        _require(
+        require(not unknown, "data.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
+        require(
             self.batch_size % self.micro_batch_size == 0,
             "data.batch_size",
             f"must be a multiple of data.micro_batch_size ({self.micro_batch_size}); got {self.batch_size}",
@@ -136,11 +141,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "must be positive")
-        _require(len(self.betas) == 2, "optim.betas", "must be two numbers")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")
+        require(self.lr > 0, "optim.lr", "must be positive")
+        require(len(self.betas) == 2, "optim.betas", "must be two numbers")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")
 
 
 @dataclass
@@ -152,9 +157,9 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "trainer.max_steps", "must be positive")
-        _require(self.val_every > 0 and self.log_every > 0, "trainer", "val_every and log_every must be positive")
-        _require(self.ckpt_every > 0, "trainer.ckpt_every", "must be positive")
+        require(self.max_steps > 0, "trainer.max_steps", "must be positive")
+        require(self.val_every > 0 and self.log_every > 0, "trainer", "val_every and log_every must be positive")
+        require(self.ckpt_every > 0, "trainer.ckpt_every", "must be positive")
 
 
 @dataclass
@@ -168,10 +173,10 @@ class HardwareConfig:
     reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
-        _one_of(self.accelerator, ("cpu", "gpu", "cuda", "auto"), "hardware.accelerator")
-        _one_of(self.strategy, ("single", "fsdp"), "hardware.strategy")
-        _require(self.devices > 0 and self.num_nodes > 0, "hardware", "devices and num_nodes must be positive")
-        _require(
+        one_of(self.accelerator, ("cpu", "gpu", "cuda", "auto"), "hardware.accelerator")
+        one_of(self.strategy, ("single", "fsdp"), "hardware.strategy")
+        require(self.devices > 0 and self.num_nodes > 0, "hardware", "devices and num_nodes must be positive")
+        require(
             self.strategy == "fsdp" or (self.devices == 1 and self.num_nodes == 1),
             "hardware.strategy",
             "more than one process needs strategy=fsdp",
@@ -197,11 +202,21 @@ class HeldOutConfig:
     pass_k_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
-        _require(self.num_samples > 0, "heldout.num_samples", "must be positive")
-        _require(self.max_new_tokens is None or self.max_new_tokens > 0, "heldout.max_new_tokens", "must be positive (or null)")
-        _require(self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0")
-        _require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
+        require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
+        require(self.num_samples > 0, "heldout.num_samples", "must be positive")
+        require(self.max_new_tokens is None or self.max_new_tokens > 0, "heldout.max_new_tokens", "must be positive (or null)")
+        require(self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0")
+        require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
+
+
+@dataclass
+class StageSchema:
+    """The base of every stage's schema (`thinkforge.stage_configs`): which Stage class runs, and its knobs."""
+
+    _target_: str = MISSING
+
+    def check_data(self, data: DataConfig) -> None:
+        """Checks of data settings this stage cannot work with; none by default."""
 
 
 @dataclass
@@ -225,16 +240,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         world = self.hardware.devices * self.hardware.num_nodes
-        _require(
+        require(
             self.data.batch_size % (world * self.data.micro_batch_size) == 0,
             "data.batch_size",
             f"{self.data.batch_size} must split evenly into {world} processes x micro batches of {self.data.micro_batch_size}",
         )
-        _require(
-            isinstance(self.stage, dict) and "_target_" in self.stage,
+        require(
+            isinstance(self.stage, StageSchema),
             "stage",
-            "must select a stage config with a _target_ (stage=midtrain|sft|dpo|grpo)",
+            "must select a stage config built on a stage schema (stage=midtrain|sft|dpo|grpo)",
         )
+        self.stage.check_data(self.data)
 
 
 @dataclass
@@ -263,17 +279,17 @@ class PipelineConfig:
     doctor: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.stages), "stages", "a recipe needs at least one stage")
+        require(bool(self.stages), "stages", "a recipe needs at least one stage")
         real = [name for name, entry in self.stages.items() if isinstance(entry, dict) and "overrides" in entry]
         for name, entry in self.stages.items():
-            _require(
+            require(
                 not isinstance(entry, dict) or "overrides" in entry,
                 f"stages.{name}",
                 f"not a stage of this recipe; its stages are {', '.join(real)} (a new stage needs an `overrides` list)",
             )
-            _require(isinstance(entry, dict), f"stages.{name}", "must be a mapping with an `overrides` list")
+            require(isinstance(entry, dict), f"stages.{name}", "must be a mapping with an `overrides` list")
             overrides = entry.get("overrides", [])
-            _require(
+            require(
                 isinstance(overrides, list) and any(str(o).startswith("stage=") for o in overrides),
                 f"stages.{name}.overrides",
                 "must be a list of thinkforge-train overrides that picks a stage (stage=midtrain|sft|dpo|grpo)",
@@ -281,7 +297,7 @@ class PipelineConfig:
         names = list(self.stages)
         for position, (name, entry) in enumerate(self.stages.items()):
             source = entry.get("init_from")
-            _require(
+            require(
                 source is None or source in names[:position],
                 f"stages.{name}.init_from",
                 f"must name an earlier stage ({', '.join(names[:position]) or 'none before it'}); got {source!r}",
@@ -305,8 +321,8 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
-        _require(not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
-        _require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
+        require(not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
+        require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
 
 
 @dataclass
@@ -324,8 +340,8 @@ class BudgetForcingConfig:
         return self.max_thinking_tokens is not None or self.num_waits > 0
 
     def __post_init__(self) -> None:
-        _require(self.max_thinking_tokens is None or self.max_thinking_tokens > 0, "budget.max_thinking_tokens", "must be positive")
-        _require(self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0")
+        require(self.max_thinking_tokens is None or self.max_thinking_tokens > 0, "budget.max_thinking_tokens", "must be positive")
+        require(self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0")
 
 
 class Grading(str, Enum):
@@ -359,28 +375,27 @@ class EvalConfig:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_samples > 0 and self.batch_size > 0, "eval", "num_samples and batch_size must be positive")
-        _require(all(k > 0 for k in self.ks), "ks", "must be positive")
-        _require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1")
-        _require(
+        require(self.num_samples > 0 and self.batch_size > 0, "eval", "num_samples and batch_size must be positive")
+        require(all(k > 0 for k in self.ks), "ks", "must be positive")
+        require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1")
+        require(
             self.samples_file is not None or self.model is not None,
             "model",
             "pick the model to evaluate, e.g. model=pretrained model.name_or_path=logs/pipeline/demo-seed0/grpo/export",
         )
-        _require(
+        require(
             self.samples_file is not None or all(k <= self.num_samples for k in self.ks),
             "ks",
             f"every k must be <= num_samples ({self.num_samples}); got {self.ks}",
         )
 
 
-def register_configs() -> None:
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="pipeline_schema", node=PipelineConfig)
-    store.store(name="eval_schema", node=EvalConfig)
-
-
 def validate(cfg: DictConfig) -> Any:
     """Runs every `__post_init__` check on a composed config; raises ConfigError naming the key."""
+    stage = cfg.get("stage") if isinstance(cfg, DictConfig) else None
+    schema = OmegaConf.get_type(stage) if isinstance(stage, DictConfig) else None
+    if schema is not None and dataclasses.is_dataclass(schema):
+        knobs = [knob.name for knob in dataclasses.fields(schema)]
+        unknown = [key for key in stage if key not in knobs]  # added with `+stage.<key>=`, past the schema
+        require(not unknown, f"stage.{unknown[0] if unknown else ''}", f"not a knob of {schema.__name__}; its knobs: {', '.join(knobs[1:])}")
     return OmegaConf.to_object(cfg)

@@ -24,7 +24,8 @@ from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import TrainConfig, validate
 from thinkforge.csv_log import read_csv_log
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, fit_to_length, pack
-from thinkforge.losses import causal_lm_loss_sum
+from thinkforge.losses import causal_lm_loss
+from thinkforge.preflight import check_train_paths
 from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.stages.base import Stage
@@ -179,10 +180,10 @@ def packed_vs_unpacked(model: CausalLM, documents: Sequence[TokenSequence], row_
         model.zero_grad(set_to_none=True)
         batch = collate_rows(rows, pad_id, row_length=row_length, flatten=False)
         logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-        loss, units = causal_lm_loss_sum(logprobs, batch["labels"])
-        (loss / units).backward()
+        loss = causal_lm_loss(logprobs, batch["labels"]).mean()
+        loss.backward()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        results.append({"loss": float(loss.detach() / units), "grad_norm": float(norm)})
+        results.append({"loss": float(loss.detach()), "grad_norm": float(norm)})
     model.zero_grad(set_to_none=True)
     return relative_gap(results[0], results[1])
 
@@ -356,7 +357,7 @@ def with_values(cfg: DictConfig, directory: Path, overrides: Sequence[str]) -> D
         "model.dtype=float32", "ckpt_path=last", *overrides,
     ]))
     with open_dict(updated):
-        updated.logger = {"csv": {"_target_": "thinkforge.csv_log.ContinuingCSVLogger", "save_dir": str(directory),
+        updated.logger = {"csv": {"_target_": "thinkforge.loggers.ContinuingCSVLogger", "save_dir": str(directory),
                                   "name": "csv", "version": "", "flush_logs_every_n_steps": 1}}
     return updated
 
@@ -377,6 +378,7 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
     export that does not exist yet). A stage that samples its own training data then cannot be run with it.
     """
     run = validate(cfg)
+    check_train_paths(run)
     workdir = Path(run.output_dir)
     stage = build_stage(run)
     golds = gold_rows(stage, run)

@@ -1,105 +1,19 @@
-"""Evaluation: held-out scoring during training, and benchmark evaluation (`thinkforge-eval`).
-
-Benchmark metrics follow the usual definitions: pass@1 averaged over the k samples of each problem, the unbiased
-pass@k estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021), and maj@k, a vote over the first k samples' answers
-(normalised strings) whose winner is graded by the verifier.
-"""
+"""`thinkforge-eval`: sample a benchmark (with s1 budget forcing), grade, and report `thinkforge.metrics`."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from thinkforge.config import BudgetForcingConfig, ConfigError, DataConfig, EvalConfig, Grading
-from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many, normalize_answer
+from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig, Grading
+from thinkforge.metrics import summarize
+from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
 from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
-
-# Scores a batch: (completions, golds) -> 1.0/0.0 each.
-BatchVerifier = Callable[[Sequence[str], Sequence[str]], list[float]]
-
-
-@dataclass
-class HeldOutSums:
-    """Sums, so that shards from several ranks add up before dividing."""
-
-    samples: float = 0.0
-    correct: float = 0.0
-    finished: float = 0.0
-    tokens: float = 0.0
-
-    def as_list(self) -> list[float]:
-        return [self.samples, self.correct, self.finished, self.tokens]
-
-    def metrics(self) -> dict[str, float]:
-        n = max(self.samples, 1.0)
-        return {"accuracy": self.correct / n, "eos_rate": self.finished / n, "mean_length": self.tokens / n}
-
-
-def score_rollouts(
-    groups: Sequence[Sequence[Rollout]], golds: Sequence[str], verifier: BatchVerifier = math_accuracy_many
-) -> HeldOutSums:
-    flat = [(rollout, gold) for rollouts, gold in zip(groups, golds) for rollout in rollouts]
-    scores = verifier([rollout.text for rollout, _ in flat], [gold for _, gold in flat])
-    return HeldOutSums(
-        samples=float(len(flat)),
-        correct=float(sum(scores)),
-        finished=float(sum(rollout.finished for rollout, _ in flat)),
-        tokens=float(sum(len(rollout.token_ids) for rollout, _ in flat)),
-    )
-
-
-# ---- benchmark metrics -----------------------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased probability that at least one of k samples drawn from n (c of them correct) is correct."""
-    if not 0 <= c <= n or not 0 < k <= n:
-        raise ValueError(f"need 0 <= c <= n and 0 < k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    missing_all = 1.0
-    for i in range(n - c + 1, n + 1):
-        missing_all *= 1.0 - k / i
-    return 1.0 - missing_all
-
-
-def majority_correct(samples: Sequence[dict[str, Any]]) -> bool:
-    """Votes over the samples' extracted answers (unanswered samples abstain); ties go to the earliest answer."""
-    keys = [normalize_answer(s["answer"]) if s.get("answer") is not None else None for s in samples]
-    votes = Counter(key for key in keys if key is not None)
-    if not votes:
-        return False
-    top = max(votes.values())
-    winner = next(key for key in keys if key is not None and votes[key] == top)
-    return bool(samples[keys.index(winner)]["correct"])
-
-
-def summarize(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, float]:
-    """Benchmark metrics from per-sample rows (`problem`, `correct`, `answer`, optional `num_tokens`/`finished`)."""
-    problems: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        problems.setdefault(row["problem"], []).append(row)
-    if not problems:
-        raise ValueError("no samples to summarize")
-    fewest = min(len(samples) for samples in problems.values())
-    summary: dict[str, float] = {"problems": float(len(problems)), "samples": float(len(rows))}
-    summary["pass@1"] = sum(sum(s["correct"] for s in p) / len(p) for p in problems.values()) / len(problems)
-    too_many = sorted(k for k in set(ks) if k > fewest)
-    if too_many:
-        raise ConfigError(f"ks: pass@k and maj@k need k samples of every problem; some problem has only {fewest}, "
-                          f"so {too_many} cannot be computed (set ks=[...] to values <= {fewest})")
-    for k in sorted(set(ks)):
-        summary[f"pass@{k}"] = sum(pass_at_k(len(p), sum(bool(s["correct"]) for s in p), k) for p in problems.values()) / len(problems)
-        summary[f"maj@{k}"] = sum(majority_correct(p[:k]) for p in problems.values()) / len(problems)
-    if all("num_tokens" in row for row in rows):
-        summary["mean_length"] = sum(row["num_tokens"] for row in rows) / len(rows)
-    if all("finished" in row for row in rows):
-        summary["eos_rate"] = sum(bool(row["finished"]) for row in rows) / len(rows)
-    return summary
 
 
 # ---- generation with s1 budget forcing ---------------------------------------------------------------------
@@ -215,21 +129,14 @@ def benchmark_of(samples_file: str | None, default: str) -> str:
 
 def read_samples(path: str) -> list[dict[str, Any]]:
     """Per-sample rows to grade: `problem`, `gold` and `completion` are required; errors name the row and field."""
-    from thinkforge.data.records import DataError
+    from thinkforge.data.records import DataError, read_objects
 
     rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: row {number}: invalid JSON: {error.msg}") from None
-            for name in ("problem", "gold", "completion"):
-                if name not in row:
-                    raise DataError(f"{path}: row {number}: field '{name}' is missing")
-            rows.append(row)
+    for number, row in read_objects(path):
+        for name in ("problem", "gold", "completion"):
+            if name not in row:
+                raise DataError(f"{path}: row {number}: field '{name}' is missing")
+        rows.append(dict(row))
     return rows
 
 

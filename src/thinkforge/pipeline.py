@@ -26,13 +26,18 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from thinkforge.config import ConfigError, PipelineConfig, validate
+from thinkforge.config import ConfigError, PipelineConfig, UserError, validate
 from thinkforge.curves import pipeline_curves
+from thinkforge.preflight import check_train_paths
 from thinkforge.train import own_process_command
 
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline_stage.json"
+
+
+class StageFailed(UserError):
+    """A stage's own process failed; it printed why, so the pipeline adds one line, not its own traceback."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
     started = time.monotonic()
     completed = subprocess.run(command)
     if completed.returncode != 0:
-        raise RuntimeError(f"stage {stage.name} failed (exit code {completed.returncode}); logs in {stage.directory}")
+        raise StageFailed(f"stage {stage.name} failed (exit code {completed.returncode}); its output is above, logs in {stage.directory}")
     heldout_file = stage.directory / "heldout.json"
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
     done = {"status": "done", "seconds": round(time.monotonic() - started, 1), "heldout": heldout, "export": str(stage.export_dir)}
@@ -176,8 +181,21 @@ def overview(stages: list[PlannedStage]) -> str:
     return "\n".join(lines)
 
 
+def check_paths(stages: list[PlannedStage]) -> None:
+    """Every stage's data, model and checkpoint paths, before the first stage runs; a stage may start from an
+    export an earlier stage will write."""
+    exports: set[Path] = set()
+    for stage in stages:
+        try:
+            check_train_paths(validate(stage.config), will_exist=exports)
+        except ConfigError as error:
+            raise ConfigError(f"stages.{stage.name}: {error}") from None
+        exports.add(stage.export_dir.resolve())
+
+
 def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     stages = plan(pipeline)
+    check_paths(stages)
     if pipeline.dry_run:
         print(f"[pipeline] {pipeline.name}: {len(stages)} stages composed and validated -> {pipeline.output_dir}\n{overview(stages)}")
         if pipeline.verbose:

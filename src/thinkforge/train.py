@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from thinkforge.backbone import compute_dtype, load_tokenizer
 from thinkforge.config import ConfigError, TrainConfig, validate
 from thinkforge.curves import stage_curves
+from thinkforge.preflight import check_train_paths
+from thinkforge.stage_configs import STAGE_SCHEMAS
 from thinkforge.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,11 @@ class RunResult:
 
 
 def build_stage(run: TrainConfig) -> Stage:
-    stage_args = dict(run.stage)
-    target = stage_args.pop("_target_")
-    stage_class = get_class(target)
+    """The Stage class the stage schema names, on the validated run config (its knobs are `run.stage`)."""
+    stage_class = get_class(run.stage._target_)
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
-        raise ConfigError(f"stage._target_: {target} is not a thinkforge Stage")
-    try:
-        return stage_class(run, load_tokenizer(run.model), **stage_args)
-    except TypeError as error:
-        raise ConfigError(f"stage: {target}: {error}") from None
+        raise ConfigError(f"stage._target_: {run.stage._target_} is not a thinkforge Stage")
+    return stage_class(run, load_tokenizer(run.model))
 
 
 def build_strategy(run: TrainConfig) -> Any:
@@ -151,16 +149,17 @@ def own_process_command(cfg: DictConfig, directory: Path) -> list[str]:
     if found is None:
         raise RuntimeError("thinkforge-train is not installed in this environment (pip install -e .)")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / STAGE_CONFIG).write_text("defaults:\n  - train_schema\n  - _self_\n\n" + OmegaConf.to_yaml(cfg))
+    schema = next(name for name, node in STAGE_SCHEMAS.items() if node._target_ == cfg.stage._target_)
+    defaults = f"defaults:\n  - train_schema\n  - stage_schema@stage: {schema}\n  - _self_\n\n"
+    (directory / STAGE_CONFIG).write_text(defaults + OmegaConf.to_yaml(cfg))
     return [found, "--config-dir", str(directory), "--config-name", Path(STAGE_CONFIG).stem, f"hydra.run.dir='{directory}'"]
 
 
-def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult | None:
-    """Trains one stage; `callbacks` join the configured ones (the doctor times and interrupts runs with them)."""
+def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Trains one stage (a dry run is the command line's); `callbacks` join the configured ones (the doctor times
+    and interrupts runs with them)."""
     run = validate(cfg)
-    if run.dry_run:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
-        return None
+    check_train_paths(run)
     L.seed_everything(run.seed, workers=True, verbose=False)
     stage = build_stage(run)
     trainer = build_trainer(run, callbacks, has_val=stage.has_val())

@@ -2,7 +2,7 @@
 
 Exact duplicates compare normalised text; near duplicates compare all-MiniLM-L6-v2 sentence embeddings (DeepScaleR
 drops cosine > 0.9); contamination is any shared word n-gram with an evaluation set (or, for texts shorter than n
-words, equality with one); model-based filters (pass rate, rejection sampling) live in `thinkforge.data.cli`.
+words, equality with one); model-based filters (pass rate, rejection sampling) live in `thinkforge.data_cli`.
 """
 
 from __future__ import annotations

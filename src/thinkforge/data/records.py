@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from thinkforge.config import DataConfig
+from thinkforge.config import DataConfig, UserError
 from thinkforge.data import synthetic
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A row that does not fit the stage's schema; the message names source, row and field."""
 
 
@@ -96,7 +96,7 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
                 if not line.strip():
                     continue
                 try:
-                    yield line_number, json.loads(line)
+                    yield line_number, json.loads(line.rstrip("\r\n"))  # so a column counts within the row
                 except json.JSONDecodeError as error:
                     yield line_number, error
         return
@@ -127,11 +127,29 @@ def load_records(source: str, split: str, data: DataConfig, required: Sequence[s
     return records
 
 
-def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], optional: Sequence[str]) -> dict[str, Any]:
+def invalid_row(raw: Any) -> str | None:
+    """Why a raw row is not a JSON object ("invalid JSON: ... at column 7"), or None when it is one."""
     if isinstance(raw, json.JSONDecodeError):
-        raise TypeError(f"invalid JSON: {raw.msg} at column {raw.colno}")
+        return f"invalid JSON: {raw.msg} at column {raw.colno}"
     if not isinstance(raw, Mapping):
-        raise TypeError(f"not an object: {type(raw).__name__}")
+        return f"not an object: {type(raw).__name__}"
+    return None
+
+
+def read_objects(path: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(row number, row) of every row of a file or dataset, as they are; the first row that is not an object
+    raises a DataError naming the file, row and column."""
+    for number, raw in raw_rows(path, "train", DataConfig(train=path)):
+        reason = invalid_row(raw)
+        if reason:
+            raise DataError(f"{path}: row {number}: {reason}")
+        yield number, raw
+
+
+def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], optional: Sequence[str]) -> dict[str, Any]:
+    reason = invalid_row(raw)
+    if reason:
+        raise TypeError(reason)
     record: dict[str, Any] = {}
     for name in (*required, *optional):
         column = fields.get(name, name)

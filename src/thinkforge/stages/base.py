@@ -25,8 +25,10 @@ from transformers import PreTrainedTokenizerBase
 from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_hf_model, parallelize
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
+from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import load_records
-from thinkforge.eval import HeldOutSums, score_rollouts
+from thinkforge.losses import LossSum
+from thinkforge.metrics import HeldOutSums, score_rollouts
 from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout import HFEngine, Rollout, SamplingConfig
 
@@ -73,13 +75,14 @@ class Stage(L.LightningModule):
     def collate(self, items: Sequence[Any]) -> Batch:
         raise NotImplementedError
 
-    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss summed over this micro-batch's units, other metrics summed over the same units)."""
+    def loss_sum(self, batch: Batch) -> LossSum:
+        """The micro-batch's loss and metrics summed over its units (a loss function's own return value)."""
         raise NotImplementedError
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        """How many units (tokens, pairs, ...) the micro-batch's loss sums over."""
-        return (batch["labels"] != -100).sum()
+        """The units `loss_sum` will return, counted before any forward pass so that a step knows its global count
+        first: target tokens here; a stage whose loss has other units says so from its loss module."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     def has_val(self) -> bool:
         return self.run.data.val is not None
@@ -206,7 +209,7 @@ class Stage(L.LightningModule):
         sums: defaultdict[str, float] = defaultdict(float)
         for index, batch in enumerate(micro_batches):
             self._set_gradient_sync(index == len(micro_batches) - 1)
-            loss, metrics = self.loss_sum(batch)
+            loss, _, metrics = self.loss_sum(batch)
             self.manual_backward(loss * scale)
             sums["loss"] += loss.detach().item()
             for name, value in metrics.items():
@@ -252,9 +255,9 @@ class Stage(L.LightningModule):
     # ---- validation -------------------------------------------------------------------------------------------
     def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         for batch in micro_batches:
-            loss, metrics = self.loss_sum(batch)
+            loss, units, metrics = self.loss_sum(batch)
             self._val_sums["loss"] += float(loss)
-            self._val_sums["units"] += float(self.count_units(batch))
+            self._val_sums["units"] += float(units)
             for name, value in metrics.items():
                 self._val_sums[name] += float(value)
 

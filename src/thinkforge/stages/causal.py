@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import torch
 
 from thinkforge.backbone import resolve_attn_implementation
 from thinkforge.data.packing import TokenSequence, collate_rows, fill_ratio, fit_to_length, pack
-from thinkforge.losses import causal_lm_loss_sum
+from thinkforge.losses import LossSum, causal_lm_loss
 from thinkforge.stages.base import Batch, Stage
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ class CausalLMStage(Stage):
     def collate(self, items: Sequence[Any]) -> Batch:
         return collate_rows(items, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=self.flatten_rows)
 
-    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_sum(self, batch: Batch) -> LossSum:
         logprobs, _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-        loss, _ = causal_lm_loss_sum(logprobs, batch["labels"])
-        return loss, {}
+        return causal_lm_loss(logprobs, batch["labels"])

@@ -13,13 +13,13 @@ from typing import Any, Sequence
 import torch
 
 from thinkforge.backbone import CausalLM
-from thinkforge.config import ConfigError
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
-from thinkforge.data.pairs import pair_rollouts
+from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.data.records import load_records
-from thinkforge.losses import dpo_loss
+from thinkforge.losses import LossSum, dpo_loss
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import SamplingConfig
+from thinkforge.stage_configs import DPOConfig
 from thinkforge.stages.base import Batch, Stage
 from thinkforge.tokenizer import turn_end_token
 
@@ -40,29 +40,12 @@ class Pair:
 class DPO(Stage):
     loss_unit = "pairs"
 
-    def __init__(
-        self,
-        run,
-        tokenizer,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        rpo_alpha: float = 0.0,
-        precompute_ref_logps: bool = False,
-        pairs: str = "file",
-        rollout: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
-        if loss_type not in ("sigmoid", "ipo", "hinge"):
-            raise ConfigError(f"stage.loss_type: must be sigmoid, ipo or hinge; got {loss_type!r}")
-        if beta <= 0 or not 0 <= label_smoothing < 0.5 or rpo_alpha < 0:
-            raise ConfigError("stage: need beta > 0, 0 <= label_smoothing < 0.5 and rpo_alpha >= 0")
-        if pairs not in ("file", "rollout"):
-            raise ConfigError(f"stage.pairs: must be 'file' (prompt/chosen/rejected rows) or 'rollout'; got {pairs!r}")
-        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
-        self.precompute_ref_logps, self.pairs = precompute_ref_logps, pairs
-        self.rollout = SamplingConfig(**(rollout or {}))
-        self.items_need_model = pairs == "rollout"
+        self.settings: DPOConfig = run.stage
+        rollout = self.settings.rollout
+        self.rollout = SamplingConfig(rollout.num_samples, rollout.temperature, rollout.top_p, rollout.max_new_tokens)
+        self.items_need_model = self.settings.pairs == "rollout"
         self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
 
@@ -70,7 +53,7 @@ class DPO(Stage):
     def pair_records(self, split: str) -> list[dict[str, Any]]:
         data = self.run.data
         source, data_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
-        if self.pairs == "file":
+        if self.settings.pairs == "file":
             return load_records(source, data_split, data, required=("prompt", "chosen", "rejected")).rows
         path = Path(self.run.output_dir) / f"rollout_pairs_{split}.jsonl"
         if path.exists():
@@ -109,7 +92,7 @@ class DPO(Stage):
         return pairs
 
     def completion_length(self) -> int:
-        return self.rollout.max_new_tokens if self.pairs == "rollout" else self.run.data.max_length
+        return self.rollout.max_new_tokens if self.settings.pairs == "rollout" else self.run.data.max_length
 
     def build_items(self, split: str) -> Sequence[Pair]:
         items, dropped = [], 0
@@ -146,7 +129,7 @@ class DPO(Stage):
     # ---- reference --------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
-        if not self.precompute_ref_logps:
+        if not self.settings.precompute_ref_logps:
             self.load_reference()
 
     def on_fit_start(self) -> None:
@@ -155,7 +138,7 @@ class DPO(Stage):
         per fit from the starting checkpoint, so a resumed run gets the very same values."""
         datamodule = self.trainer.datamodule
         train_items, val_items = datamodule.train_items, datamodule.val_items
-        if self.precompute_ref_logps and not self.ref_logps:
+        if self.settings.precompute_ref_logps and not self.ref_logps:
             self.ref_logps = {"train": self._precompute(train_items)}
             if val_items:
                 self.ref_logps["val"] = self._precompute(val_items)
@@ -182,24 +165,23 @@ class DPO(Stage):
         logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
         return logprobs.sum(-1)
 
-    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_sum(self, batch: Batch) -> LossSum:
         chosen, rejected = self._sequence_logps(self.policy, batch).chunk(2)
-        if self.precompute_ref_logps:
+        if self.settings.precompute_ref_logps:
             ref = self.ref_logps[SPLITS[int(batch["split"])]][batch["pair_index"].cpu()].to(chosen)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).chunk(2)
         chosen_tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).chunk(2)[0]
-        loss, metrics = dpo_loss(
+        return dpo_loss(
             chosen,
             rejected,
             ref_chosen,
             ref_rejected,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            rpo_alpha=self.rpo_alpha,
+            beta=self.settings.beta,
+            loss_type=self.settings.loss_type,
+            label_smoothing=self.settings.label_smoothing,
+            rpo_alpha=self.settings.rpo_alpha,
             chosen_tokens=chosen_tokens,
         )
-        return loss * len(chosen), {name: value.sum() for name, value in metrics.items()}

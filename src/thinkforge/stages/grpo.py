@@ -15,14 +15,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from thinkforge.config import ConfigError
 from thinkforge.data.loader import StepBatches
-from thinkforge.data.packing import TokenSequence, collate_rows
+from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
 from thinkforge.data.records import DataError, load_records
-from thinkforge.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
+from thinkforge.losses import LossSum, group_advantages, grpo_loss, grpo_loss_units
 from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Batch, Stage
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,11 @@ class Group:
 
 
 def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
-    """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K)."""
+    """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K);
+    `GRPOConfig` checked that a schedule starts at step 0."""
     if not isinstance(value, Mapping):
         return value
-    points = sorted((int(start), setting) for start, setting in value.items())
-    if points[0][0] != 0:
-        raise ConfigError(f"a schedule must start at step 0; got steps {[start for start, _ in points]}")
-    return [setting for start, setting in points if start <= step][-1]
+    return [setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step][-1]
 
 
 class GRPO(Stage):
@@ -65,43 +63,10 @@ class GRPO(Stage):
     # or the data position (and so the rollouts' seed) would never move on
     allows_empty_steps = True
 
-    def __init__(
-        self,
-        run,
-        tokenizer,
-        group_size: int = 8,
-        num_iterations: int = 1,
-        loss_type: str = "dapo",
-        advantage_scale: str = "group",
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.28,
-        beta: float = 0.0,
-        max_completion_length: int | Mapping[int, int] = 128,
-        temperature: float | Mapping[int, float] = 1.0,
-        top_p: float = 1.0,
-        mask_truncated: bool = False,
-        dynamic_sampling: bool = False,
-        max_refills: int = 3,
-        reward: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
-        if loss_type not in GRPO_LOSS_TYPES:
-            raise ConfigError(f"stage.loss_type: must be one of {', '.join(GRPO_LOSS_TYPES)}; got {loss_type!r}")
-        if advantage_scale not in ("group", "batch", "none"):
-            raise ConfigError(f"stage.advantage_scale: must be group, batch or none; got {advantage_scale!r}")
-        if group_size < 2 or num_iterations < 1 or max_refills < 0:
-            raise ConfigError("stage: need group_size >= 2, num_iterations >= 1 and max_refills >= 0")
-        temperatures = temperature.values() if isinstance(temperature, Mapping) else [temperature]
-        if any(float(t) <= 0 for t in temperatures):
-            raise ConfigError(f"stage.temperature: RL samples, so every temperature must be positive; got {temperature}")
-        try:
-            self.reward_model = RewardModel(reward or {"math_accuracy": {"weight": 1.0}})
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        self.group_size, self.num_iterations, self.loss_type = group_size, num_iterations, loss_type
-        self.advantage_scale, self.epsilon_low, self.epsilon_high, self.beta = advantage_scale, epsilon_low, epsilon_high, beta
-        self.max_completion_length, self.temperature, self.top_p = max_completion_length, temperature, top_p
-        self.mask_truncated, self.dynamic_sampling, self.max_refills = mask_truncated, dynamic_sampling, max_refills
+        self.settings: GRPOConfig = run.stage
+        self.reward_model = RewardModel(self.settings.reward or {"math_accuracy": {"weight": 1.0}})
 
     # ---- data -------------------------------------------------------------------------------------------------
     def has_val(self) -> bool:
@@ -128,16 +93,16 @@ class GRPO(Stage):
         return {"prompt_index": torch.tensor([item.index for item in items])}
 
     def batches_consumed(self) -> int:
-        return self.global_step // self.num_iterations
+        return self.global_step // self.settings.num_iterations
 
     # ---- model ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
-        if self.beta > 0:
+        if self.settings.beta > 0:
             self.load_reference()
 
     def completion_length(self) -> int:
-        return int(scheduled(self.max_completion_length, self.run.trainer.max_steps // self.num_iterations - 1))
+        return int(scheduled(self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1))
 
     def on_train_start(self) -> None:
         if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
@@ -148,10 +113,10 @@ class GRPO(Stage):
     def sampling(self) -> SamplingConfig:
         step = self.batches_consumed()
         return SamplingConfig(
-            num_samples=self.group_size,
-            temperature=float(scheduled(self.temperature, step)),
-            top_p=self.top_p,
-            max_new_tokens=int(scheduled(self.max_completion_length, step)),
+            num_samples=self.settings.group_size,
+            temperature=float(scheduled(self.settings.temperature, step)),
+            top_p=self.settings.top_p,
+            max_new_tokens=int(scheduled(self.settings.max_completion_length, step)),
         )
 
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
@@ -163,7 +128,7 @@ class GRPO(Stage):
         generation_seconds = time.perf_counter() - started
         train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
-        for iteration in range(self.num_iterations):
+        for iteration in range(self.settings.num_iterations):
             # every iteration keeps its own metrics: the first under train/, later ones under train/iteration_<k>/
             prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
             self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
@@ -179,7 +144,7 @@ class GRPO(Stage):
         )
         groups = []
         for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
-            block = scored[index * self.group_size : (index + 1) * self.group_size]
+            block = scored[index * self.settings.group_size : (index + 1) * self.settings.group_size]
             groups.append(Group(prompt, group, torch.tensor([total for total, _ in block]), [parts for _, parts in block]))
         return groups
 
@@ -193,16 +158,16 @@ class GRPO(Stage):
         """
         seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
         first_round = self._sample_and_score(prompts, sampling, seed)
-        if not self.dynamic_sampling:
+        if not self.settings.dynamic_sampling:
             return first_round, self._rollout_stats(first_round, dropped=0)
         keep = [g for g in first_round if g.has_signal]
         spare = [g for g in first_round if not g.has_signal]
         refills = self.refill_stream(len(prompts))
         used = {prompt.index for prompt in prompts}
-        for refill in range(self.max_refills):
+        for refill in range(self.settings.max_refills):
             if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
                 break
-            extra = refills.rank_batch(self.batches_consumed() * self.max_refills + refill)[0]
+            extra = refills.rank_batch(self.batches_consumed() * self.settings.max_refills + refill)[0]
             # a prompt already in this step is still generated (every rank must join each round) but not kept twice
             more = [g for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1)) if g.prompt.index not in used]
             used |= {g.prompt.index for g in more}
@@ -256,15 +221,15 @@ class GRPO(Stage):
         """Micro-batches of (prompt + completion) sequences with their advantages, the sampler's log-probs, and
         old and reference log-probs, all at the sampling temperature of this step."""
         rewards = torch.cat([g.rewards for g in groups])
-        advantages = group_advantages(rewards, self.group_size, self.advantage_scale, batch_std=self.global_std(rewards) if self.advantage_scale == "batch" else None)
+        advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.global_std(rewards) if self.settings.advantage_scale == "batch" else None)
         rollouts = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
-        per_micro = self.run.data.micro_batch_size * self.group_size
+        per_micro = self.run.data.micro_batch_size * self.settings.group_size
         batches = []
         for start in range(0, len(rollouts), per_micro):
             chunk = rollouts[start : start + per_micro]
             sequences = []
             for prompt, rollout in chunk:
-                trainable = not (self.mask_truncated and not rollout.finished)
+                trainable = not (self.settings.mask_truncated and not rollout.finished)
                 mask = [False] * len(prompt.token_ids) + [trainable] * len(rollout.token_ids)
                 sequences.append(TokenSequence.causal(prompt.token_ids + rollout.token_ids, mask))
             batch = collate_rows([[s] for s in sequences], self.tokenizer.pad_token_id, row_length=max(map(len, sequences)), flatten=False)
@@ -274,7 +239,7 @@ class GRPO(Stage):
             batch["max_new_tokens"] = torch.tensor(sampling.max_new_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                for name, model in (("old_logps", self.policy if self.num_iterations > 1 else None), ("ref_logps", self.reference)):
+                for name, model in (("old_logps", self.policy if self.settings.num_iterations > 1 else None), ("ref_logps", self.reference)):
                     if model is not None:
                         batch[name], _ = model(
                             batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], temperature=sampling.temperature
@@ -297,34 +262,31 @@ class GRPO(Stage):
         return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        mask = batch["labels"] != -100
-        if self.loss_type == "dapo":
-            return mask.sum()
-        if self.loss_type == "grpo":
-            return torch.tensor(batch["labels"].shape[0])
-        return torch.tensor(batch["labels"].shape[0]) * batch["max_new_tokens"]
+        return grpo_loss_units(batch["labels"] != IGNORE_INDEX, self.settings.loss_type, int(batch["max_new_tokens"]))
 
-    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_sum(self, batch: Batch) -> LossSum:
         labels = batch["labels"]
         logps, entropy = self.policy(
             batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True, temperature=float(batch["temperature"])
         )
-        mask = labels != -100
-        loss, metrics = grpo_loss(
+        mask = labels != IGNORE_INDEX
+        result = grpo_loss(
             logps,
             batch.get("old_logps", logps.detach()),
             batch["advantages"],
             mask,
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            beta=self.beta,
+            loss_type=self.settings.loss_type,
+            epsilon_low=self.settings.epsilon_low,
+            epsilon_high=self.settings.epsilon_high,
+            beta=self.settings.beta,
             ref_logps=batch.get("ref_logps"),
             max_completion_length=int(batch["max_new_tokens"]),
         )
-        units = self.count_units(batch).to(loss)
         tokens = mask.sum().clamp(min=1)
-        metrics["entropy"] = (entropy * mask).sum() / tokens
-        # ~0 while the policy samples its own rollouts; the first thing to watch with a separate engine (vLLM)
-        metrics["rollout_logprob_diff"] = ((batch["sampler_logps"] - logps.detach()).abs() * mask).sum() / tokens
-        return loss * units, {name: value * units for name, value in metrics.items()}
+        token_means = {
+            "entropy": (entropy * mask).sum() / tokens,
+            # ~0 while the policy samples its own rollouts; the first thing to watch with a separate engine (vLLM)
+            "rollout_logprob_diff": ((batch["sampler_logps"] - logps.detach()).abs() * mask).sum() / tokens,
+        }
+        result.metrics.update({name: value * result.units for name, value in token_means.items()})
+        return result

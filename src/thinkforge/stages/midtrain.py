@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from thinkforge.config import ConfigError
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_records
 from thinkforge.stages.causal import CausalLMStage
@@ -19,11 +18,9 @@ class MidTraining(CausalLMStage):
     `documents=text` trains on a raw `text` field.
     """
 
-    def __init__(self, run, tokenizer, documents: str = "chat") -> None:
+    def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
-        if documents not in ("chat", "text"):
-            raise ConfigError(f"stage.documents: must be 'chat' or 'text'; got {documents!r}")
-        self.document_format = documents
+        self.document_format = run.stage.documents
 
     def sequences(self, split: str) -> list[TokenSequence]:
         data = self.run.data

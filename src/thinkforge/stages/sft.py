@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from thinkforge.config import ConfigError
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_records
 from thinkforge.stages.causal import CausalLMStage
@@ -17,13 +16,9 @@ log = logging.getLogger(__name__)
 class SFT(CausalLMStage):
     """`format=prompt_completion` reads prompt/completion fields; `format=messages` reads chat `messages` lists."""
 
-    def __init__(self, run, tokenizer, format: str = "prompt_completion") -> None:
+    def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
-        if format not in ("prompt_completion", "messages"):
-            raise ConfigError(f"stage.format: must be 'prompt_completion' or 'messages'; got {format!r}")
-        if run.data.overflow == "split":
-            raise ConfigError("data.overflow: SFT conversations can be truncated or dropped, not split")
-        self.format = format
+        self.format = run.stage.format
         # the token the template closes a reply with, which generation also stops at (not always the EOS)
         self.turn_end = turn_end_token(tokenizer)
 

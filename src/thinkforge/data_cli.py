@@ -13,23 +13,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from thinkforge.config import DataConfig, ModelConfig
+from thinkforge.config import ModelConfig
 from thinkforge.data import curate, synthetic
-from thinkforge.data.records import DataError, raw_rows
+from thinkforge.data.records import DataError, read_objects
 from thinkforge.rewards.math import golds_parseable_many, math_accuracy, math_accuracy_many
 
 Row = dict[str, Any]
 
 
 def read_rows(path: str) -> list[Row]:
-    rows = []
-    for number, raw in raw_rows(path, "train", DataConfig(train=path)):
-        if isinstance(raw, json.JSONDecodeError):
-            raise DataError(f"{path}: row {number}: invalid JSON: {raw.msg} at column {raw.colno}")
-        if not isinstance(raw, dict):
-            raise DataError(f"{path}: row {number}: not an object")
-        rows.append({**raw, "_row": number})
-    return rows
+    return [{**raw, "_row": number} for number, raw in read_objects(path)]
 
 
 def column(rows: Sequence[Row], name: str, path: str) -> list[str]:
@@ -173,7 +166,7 @@ def cmd_rejection_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_rollout_pairs(args: argparse.Namespace) -> None:
-    from thinkforge.data.pairs import pair_rollouts
+    from thinkforge.rollout.pairs import pair_rollouts
 
     rows = read_rows(args.input)
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)

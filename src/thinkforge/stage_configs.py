@@ -1,0 +1,144 @@
+"""The stage schemas: every knob of `stage.*`, typed, with its allowed values, registered in Hydra's ConfigStore.
+
+Each `conf/stage/*.yaml` starts from its schema (`stage_schema/<name>` in its defaults list), so a misspelt or
+mistyped knob fails when the config is composed, and a value out of range fails in `validate`, before any stage
+of a pipeline runs. These are the only checks of stage settings: the stages and the loss functions trust them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from thinkforge.config import ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require
+from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from thinkforge.rewards.shaping import RewardModel
+
+
+
+def check_schedule(value: Any, key: str, positive: type) -> None:
+    """A number, or a piecewise-constant schedule {from_step: value} that starts at step 0."""
+    settings = value.values() if isinstance(value, Mapping) else [value]
+    if isinstance(value, Mapping):
+        require(bool(value), key, "a schedule needs at least one {from_step: value} entry")
+        steps = sorted(int(step) for step in value)
+        require(steps[0] == 0, key, f"a schedule must start at step 0; got steps {steps}")
+    for setting in settings:
+        require(isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0, key,
+                 f"every value must be a positive {positive.__name__}; got {setting!r}")
+        if positive is int:
+            require(float(setting).is_integer(), key, f"every value must be a whole number of tokens; got {setting!r}")
+
+
+@dataclass
+class MidTrainingConfig(StageSchema):
+    _target_: str = "thinkforge.stages.midtrain.MidTraining"
+    # chat: prompt + completion rendered with the chat template; text: a raw `text` field.
+    documents: str = "chat"
+
+    def __post_init__(self) -> None:
+        one_of(self.documents, ("chat", "text"), "stage.documents")
+
+
+@dataclass
+class SFTConfig(StageSchema):
+    _target_: str = "thinkforge.stages.sft.SFT"
+    # prompt_completion | messages
+    format: str = "prompt_completion"
+
+    def __post_init__(self) -> None:
+        one_of(self.format, ("prompt_completion", "messages"), "stage.format")
+
+    def check_data(self, data: DataConfig) -> None:
+        require(data.overflow != "split", "data.overflow", "SFT conversations can be truncated or dropped, not split")
+
+
+@dataclass
+class RolloutPairsConfig:
+    """How rollout DPO samples the starting model: `num_samples` completions per prompt, verified."""
+
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.num_samples >= 2, "stage.rollout.num_samples", f"a pair needs at least 2 samples; got {self.num_samples}")
+        require(self.temperature > 0, "stage.rollout.temperature", f"sampling needs a positive temperature; got {self.temperature}")
+        require(0 < self.top_p <= 1, "stage.rollout.top_p", f"must be in (0, 1]; got {self.top_p}")
+        require(self.max_new_tokens > 0, "stage.rollout.max_new_tokens", "must be positive")
+
+
+@dataclass
+class DPOConfig(StageSchema):
+    _target_: str = "thinkforge.stages.dpo.DPO"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # > 0 adds the chosen answer's per-token NLL (iterative RPO); 1.0 is the paper's value for reasoning pairs
+    rpo_alpha: float = 0.0
+    precompute_ref_logps: bool = False
+    # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
+    pairs: str = "file"
+    rollout: RolloutPairsConfig = field(default_factory=RolloutPairsConfig)
+
+    def __post_init__(self) -> None:
+        one_of(self.loss_type, DPO_LOSS_TYPES, "stage.loss_type")
+        require(self.beta > 0, "stage.beta", f"must be positive; got {self.beta}")
+        require(0 <= self.label_smoothing < 0.5, "stage.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
+        require(self.rpo_alpha >= 0, "stage.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
+        one_of(self.pairs, ("file", "rollout"), "stage.pairs")
+
+
+@dataclass
+class GRPOConfig(StageSchema):
+    _target_: str = "thinkforge.stages.grpo.GRPO"
+    group_size: int = 8
+    num_iterations: int = 1
+    loss_type: str = "dapo"
+    advantage_scale: str = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    # KL to the frozen starting checkpoint (k3); 0 loads no reference model
+    beta: float = 0.0
+    # a number, or a schedule {from_step: tokens}: iterative context lengthening, e.g. {0: 8192, 500: 16384}
+    max_completion_length: Any = 128
+    # a number, or a schedule {from_step: temperature}
+    temperature: Any = 1.0
+    top_p: float = 1.0
+    mask_truncated: bool = False
+    dynamic_sampling: bool = False
+    max_refills: int = 3
+    # reward function -> {weight, options}; see conf/reward/
+    reward: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")
+        one_of(self.advantage_scale, ADVANTAGE_SCALES, "stage.advantage_scale")
+        require(self.group_size >= 2, "stage.group_size", f"advantages need at least 2 samples per prompt; got {self.group_size}")
+        require(self.num_iterations >= 1, "stage.num_iterations", f"must be >= 1; got {self.num_iterations}")
+        require(self.max_refills >= 0, "stage.max_refills", f"must be >= 0; got {self.max_refills}")
+        require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "stage.epsilon_low/epsilon_high", "clip ranges must be >= 0")
+        require(self.beta >= 0, "stage.beta", f"must be >= 0 (0 switches the KL term off); got {self.beta}")
+        require(0 < self.top_p <= 1, "stage.top_p", f"must be in (0, 1]; got {self.top_p}")
+        check_schedule(self.max_completion_length, "stage.max_completion_length", int)
+        check_schedule(self.temperature, "stage.temperature", float)
+        try:
+            RewardModel(self.reward or {"math_accuracy": {"weight": 1.0}})  # building it checks names and options
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+STAGE_SCHEMAS = {"midtrain": MidTrainingConfig, "sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+
+
+def register_configs() -> None:
+    """Every schema: the three entry points' and, as the `stage_schema` group, each stage's."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="pipeline_schema", node=PipelineConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    for name, schema in STAGE_SCHEMAS.items():
+        store.store(group="stage_schema", name=name, node=schema)

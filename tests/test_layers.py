@@ -1,0 +1,75 @@
+"""The package's imports point down the layers the README's Layout section lists, and form no cycle."""
+
+from __future__ import annotations
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import thinkforge
+
+PACKAGE = Path(thinkforge.__file__).parent
+
+# Bottom to top, as in the README. A module may import its own layer or any layer below it.
+LAYERS = [
+    ["config", "console", "csv_log"],
+    ["data", "rewards"],
+    ["losses", "stage_configs", "preflight"],
+    ["tokenizer", "backbone"],
+    ["rollout", "metrics"],
+    ["stages"],
+    ["loggers", "curves", "sweeps", "train"],
+    ["eval", "doctor", "pipeline", "data_cli", "cli"],
+]
+LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    """A module's layer: its own entry, else its folder's."""
+    return LAYER_OF.get(module, LAYER_OF.get(module.split(".")[0]))
+
+
+def imports(path: Path) -> set[str]:
+    """thinkforge modules this file imports, wherever in the file (a function-level import counts too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("thinkforge"):
+            base = node.module.removeprefix("thinkforge").lstrip(".")
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}" if base else alias.name
+                found.add(candidate if (PACKAGE / candidate.replace(".", "/")).with_suffix(".py").exists() else base)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.removeprefix("thinkforge.") for alias in node.names if alias.name.startswith("thinkforge.")}
+    return {name for name in found if name}
+
+
+GRAPH = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_every_module_has_a_layer():
+    assert [module for module in GRAPH if module and layer(module) is None] == []
+
+
+def test_imports_point_down():
+    upward = [
+        f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
+        for module, targets in GRAPH.items() if module
+        for target in targets if layer(target) > layer(module)
+    ]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    try:
+        TopologicalSorter({module: targets - {module} for module, targets in GRAPH.items()}).prepare()
+    except CycleError as error:
+        raise AssertionError(f"import cycle: {' -> '.join(error.args[1])}") from None
+
+
+def test_the_backbone_imports_no_loss_and_no_dataset():
+    assert not {target for target in GRAPH["backbone"] if target.startswith(("losses", "data.synthetic", "data.records"))}
