@@ -66,6 +66,14 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def load_for_generation(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model and its tokenizer for sampling outside training (evaluation, curation), in the compute dtype on the
+    GPU when there is one. Inside a stage, sampling uses the stage's own (sharded) policy instead."""
+    tokenizer = load_tokenizer(model_cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_hf_model(model_cfg, tokenizer).to(device).eval(), tokenizer
+
+
 def load_hf_model(
     model: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, param_dtype: torch.dtype | None = None
 ) -> PreTrainedModel:

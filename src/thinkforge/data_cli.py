@@ -100,21 +100,12 @@ def cmd_filter_verifiable(args: argparse.Namespace) -> None:
 
 def load_engine(args: argparse.Namespace) -> tuple[Any, Callable[[str], str]]:
     """The model as a rollout engine, and how a problem becomes its chat prompt."""
-    import torch
-
-    from thinkforge.backbone import load_hf_model, load_tokenizer
+    from thinkforge.backbone import load_for_generation
     from thinkforge.rollout.hf import HFEngine
+    from thinkforge.tokenizer import render_prompt
 
-    model_config = ModelConfig(name_or_path=args.model)
-    tokenizer = load_tokenizer(model_config)
-    model = load_hf_model(model_config, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
-    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-
-    def render(problem: str) -> str:
-        messages = [*system, {"role": "user", "content": problem}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    return HFEngine(model, tokenizer, batch_size=args.batch_size), render
+    model, tokenizer = load_for_generation(ModelConfig(name_or_path=args.model))
+    return HFEngine(model, tokenizer, batch_size=args.batch_size), lambda problem: render_prompt(tokenizer, problem, args.system_prompt)
 
 
 def sampling_of(args: argparse.Namespace):

@@ -85,20 +85,14 @@ def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[str]]:
 
 
 def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
-    import torch
-
-    from thinkforge.backbone import load_hf_model, load_tokenizer
+    from thinkforge.backbone import load_for_generation
     from thinkforge.rollout.hf import HFEngine
+    from thinkforge.tokenizer import render_prompt
 
     problems, golds = load_benchmark(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_hf_model(cfg.model, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_generation(cfg.model)
     engine = HFEngine(model, tokenizer, batch_size=cfg.batch_size)
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    prompts = [
-        tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in problems
-    ]
+    prompts = [render_prompt(tokenizer, problem, cfg.system_prompt) for problem in problems]
     sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     if cfg.budget.enabled:
         jobs = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]

@@ -67,6 +67,22 @@ def build_synthetic_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, system_prompt: str | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The chat template's text, with `system_prompt` first unless the conversation brings its own: how every
+    stage, the evaluator and the curation commands turn messages into model input."""
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None = None) -> str:
+    """A problem as the start of an assistant reply."""
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}], system_prompt=system_prompt, add_generation_prompt=True)
+
+
 _REPLY_MARK = "\u00a7reply\u00a7"
 
 

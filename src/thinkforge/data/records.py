@@ -111,6 +111,12 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
     yield from enumerate(dataset, start=1)
 
 
+def load_split(data: DataConfig, split: str, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
+    """The records of a stage's `train` or `val` split: `data.train`/`data.train_split` or `data.val`/`data.val_split`."""
+    source, source_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
+    return load_records(source, source_split, data, required, optional)
+
+
 def load_records(source: str, split: str, data: DataConfig, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
     """Canonical records with every `required` field checked and every present `optional` field kept."""
     records = Records(source=source, rows=[])

@@ -26,11 +26,12 @@ from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.data.records import load_records
+from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum
 from thinkforge.metrics import HeldOutSums, score_rollouts
 from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout import HFEngine, Rollout, SamplingConfig
+from thinkforge.tokenizer import render_chat, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -295,20 +296,16 @@ class Stage(L.LightningModule):
 
     def heldout_prompts(self) -> tuple[list[str], list[str]]:
         """Held-out prompts rendered for generation, and their gold answers."""
-        data = self.run.data
-        records = load_records(data.val, data.val_split, data, required=("prompt", "answer"))
+        records = load_split(self.run.data, "val", required=("prompt", "answer"))
         rows = records.rows[: self.run.heldout.num_prompts]
         prompts = [self.render_prompt(row["prompt"]) for row in rows]
         return prompts, [row["answer"] for row in rows]
 
     def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
-        """The tokenizer's chat template, with `data.system_prompt` first unless the data brings its own."""
-        if self.run.data.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.run.data.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_chat(self.tokenizer, messages, system_prompt=self.run.data.system_prompt, add_generation_prompt=add_generation_prompt)
 
     def render_prompt(self, prompt: str) -> str:
-        return self.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return render_prompt(self.tokenizer, prompt, self.run.data.system_prompt)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
         """This rank's prompts sampled from the live policy; under FSDP every rank must call it together."""

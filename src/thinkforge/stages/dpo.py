@@ -15,7 +15,7 @@ import torch
 from thinkforge.backbone import CausalLM
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
 from thinkforge.rollout.pairs import pair_rollouts
-from thinkforge.data.records import load_records
+from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum, dpo_loss
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import SamplingConfig
@@ -52,9 +52,8 @@ class DPO(Stage):
     # ---- data -------------------------------------------------------------------------------------------------
     def pair_records(self, split: str) -> list[dict[str, Any]]:
         data = self.run.data
-        source, data_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
         if self.settings.pairs == "file":
-            return load_records(source, data_split, data, required=("prompt", "chosen", "rejected")).rows
+            return load_split(data, split, required=("prompt", "chosen", "rejected")).rows
         path = Path(self.run.output_dir) / f"rollout_pairs_{split}.jsonl"
         if path.exists():
             pairs = [json.loads(line) for line in path.read_text().splitlines()]
@@ -62,7 +61,7 @@ class DPO(Stage):
             return pairs
         if self.global_step > 0:
             raise RuntimeError(f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again")
-        records = load_records(source, data_split, data, required=("prompt", "answer")).rows
+        records = load_split(data, split, required=("prompt", "answer")).rows
         return self._rollout_pairs(records[: data.max_val_rows] if split == "val" else records, path)
 
     def _rollout_pairs(self, records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from thinkforge.data.packing import TokenSequence
-from thinkforge.data.records import load_records
+from thinkforge.data.records import load_split
 from thinkforge.stages.causal import CausalLMStage
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,7 @@ class MidTraining(CausalLMStage):
     def sequences(self, split: str) -> list[TokenSequence]:
         data = self.run.data
         text_mode = self.document_format == "text"
-        records = load_records(
-            data.train if split == "train" else data.val,
-            data.train_split if split == "train" else data.val_split,
-            data,
-            required=("text",) if text_mode else ("prompt", "completion"),
-        )
+        records = load_split(data, split, required=("text",) if text_mode else ("prompt", "completion"))
         log.info("%s data: %s", split, records.summary())
         if text_mode:
             texts = [record["text"] + self.tokenizer.eos_token for record in records.rows]

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from thinkforge.data.packing import TokenSequence
-from thinkforge.data.records import load_records
+from thinkforge.data.records import load_split
 from thinkforge.stages.causal import CausalLMStage
 from thinkforge.tokenizer import turn_end_token
 
@@ -25,9 +25,7 @@ class SFT(CausalLMStage):
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         data = self.run.data
         required = ("messages",) if self.format == "messages" else ("prompt", "completion")
-        records = load_records(
-            data.train if split == "train" else data.val, data.train_split if split == "train" else data.val_split, data, required
-        )
+        records = load_split(data, split, required)
         log.info("%s data: %s", split, records.summary())
         if self.format == "messages":
             return [record["messages"] for record in records.rows]
