@@ -103,6 +103,7 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=lambda: {name: name for name in CANONICAL_FIELDS})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     system_prompt: Optional[str] = None
+    # Tokens per sequence (a packed row, a conversation, a DPO pair's side); GRPO: the longest prompt it keeps.
     max_length: int = 512
     pack: bool = True
     # What to do with a sequence longer than max_length: split it into pieces, truncate it, or drop it.
