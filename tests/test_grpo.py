@@ -24,7 +24,7 @@ RIGHT = "<think>\n2 + 2 = 4\n</think>\nThe answer is \\boxed{4}."
 WRONG = "<think>\n2 + 2 = 5\n</think>\nThe answer is \\boxed{5}."
 
 GRPO_FAST = [
-    *FAST, "stage=grpo", "stage.group_size=4", "stage.max_completion_length=24", "data.batch_size=4",
+    *FAST, "experiment=demo_grpo", "stage.group_size=4", "stage.max_completion_length=24", "data.batch_size=4",
     "data.micro_batch_size=2", "heldout.num_prompts=4", "heldout.max_new_tokens=24",
 ]
 

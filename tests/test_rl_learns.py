@@ -46,7 +46,7 @@ def test_grpo_raises_the_sampled_reward(tmp_path, monkeypatch, case):
     cfg = compose_config(
         *SMALL_MODEL, "stage=grpo", "data.synthetic.num_train=64", "data.batch_size=8", "data.micro_batch_size=8",
         "stage.group_size=8", "stage.max_completion_length=4", "stage.dynamic_sampling=false", "optim.lr=3e-3",
-        "optim.warmup_steps=0", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000", "heldout.num_prompts=0",
+        "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000", "heldout.num_prompts=0",
         *GRPO_CASES[case], output_dir=tmp_path,
     )
     cfg.stage.reward = OmegaConf.create({"leading_space": {"weight": 1.0}})
@@ -81,7 +81,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config(
         *SMALL_MODEL, "stage=dpo", "stage.pairs=file", "stage.rpo_alpha=1.0", f"data.train={tmp_path / 'train.jsonl'}", f"data.val={tmp_path / 'val.jsonl'}",
-        "data.max_length=64", "data.batch_size=16", "data.micro_batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=0",
+        "data.max_length=64", "data.batch_size=16", "data.micro_batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
         f"trainer.max_steps={steps}", "trainer.val_every=30", "trainer.ckpt_every=1000", "trainer.num_sanity_val_steps=1",
         "heldout.num_prompts=0", output_dir=run_dir,
     )

@@ -34,7 +34,7 @@ def coin(tmp_path_factory):
 def rollout_dpo(coin, run_dir, *extra):
     export, prompts = coin
     return run_cli(
-        *FAST, "stage=dpo", "data=jsonl", "model=pretrained", f"model.name_or_path={export}", f"data.train={prompts}",
+        *FAST, "experiment=demo_dpo", "data=jsonl", "model=pretrained", f"model.name_or_path={export}", f"data.train={prompts}",
         "data.val=null", "heldout.num_prompts=0", "stage.rpo_alpha=1.0", "stage.rollout.num_samples=4", "stage.rollout.max_new_tokens=12",
         "data.batch_size=4", "data.micro_batch_size=2", "trainer.max_steps=6", "model.dtype=bfloat16", "hardware=cpu_fsdp",
         "logger=csv", f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent, timeout=TIMEOUT,

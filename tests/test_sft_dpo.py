@@ -121,7 +121,7 @@ def pairs_file(tmp_path_factory):
 
 
 def dpo_overrides(pairs_file):
-    return [*FAST, "stage=dpo", "stage.pairs=file", f"data.train={pairs_file}", "data.val=null", "heldout.num_prompts=0"]
+    return [*FAST, "experiment=demo_dpo", "stage.pairs=file", f"data.train={pairs_file}", "data.val=null", "heldout.num_prompts=0"]
 
 
 def test_dpo_starts_at_log2_and_precomputed_reference_gives_the_same_losses(tmp_path, pairs_file):

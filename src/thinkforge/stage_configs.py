@@ -91,14 +91,22 @@ class DPOConfig(StageSchema):
         require(self.rpo_alpha >= 0, "stage.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
         one_of(self.pairs, ("file", "rollout"), "stage.pairs")
 
+    def check_data(self, data: DataConfig) -> None:
+        require(data.overflow != "split", "data.overflow", "a DPO pair's sides can be truncated or dropped, not split")
+
 
 @dataclass
 class GRPOConfig(StageSchema):
     _target_: str = "thinkforge.stages.grpo.GRPO"
+    # completions sampled per prompt; advantages compare them with each other
     group_size: int = 8
+    # optimizer steps on each batch of rollouts (> 1: the ratio and clipping come into play)
     num_iterations: int = 1
+    # grpo: per-sequence token mean (DeepSeek-R1); dapo: token sum over the batch's tokens; dr_grpo: over B x max length
     loss_type: str = "dapo"
+    # advantages divided by the group's std, the batch's std, or nothing (Dr. GRPO)
     advantage_scale: str = "group"
+    # the clip range [1 - epsilon_low, 1 + epsilon_high]; DAPO's clip-higher raises the upper side
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     # KL to the frozen starting checkpoint (k3); 0 loads no reference model
@@ -108,7 +116,9 @@ class GRPOConfig(StageSchema):
     # a number, or a schedule {from_step: temperature}
     temperature: Any = 1.0
     top_p: float = 1.0
+    # truncated completions train on nothing (DAPO's overlong filtering)
     mask_truncated: bool = False
+    # drop groups whose rewards are all equal and sample more prompts, up to max_refills times per step (DAPO)
     dynamic_sampling: bool = False
     max_refills: int = 3
     # reward function -> {weight, options}; see conf/reward/
