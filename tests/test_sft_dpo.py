@@ -11,10 +11,10 @@ import torch
 from conftest import FAST, compose_config, logged, run_cli
 from thinkforge.config import validate
 from thinkforge.data import synthetic
-from thinkforge.rollout.pairs import pair_rollouts
-from thinkforge.losses import dpo_loss
+from thinkforge.losses import dpo_loss, dpo_loss_sum
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import Rollout
+from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.stages.sft import SFT
 from thinkforge.train import run_stage
 
@@ -70,11 +70,11 @@ def test_sft_refuses_to_split_conversations(tokenizer):
     ],
 )
 def test_dpo_loss_by_hand(loss_type, smoothing, expected):
-    loss, pairs, metrics = dpo_loss(
+    loss, metrics = dpo_loss(
         torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
         beta=0.5, loss_type=loss_type, label_smoothing=smoothing,
     )
-    assert int(pairs) == 1 and loss.item() == pytest.approx(expected, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.5)
     assert metrics["rewards/rejected"].item() == pytest.approx(-0.5)
     assert metrics["rewards/margins"].item() == pytest.approx(1.0)
@@ -82,21 +82,29 @@ def test_dpo_loss_by_hand(loss_type, smoothing, expected):
 
 
 def test_dpo_hinge_with_small_margin_by_hand():
-    result = dpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.2, -1.0]),
-                      torch.tensor([-1.0, -1.0]), beta=1.0, loss_type="hinge")
-    assert int(result.units) == 2 and result.total.item() == pytest.approx((1 - 0.2) + 1)
+    loss, _ = dpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.2, -1.0]),
+                       torch.tensor([-1.0, -1.0]), beta=1.0, loss_type="hinge")
+    assert loss.item() == pytest.approx(((1 - 0.2) + 1) / 2)
 
 
 def test_rpo_adds_the_chosen_per_token_nll_by_hand():
     args = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0]), torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0])
-    plain = dpo_loss(*args, beta=0.1)
-    rpo = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
+    plain, _ = dpo_loss(*args, beta=0.1)
+    rpo, metrics = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
     # zero margins: log 2 each; NLL per token: 4/2 = 2 and 6/3 = 2
-    assert plain.mean().item() == pytest.approx(math.log(2))
-    assert rpo.mean().item() == pytest.approx(math.log(2) + 0.5 * 2.0)
-    assert rpo.metrics["nll/chosen"].item() == 4.0, "summed over the pairs"
+    assert plain.item() == pytest.approx(math.log(2))
+    assert rpo.item() == pytest.approx(math.log(2) + 0.5 * 2.0)
+    assert metrics["nll/chosen"].tolist() == [2.0, 2.0]
     with pytest.raises(ValueError, match="chosen_tokens"):
         dpo_loss(*args, beta=0.1, rpo_alpha=0.5)
+
+
+def test_dpo_loss_sum_is_the_mean_times_the_pairs_and_sums_the_metrics():
+    args = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -7.0]), torch.tensor([-4.5, -6.0]), torch.tensor([-5.0, -6.5])
+    mean, per_pair = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
+    summed = dpo_loss_sum(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
+    assert int(summed.units) == 2 and summed.total.item() == pytest.approx(2 * mean.item())
+    assert {k: v.item() for k, v in summed.metrics.items()} == pytest.approx({k: v.sum().item() for k, v in per_pair.items()})
 
 
 def test_rollout_pairs_take_correct_over_incorrect_and_count_the_rest():

@@ -1,8 +1,12 @@
-"""Pure loss functions: log-probs (from `CausalLM`) in, (loss summed over its units, the number of units) out."""
+"""Pure loss functions: log-probs (from `CausalLM`) in, losses out.
+
+The stages use the sum forms (`causal_lm_loss`, `dpo_loss_sum`, `grpo_loss_sum`), which return `LossSum`: the loss
+summed over its units and how many units that is. `dpo_loss` and `grpo_loss` are the same losses as means.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,7 @@ def causal_lm_loss(logprobs: torch.Tensor, labels: torch.Tensor) -> LossSum:
     return LossSum(-(logprobs * mask).sum(), mask.sum(), {})
 
 
-def dpo_loss(
+def _dpo_per_pair(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -45,8 +49,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     rpo_alpha: float = 0.0,
     chosen_tokens: torch.Tensor | None = None,
-) -> LossSum:
-    """DPO on summed completion log-probs [B]; the unit is a pair, and each metric is summed over the pairs.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair DPO losses [B] and metrics [B], from summed completion log-probs [B].
 
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     sigmoid: -(1-ε)·log σ(β·margin) - ε·log σ(-β·margin);  ipo: (margin - 1/(2β))²;  hinge: relu(1 - β·margin)
@@ -80,6 +84,32 @@ def dpo_loss(
     }
     if chosen_tokens is not None:
         per_pair["nll/chosen"] = nll.detach()
+    return losses, per_pair
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO on summed completion log-probs [B]: the batch-mean loss and per-pair metrics [B]."""
+    losses, per_pair = _dpo_per_pair(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+        label_smoothing=label_smoothing, rpo_alpha=rpo_alpha, chosen_tokens=chosen_tokens,
+    )
+    return losses.mean(), per_pair
+
+
+def dpo_loss_sum(*logps: torch.Tensor, **options: Any) -> LossSum:
+    """`dpo_loss` in the stages' contract: loss and metrics summed over the pairs, the unit."""
+    losses, per_pair = _dpo_per_pair(*logps, **options)
     return LossSum(losses.sum(), torch.tensor(losses.numel()), {name: value.sum() for name, value in per_pair.items()})
 
 
@@ -119,7 +149,7 @@ def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: i
     return torch.tensor(mask.shape[0] * max_completion_length)
 
 
-def grpo_loss(
+def grpo_loss_sum(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -164,3 +194,25 @@ def grpo_loss(
     token_means["clip_fraction/high"] = (high * mask).sum().detach() / tokens
     token_means["ratio/mean"] = (ratio * mask).sum().detach() / tokens
     return LossSum(total, units, {name: value * units for name, value in token_means.items()})
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`grpo_loss_sum` divided by its units: the loss, and metrics as completion-token means of the batch."""
+    result = grpo_loss_sum(
+        logps, old_logps, advantages, mask, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+        beta=beta, ref_logps=ref_logps, max_completion_length=max_completion_length,
+    )
+    units = result.units.clamp(min=1)
+    return result.total / units, {name: value / units for name, value in result.metrics.items()}

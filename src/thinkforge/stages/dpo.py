@@ -16,7 +16,7 @@ from thinkforge.backbone import CausalLM
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
 from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.data.records import load_split
-from thinkforge.losses import LossSum, dpo_loss
+from thinkforge.losses import LossSum, dpo_loss_sum
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import SamplingConfig
 from thinkforge.stage_configs import DPOConfig
@@ -173,7 +173,7 @@ class DPO(Stage):
             with torch.no_grad():
                 ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).chunk(2)
         chosen_tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).chunk(2)[0]
-        return dpo_loss(
+        return dpo_loss_sum(
             chosen,
             rejected,
             ref_chosen,

@@ -18,7 +18,7 @@ import torch
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
 from thinkforge.data.records import DataError, load_records
-from thinkforge.losses import LossSum, group_advantages, grpo_loss, grpo_loss_units
+from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units
 from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
@@ -270,7 +270,7 @@ class GRPO(Stage):
             batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True, temperature=float(batch["temperature"])
         )
         mask = labels != IGNORE_INDEX
-        result = grpo_loss(
+        result = grpo_loss_sum(
             logps,
             batch.get("old_logps", logps.detach()),
             batch["advantages"],
