@@ -123,16 +123,18 @@ def load_hf_model(
     return hf_model
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) of one chunk and, without grad, its entropy: both from one pass through the LM head."""
     logits = F.linear(hidden, weight).float() / temperature
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    return -(logprobs.exp() * logprobs).sum(-1)
+    normalizer = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
+    if not with_entropy:
+        return picked, None
+    with torch.no_grad():  # H = log Z - sum p * logit
+        entropy = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return picked, entropy
 
 
 def token_logprobs(
@@ -148,7 +150,8 @@ def token_logprobs(
 
     `temperature` divides the logits first: RL must score completions under the distribution that sampled them,
     or its ratio, clipping and KL refer to another policy. Logits exist only `chunk_size` rows at a time, in the
-    forward and (recomputed) in the backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab).
+    forward and (recomputed) in the backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab). The
+    entropy comes from the same logits as the log-probs: one LM-head pass per chunk forward, one in the backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive to score samples; got {temperature}")
@@ -158,15 +161,14 @@ def token_logprobs(
     for start in range(0, flat_targets.numel(), chunk_size):
         chunk_hidden = flat_hidden[start : start + chunk_size]
         chunk_targets = flat_targets[start : start + chunk_size]
+        arguments = (chunk_hidden, lm_head_weight, chunk_targets, temperature, with_entropy)
         if torch.is_grad_enabled():
-            logprob_chunks.append(
-                checkpoint(_chunk_logprobs, chunk_hidden, lm_head_weight, chunk_targets, temperature, use_reentrant=False)
-            )
+            chunk_logprobs, chunk_entropy = checkpoint(_chunk_scores, *arguments, use_reentrant=False)
         else:
-            logprob_chunks.append(_chunk_logprobs(chunk_hidden, lm_head_weight, chunk_targets, temperature))
+            chunk_logprobs, chunk_entropy = _chunk_scores(*arguments)
+        logprob_chunks.append(chunk_logprobs)
         if with_entropy:
-            with torch.no_grad():
-                entropy_chunks.append(_chunk_entropy(chunk_hidden, lm_head_weight, temperature))
+            entropy_chunks.append(chunk_entropy)
     # masked_fill after view: the outputs must not be views (FSDP2 hooks the backward of module outputs).
     ignored = targets == IGNORE_INDEX
     logprobs = torch.cat(logprob_chunks).view(shape).masked_fill(ignored, 0.0)
