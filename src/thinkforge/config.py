@@ -326,6 +326,23 @@ class BenchmarkConfig:
         require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
 
 
+def shared_benchmarks() -> dict[str, BenchmarkConfig]:
+    """The evaluation sets read from `benchmarks_dir` (`$THINKFORGE_BENCHMARKS`, default ../shared/data/benchmarks):
+    defined here, not as files in conf/, so the project holds nothing named after a benchmark's data."""
+    problem = {"prompt": "problem", "answer": "answer"}
+    return {
+        # AIME 2024 (I and II), 30 problems; report pass@1 over 16+ samples.
+        "aime24": BenchmarkConfig("aime24", "${benchmarks_dir}/aime24.jsonl", fields=problem),
+        # AMC 12 2023, 40 problems; answers are floats (27.0) that still match 27.
+        "amc23": BenchmarkConfig("amc23", "${benchmarks_dir}/amc23.jsonl", fields=problem),
+        # MATH-500; never train on it.
+        "math500": BenchmarkConfig("math500", "${benchmarks_dir}/math500.jsonl", fields=problem),
+        # GSM8K test: the gold answer is the number after "####" at the end of the worked solution.
+        "gsm8k": BenchmarkConfig("gsm8k", "${benchmarks_dir}/gsm8k_test.jsonl", fields={"prompt": "question", "answer": "answer"},
+                                 answer_after="####"),
+    }
+
+
 @dataclass
 class BudgetForcingConfig:
     """s1 budget forcing: cap the thinking (force `</think>`), or extend it by replacing `</think>` with "Wait"."""

@@ -12,7 +12,9 @@ from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from thinkforge.config import ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require
+from thinkforge.config import (
+    ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require, shared_benchmarks,
+)
 from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 from thinkforge.rewards.shaping import RewardModel
 
@@ -145,10 +147,13 @@ STAGE_SCHEMAS = {"midtrain": MidTrainingConfig, "sft": SFTConfig, "dpo": DPOConf
 
 
 def register_configs() -> None:
-    """Every schema: the three entry points' and, as the `stage_schema` group, each stage's."""
+    """Every schema: the three entry points', each stage's (group `stage_schema`), and the shared benchmarks
+    (group `benchmark`, beside conf/benchmark/'s demo and synthetic)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="pipeline_schema", node=PipelineConfig)
     store.store(name="eval_schema", node=EvalConfig)
     for name, schema in STAGE_SCHEMAS.items():
         store.store(group="stage_schema", name=name, node=schema)
+    for name, benchmark in shared_benchmarks().items():
+        store.store(group="benchmark", name=name, node=benchmark)
