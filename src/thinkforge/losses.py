@@ -38,7 +38,7 @@ def causal_lm_loss(logprobs: torch.Tensor, labels: torch.Tensor) -> LossSum:
     return LossSum(-(logprobs * mask).sum(), mask.sum(), {})
 
 
-def _dpo_per_pair(
+def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -50,7 +50,7 @@ def _dpo_per_pair(
     rpo_alpha: float = 0.0,
     chosen_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair DPO losses [B] and metrics [B], from summed completion log-probs [B].
+    """DPO on summed completion log-probs [B]; returns the batch-mean loss and per-pair metrics [B].
 
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     sigmoid: -(1-ε)·log σ(β·margin) - ε·log σ(-β·margin);  ipo: (margin - 1/(2β))²;  hinge: relu(1 - β·margin)
@@ -74,7 +74,7 @@ def _dpo_per_pair(
         nll = -chosen_logps / chosen_tokens.clamp(min=1)
         losses = losses + rpo_alpha * nll
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    per_pair = {
+    metrics = {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
@@ -83,34 +83,15 @@ def _dpo_per_pair(
         "logps/rejected": rejected_logps.detach(),
     }
     if chosen_tokens is not None:
-        per_pair["nll/chosen"] = nll.detach()
-    return losses, per_pair
-
-
-def dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    rpo_alpha: float = 0.0,
-    chosen_tokens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO on summed completion log-probs [B]: the batch-mean loss and per-pair metrics [B]."""
-    losses, per_pair = _dpo_per_pair(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing, rpo_alpha=rpo_alpha, chosen_tokens=chosen_tokens,
-    )
-    return losses.mean(), per_pair
+        metrics["nll/chosen"] = nll.detach()
+    return losses.mean(), metrics
 
 
 def dpo_loss_sum(*logps: torch.Tensor, **options: Any) -> LossSum:
     """`dpo_loss` in the stages' contract: loss and metrics summed over the pairs, the unit."""
-    losses, per_pair = _dpo_per_pair(*logps, **options)
-    return LossSum(losses.sum(), torch.tensor(losses.numel()), {name: value.sum() for name, value in per_pair.items()})
+    mean, per_pair = dpo_loss(*logps, **options)
+    pairs = len(logps[0])
+    return LossSum(mean * pairs, torch.tensor(pairs), {name: value.sum() for name, value in per_pair.items()})
 
 
 def group_advantages(
@@ -149,7 +130,7 @@ def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: i
     return torch.tensor(mask.shape[0] * max_completion_length)
 
 
-def grpo_loss_sum(
+def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -161,12 +142,12 @@ def grpo_loss_sum(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     max_completion_length: int | None = None,
-) -> LossSum:
-    """Clipped surrogate + β·KL_k3 per completion token [B, T], summed over `grpo_loss_units`:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type`:
 
-    grpo: sum over sequences of each sequence's token mean; dapo and dr_grpo: sum over completion tokens (divided
-    by the batch's completion tokens, or by B · max_completion_length). Metrics are completion-token means of this
-    micro-batch, weighted by its units.
+    grpo: mean over each sequence's tokens, then over sequences; dapo: sum over tokens / completion tokens in the
+    batch; dr_grpo: sum / (B · max_completion_length), i.e. divided by `grpo_loss_units`. Metrics are batch means
+    over completion tokens.
     """
     units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
     mask = mask.to(logps.dtype)
@@ -193,26 +174,16 @@ def grpo_loss_sum(
     token_means["clip_fraction/low"] = (low * mask).sum().detach() / tokens
     token_means["clip_fraction/high"] = (high * mask).sum().detach() / tokens
     token_means["ratio/mean"] = (ratio * mask).sum().detach() / tokens
-    return LossSum(total, units, {name: value * units for name, value in token_means.items()})
+    return total / units.clamp(min=1), token_means
 
 
-def grpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss_type: str = "dapo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    beta: float = 0.0,
-    ref_logps: torch.Tensor | None = None,
-    max_completion_length: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`grpo_loss_sum` divided by its units: the loss, and metrics as completion-token means of the batch."""
-    result = grpo_loss_sum(
-        logps, old_logps, advantages, mask, loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        beta=beta, ref_logps=ref_logps, max_completion_length=max_completion_length,
+def grpo_loss_sum(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str,
+    max_completion_length: int | None = None, **options: Any,
+) -> LossSum:
+    """`grpo_loss` in the stages' contract: loss and metrics times its units (`grpo_loss_units`)."""
+    mean, token_means = grpo_loss(
+        logps, old_logps, advantages, mask, loss_type=loss_type, max_completion_length=max_completion_length, **options
     )
-    units = result.units.clamp(min=1)
-    return result.total / units, {name: value / units for name, value in result.metrics.items()}
+    units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
+    return LossSum(mean * units, units, {name: value * units for name, value in token_means.items()})

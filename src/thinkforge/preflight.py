@@ -27,9 +27,8 @@ def _looks_local(name: str) -> bool:
 def check_data_source(source: Optional[str], key: str) -> None:
     if source is None or source == "synthetic":
         return
-    path = Path(source).expanduser()
-    if _looks_local(source) or path.suffix in DATA_SUFFIXES:
-        require(path.exists(), key, f"{source}: no such file")
+    if _looks_local(source):
+        require(Path(source).expanduser().exists(), key, f"{source}: no such file")
 
 
 @functools.lru_cache(maxsize=1)
