@@ -149,19 +149,20 @@ def token_logprobs(
     """log p(target) per position, 0 where the target is IGNORE_INDEX; optionally the entropy (no grad).
 
     `temperature` divides the logits first: RL must score completions under the distribution that sampled them,
-    or its ratio, clipping and KL refer to another policy. Logits exist only `chunk_size` rows at a time, in the
-    forward and (recomputed) in the backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab). The
-    entropy comes from the same logits as the log-probs: one LM-head pass per chunk forward, one in the backward.
+    or its ratio, clipping and KL refer to another policy. Only positions with a target go through the LM head
+    (prompts and padding cost nothing there), `chunk_size` rows at a time, in the forward and (recomputed) in the
+    backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab). The entropy comes from the same
+    logits as the log-probs: one LM-head pass per chunk forward, one in the backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive to score samples; got {temperature}")
-    shape = targets.shape
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    flat_targets = targets.reshape(-1)
+    scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    scored_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
+    scored_targets = flat_targets.index_select(0, scored)
     logprob_chunks, entropy_chunks = [], []
-    for start in range(0, flat_targets.numel(), chunk_size):
-        chunk_hidden = flat_hidden[start : start + chunk_size]
-        chunk_targets = flat_targets[start : start + chunk_size]
-        arguments = (chunk_hidden, lm_head_weight, chunk_targets, temperature, with_entropy)
+    for start in range(0, scored.numel(), chunk_size):
+        arguments = (scored_hidden[start : start + chunk_size], lm_head_weight, scored_targets[start : start + chunk_size], temperature, with_entropy)
         if torch.is_grad_enabled():
             chunk_logprobs, chunk_entropy = checkpoint(_chunk_scores, *arguments, use_reentrant=False)
         else:
@@ -169,11 +170,14 @@ def token_logprobs(
         logprob_chunks.append(chunk_logprobs)
         if with_entropy:
             entropy_chunks.append(chunk_entropy)
-    # masked_fill after view: the outputs must not be views (FSDP2 hooks the backward of module outputs).
-    ignored = targets == IGNORE_INDEX
-    logprobs = torch.cat(logprob_chunks).view(shape).masked_fill(ignored, 0.0)
-    entropy = torch.cat(entropy_chunks).view(shape).masked_fill(ignored, 0.0) if with_entropy else None
-    return logprobs, entropy
+
+    def placed(chunks: list[torch.Tensor]) -> torch.Tensor:
+        # without any target the zeros stay tied to the graph, so a backward through an empty micro-batch works
+        values = torch.cat(chunks) if chunks else hidden.sum().float() * 0 + hidden.new_zeros(0, dtype=torch.float32)
+        # a fresh tensor, not a view: FSDP2 hooks the backward of module outputs
+        return values.new_zeros(flat_targets.numel()).index_copy(0, scored, values).view(targets.shape)
+
+    return placed(logprob_chunks), placed(entropy_chunks) if with_entropy else None
 
 
 class CausalLM(nn.Module):
@@ -195,7 +199,7 @@ class CausalLM(nn.Module):
         the distribution softmax(logits / temperature) that a sampler at that temperature draws from.
 
         Packed rows pass position_ids and no attention_mask: the attention backend then keeps each document to
-        itself. Padded prompt batches (generation-time scoring) pass an attention_mask instead.
+        itself. Prompt-shared rows pass their own [B, 1, L, L] boolean mask (SDPA), which transformers uses as is.
         """
         hidden = self.hf.get_decoder()(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False

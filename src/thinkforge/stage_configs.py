@@ -85,6 +85,9 @@ class DPOConfig(StageSchema):
     # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
     pairs: str = "file"
     rollout: RolloutPairsConfig = field(default_factory=RolloutPairsConfig)
+    # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
+    # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         one_of(self.loss_type, DPO_LOSS_TYPES, "stage.loss_type")
@@ -125,6 +128,9 @@ class GRPOConfig(StageSchema):
     max_refills: int = 3
     # reward function -> {weight, options}; see conf/reward/
     reward: Optional[dict[str, Any]] = None
+    # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
+    # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")

@@ -7,7 +7,7 @@ with `<think>` markers and `{% generation %}` blocks so SFT can mask everything 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -37,27 +37,25 @@ def _training_corpus() -> list[str]:
     return [p.prompt + "\n" + p.completion for p in problems] + [chat_words]
 
 
-@lru_cache(maxsize=1)
-def _trained_tokenizer_json() -> str:
+def _train_bpe(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer)
-    return tokenizer.to_str()
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
 
 
-def build_synthetic_tokenizer() -> PreTrainedTokenizerFast:
-    """Deterministic: the same corpus and settings give byte-identical tokenizers on every machine."""
+def _chat_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        tokenizer_object=backend,
         eos_token=EOS_TURN,
         pad_token=PAD,
         additional_special_tokens=[BOS_TURN, THINK, END_THINK],
@@ -65,6 +63,22 @@ def build_synthetic_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def train_chat_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on `corpus` with digits one per token, our special tokens and the ChatML template: the
+    built-in tokenizer's recipe, for scripts that need a larger vocabulary (e.g. trained on benchmark texts)."""
+    return _chat_tokenizer(_train_bpe(corpus, vocab_size))
+
+
+@lru_cache(maxsize=1)
+def _synthetic_tokenizer_json() -> str:
+    return _train_bpe(_training_corpus(), VOCAB_SIZE).to_str()
+
+
+def build_synthetic_tokenizer() -> PreTrainedTokenizerFast:
+    """Deterministic: the same corpus and settings give byte-identical tokenizers on every machine."""
+    return _chat_tokenizer(Tokenizer.from_str(_synthetic_tokenizer_json()))
 
 
 def render_chat(

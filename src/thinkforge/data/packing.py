@@ -128,3 +128,136 @@ def collate_rows(
         "num_tokens": torch.tensor(real_tokens),
         "num_slots": torch.tensor(num_slots),
     }
+
+
+@dataclass(frozen=True)
+class Document:
+    """One attention span of scored completions: a prompt with one completion, or (prompt sharing) the prompt once
+    followed by every completion as a branch that sees the prompt and itself only.
+
+    A branch starts with the prompt's last token, whose label is the completion's first token, so each branch
+    scores exactly what the prompt + completion sequence would. `branch_ids` is 0 on tokens every branch sees.
+    `members` are the completions' indices in the caller's order; `spans` their label positions (start, length).
+    """
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    position_ids: tuple[int, ...]
+    branch_ids: tuple[int, ...]
+    members: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def completion_documents(
+    prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], bool]], *, share_prompt: bool
+) -> list[Document]:
+    """Documents for `completions` = (member, token ids, trainable) of one prompt: one per completion, or one in all
+    when `share_prompt`. A completion that is not trainable is still laid out; its labels are IGNORE_INDEX."""
+    prompt = tuple(prompt_ids)
+    if not prompt:
+        raise ValueError("a completion needs a prompt of at least one token")
+
+    def labels_of(tokens: Sequence[int], trainable: bool) -> tuple[int, ...]:
+        return (tuple(tokens) if trainable else (IGNORE_INDEX,) * len(tokens)) + (IGNORE_INDEX,)
+
+    if not share_prompt:
+        return [
+            Document(
+                input_ids=prompt + tuple(tokens),
+                labels=(IGNORE_INDEX,) * (len(prompt) - 1) + labels_of(tokens, trainable),
+                position_ids=tuple(range(len(prompt) + len(tokens))),
+                branch_ids=(0,) * (len(prompt) + len(tokens)),
+                members=(member,),
+                spans=((len(prompt) - 1, len(tokens)),),
+            )
+            for member, tokens, trainable in completions
+        ]
+    shared = len(prompt) - 1
+    input_ids, labels = list(prompt[:-1]), [IGNORE_INDEX] * shared
+    position_ids, branch_ids = list(range(shared)), [0] * shared
+    members, spans = [], []
+    for branch, (member, tokens, trainable) in enumerate(completions, start=1):
+        members.append(member)
+        spans.append((len(input_ids), len(tokens)))
+        input_ids += (prompt[-1], *tokens)
+        labels += labels_of(tokens, trainable)
+        position_ids += range(shared, shared + len(tokens) + 1)
+        branch_ids += [branch] * (len(tokens) + 1)
+    return [Document(tuple(input_ids), tuple(labels), tuple(position_ids), tuple(branch_ids), tuple(members), tuple(spans))]
+
+
+def document_rows(documents: Sequence[Document], capacity: int, *, pack: bool) -> list[list[Document]]:
+    """Best-fit-decreasing rows of at most `capacity` tokens, or (`pack=False`, the padded layout) one per row."""
+    if not pack:
+        return [[document] for document in documents]
+    return [[documents[i] for i in indices] for indices in best_fit_decreasing([len(d) for d in documents], capacity)]
+
+
+def collate_documents(rows: Sequence[Sequence[Document]], pad_id: int, *, capacity: int, flatten: bool) -> dict[str, torch.Tensor]:
+    """Rows of documents -> the model's inputs, and `unpack_index`, which reads the completions back out of them.
+
+    `input_ids`/`position_ids`/`labels` are [rows, width]. Documents with branches get an `attention_mask`
+    [rows, 1, width, width] (True: may attend): causal, inside one document, and from a branch to itself and the
+    shared tokens only. Otherwise position ids restarting per document keep attention inside it, as in packed
+    mid-training, and `flatten` puts everything in one padding-free row (flash-attn varlen).
+    `unpack_index` [completions, longest] holds each completion's label positions in the flattened rows, members
+    in ascending order, and `rows*width` (a zero slot) past its end; `targets` are the labels read through it.
+    """
+    num_slots = len(rows) * capacity
+    if flatten:
+        rows = [[document for row in rows for document in row]]
+    branched = any(len(document.members) > 1 for row in rows for document in row)
+    if branched and flatten:
+        raise ValueError("prompt-shared documents need an attention mask, which the flattened (flash-attn) layout has not")
+    width = max(sum(len(document) for document in row) for row in rows)
+    members = sorted(member for row in rows for document in row for member in document.members)
+    local = {member: index for index, member in enumerate(members)}
+    longest = max((length for row in rows for document in row for _, length in document.spans), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    document_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    branch_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    unpack_index = torch.full((len(members), max(longest, 1)), len(rows) * width, dtype=torch.long)
+    real_tokens = 0
+    for row_index, row in enumerate(rows):
+        cursor = 0
+        for document_index, document in enumerate(row):
+            end = cursor + len(document)
+            input_ids[row_index, cursor:end] = torch.tensor(document.input_ids)
+            labels[row_index, cursor:end] = torch.tensor(document.labels)
+            position_ids[row_index, cursor:end] = torch.tensor(document.position_ids)
+            document_ids[row_index, cursor:end] = document_index
+            branch_ids[row_index, cursor:end] = torch.tensor(document.branch_ids)
+            for member, (start, length) in zip(document.members, document.spans):
+                first = row_index * width + cursor + start
+                unpack_index[local[member], :length] = torch.arange(first, first + length)
+            cursor = end
+        real_tokens += cursor
+        position_ids[row_index, cursor:] = torch.arange(width - cursor)
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "unpack_index": unpack_index,
+        "targets": unpack(labels, unpack_index, fill=IGNORE_INDEX),
+        "members": torch.tensor(members, dtype=torch.long),
+        "num_tokens": torch.tensor(real_tokens),
+        "num_slots": torch.tensor(num_slots),
+    }
+    if branched:
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_document = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+        query_branch, key_branch = branch_ids.unsqueeze(-1), branch_ids.unsqueeze(-2)
+        visible = (key_branch == 0) | (key_branch == query_branch)
+        batch["attention_mask"] = (causal & same_document & visible).unsqueeze(1)
+    return batch
+
+
+def unpack(values: torch.Tensor, unpack_index: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+    """[rows, width] per-position values -> [completions, longest] through `collate_documents`' index."""
+    flat = torch.cat([values.reshape(-1), values.new_full((1,), fill)])
+    return flat[unpack_index]

@@ -22,10 +22,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
-from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_hf_model, parallelize
+from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_hf_model, parallelize, resolve_attn_implementation
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
-from thinkforge.data.packing import IGNORE_INDEX
+from thinkforge.data.packing import IGNORE_INDEX, Document, collate_documents, completion_documents, document_rows, unpack
 from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum
 from thinkforge.metrics import HeldOutSums, score_rollouts
@@ -36,6 +36,9 @@ from thinkforge.tokenizer import render_chat, render_prompt
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+
+# a prompt-shared span needs a dense [tokens, tokens] attention mask; past this many tokens it repeats the prompt
+SHARED_PROMPT_MAX_TOKENS = 4096
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -67,6 +70,11 @@ class Stage(L.LightningModule):
         self._val_sums: defaultdict[str, float] = defaultdict(float)
         self.heldout_metrics: dict[str, float] = {}
         self.initial_heldout: dict[str, float] = {}
+        attention = resolve_attn_implementation(run.model.attn_implementation)
+        # flash-attn takes every document of a micro-batch as one padding-free row; SDPA keeps [B, L] rows
+        self.flatten_rows = attention == "flash_attention_2"
+        # a custom attention mask (prompt sharing) is SDPA's alone among the backends
+        self.masks_attention = attention == "sdpa"
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -157,6 +165,38 @@ class Stage(L.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- scored completions (DPO, GRPO) -----------------------------------------------------------------------
+    def completion_layout(
+        self, prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], bool]], share_prompt: bool
+    ) -> list[Document]:
+        """One prompt's completions (member, token ids, trainable) as documents: sharing the prompt where the
+        attention backend takes a mask and the span stays small enough for a dense one."""
+        if share_prompt and self.masks_attention and len(completions) > 1:
+            shared = completion_documents(prompt_ids, completions, share_prompt=True)
+            if len(shared[0]) <= SHARED_PROMPT_MAX_TOKENS:
+                return shared
+        return completion_documents(prompt_ids, completions, share_prompt=False)
+
+    def completion_rows(self, documents: Sequence[Document], capacity: int) -> list[list[Document]]:
+        """The documents packed into rows of `capacity` tokens (`data.pack`), else one per row (padded)."""
+        return document_rows(documents, capacity, pack=self.run.data.pack)
+
+    def collate_completions(self, rows: Sequence[Sequence[Document]], capacity: int) -> Batch:
+        return collate_documents(rows, self.tokenizer.pad_token_id, capacity=capacity, flatten=self.flatten_rows and self.run.data.pack)
+
+    @staticmethod
+    def completion_scores(
+        model: CausalLM, batch: Batch, *, with_entropy: bool = False, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (and entropy) of the batch's completions, [completions, longest], 0 past each end:
+        one forward over the packed rows, read back out through `unpack_index`."""
+        logprobs, entropy = model(
+            batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], attention_mask=batch.get("attention_mask"),
+            with_entropy=with_entropy, temperature=temperature,
+        )
+        index = batch["unpack_index"]
+        return unpack(logprobs, index), None if entropy is None else unpack(entropy, index)
 
     # ---- distributed helpers -------------------------------------------------------------------------------------
     @property

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-
-from thinkforge.backbone import resolve_attn_implementation
 from thinkforge.data.packing import TokenSequence, collate_rows, fill_ratio, fit_to_length, pack
 from thinkforge.losses import LossSum, causal_lm_loss
 from thinkforge.stages.base import Batch, Stage
@@ -16,11 +14,6 @@ log = logging.getLogger(__name__)
 
 class CausalLMStage(Stage):
     """Token-mean cross-entropy over the global batch's target tokens; subclasses say which tokens are targets."""
-
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
-        # flash-attn takes every document of a micro-batch as one padding-free row; SDPA keeps [B, L] rows
-        self.flatten_rows = resolve_attn_implementation(run.model.attn_implementation) == "flash_attention_2"
 
     def sequences(self, split: str) -> list[TokenSequence]:
         raise NotImplementedError

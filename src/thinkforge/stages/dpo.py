@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from thinkforge.backbone import CausalLM
-from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
+from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum, dpo_loss_sum
@@ -33,8 +33,9 @@ SPLITS = ("train", "val")
 class Pair:
     split: str
     index: int
-    chosen: TokenSequence
-    rejected: TokenSequence
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
 
 
 class DPO(Stage):
@@ -101,23 +102,32 @@ class DPO(Stage):
             if any(side is None for side in sides):
                 dropped += 1
                 continue
-            items.append(Pair(split, len(items), *sides))
+            items.append(Pair(split, len(items), tuple(prompt_ids), *sides))
         log.info("%s: %d pairs%s", split, len(items), f", {dropped} over data.max_length dropped" if dropped else "")
         return items
 
-    def _completion(self, prompt_ids: list[int], completion: str, finished: bool) -> TokenSequence | None:
-        """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at."""
+    def _completion(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
+        """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at; the
+        prompt and reply together fit data.max_length (truncated or dropped)."""
         completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + ([self.turn_end_id] if finished else [])
-        ids = prompt_ids + completion_ids
-        if len(ids) > self.run.data.max_length:
-            if self.run.data.overflow == "drop" or len(prompt_ids) >= self.run.data.max_length:
+        room = self.run.data.max_length - len(prompt_ids)
+        if len(completion_ids) > room:
+            if self.run.data.overflow == "drop" or room <= 0:
                 return None
-            ids = ids[: self.run.data.max_length]
-        return TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids)))
+            completion_ids = completion_ids[:room]
+        return tuple(completion_ids)
 
     def collate(self, items: Sequence[Pair]) -> Batch:
-        rows = [[item.chosen] for item in items] + [[item.rejected] for item in items]
-        batch = collate_rows(rows, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=False)
+        """Pair i's sides are completions 2i (chosen) and 2i + 1 (rejected), packed with their shared prompt."""
+        documents = [
+            document
+            for i, item in enumerate(items)
+            for document in self.completion_layout(
+                item.prompt_ids, [(2 * i, item.chosen_ids, True), (2 * i + 1, item.rejected_ids, True)], self.settings.share_prompt
+            )
+        ]
+        capacity = max(self.run.data.max_length, *(len(document) for document in documents))
+        batch = self.collate_completions(self.completion_rows(documents, capacity), capacity)
         batch["pair_index"] = torch.tensor([item.index for item in items])
         batch["split"] = torch.tensor(SPLITS.index(items[0].split))
         return batch
@@ -153,26 +163,26 @@ class DPO(Stage):
         with self.compute_context():
             for start in range(0, len(share), micro):
                 batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
-                scores.append(self._sequence_logps(reference, batch).view(2, -1).T)
+                scores.append(self._sequence_logps(reference, batch))
         gathered = self.trainer.strategy.all_gather(torch.cat(scores))
         del reference
         return gathered.reshape(-1, 2)[: len(items)].cpu()
 
     # ---- loss -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _sequence_logps(model: CausalLM, batch: Batch) -> torch.Tensor:
-        logprobs, _ = model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-        return logprobs.sum(-1)
+    def _sequence_logps(self, model: CausalLM, batch: Batch) -> torch.Tensor:
+        """Summed log-probs of each pair's sides, [pairs, 2] (chosen, rejected)."""
+        logprobs, _ = self.completion_scores(model, batch)
+        return logprobs.sum(-1).view(-1, 2)
 
     def loss_sum(self, batch: Batch) -> LossSum:
-        chosen, rejected = self._sequence_logps(self.policy, batch).chunk(2)
+        chosen, rejected = self._sequence_logps(self.policy, batch).unbind(-1)
         if self.settings.precompute_ref_logps:
             ref = self.ref_logps[SPLITS[int(batch["split"])]][batch["pair_index"].cpu()].to(chosen)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).chunk(2)
-        chosen_tokens = (batch["labels"] != IGNORE_INDEX).sum(-1).chunk(2)[0]
+                ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).unbind(-1)
+        chosen_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).view(-1, 2)[:, 0]
         return dpo_loss_sum(
             chosen,
             rejected,

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from thinkforge.data.loader import StepBatches
-from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows
+from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
 from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units
 from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
@@ -218,32 +218,40 @@ class GRPO(Stage):
         }
 
     def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
-        """Micro-batches of (prompt + completion) sequences with their advantages, the sampler's log-probs, and
-        old and reference log-probs, all at the sampling temperature of this step."""
+        """Micro-batches of the step's completions, packed with their prompts into rows, with their advantages,
+        the sampler's log-probs, and old and reference log-probs, all at the sampling temperature of this step.
+
+        A micro-batch holds as many tokens as a padded one of `data.micro_batch_size` prompts would (rows of the
+        step's longest sequence), so packing and prompt sharing mean fewer micro-batches, not bigger ones.
+        """
         rewards = torch.cat([g.rewards for g in groups])
         advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.global_std(rewards) if self.settings.advantage_scale == "batch" else None)
-        rollouts = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
-        per_micro = self.run.data.micro_batch_size * self.settings.group_size
+        rollouts = [rollout for group in groups for rollout in group.rollouts]
+        documents = []
+        for index, group in enumerate(groups):
+            completions = [
+                (index * self.settings.group_size + k, rollout.token_ids, not (self.settings.mask_truncated and not rollout.finished))
+                for k, rollout in enumerate(group.rollouts)
+            ]
+            documents += self.completion_layout(group.prompt.token_ids, completions, self.settings.share_prompt)
+        longest_sequence = max(len(group.prompt.token_ids) + len(r.token_ids) for group in groups for r in group.rollouts)
+        capacity = max(longest_sequence, *(len(document) for document in documents))
+        rows = self.completion_rows(documents, capacity)
+        budget = self.run.data.micro_batch_size * self.settings.group_size * longest_sequence
+        rows_per_micro = max(1, budget // capacity)
         batches = []
-        for start in range(0, len(rollouts), per_micro):
-            chunk = rollouts[start : start + per_micro]
-            sequences = []
-            for prompt, rollout in chunk:
-                trainable = not (self.settings.mask_truncated and not rollout.finished)
-                mask = [False] * len(prompt.token_ids) + [trainable] * len(rollout.token_ids)
-                sequences.append(TokenSequence.causal(prompt.token_ids + rollout.token_ids, mask))
-            batch = collate_rows([[s] for s in sequences], self.tokenizer.pad_token_id, row_length=max(map(len, sequences)), flatten=False)
-            batch["sampler_logps"] = self._sampler_logps(chunk, batch["labels"].shape)
-            batch["advantages"] = advantages[start : start + per_micro]
+        for start in range(0, len(rows), rows_per_micro):
+            batch = self.collate_completions(rows[start : start + rows_per_micro], capacity)
+            members = batch["members"]
+            batch["sampler_logps"] = self._sampler_logps([rollouts[m] for m in members.tolist()], batch["targets"].shape)
+            batch["advantages"] = advantages[members]
             batch["temperature"] = torch.tensor(sampling.temperature)
             batch["max_new_tokens"] = torch.tensor(sampling.max_new_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
                 for name, model in (("old_logps", self.policy if self.settings.num_iterations > 1 else None), ("ref_logps", self.reference)):
                     if model is not None:
-                        batch[name], _ = model(
-                            batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], temperature=sampling.temperature
-                        )
+                        batch[name], _ = self.completion_scores(model, batch, temperature=sampling.temperature)
             batches.append(batch)
         return batches
 
@@ -253,23 +261,19 @@ class GRPO(Stage):
         return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
 
     @staticmethod
-    def _sampler_logps(chunk: Sequence[tuple[Prompt, Rollout]], shape: torch.Size) -> torch.Tensor:
-        """The engine's per-token log-probs placed where the labels of the completion tokens are."""
+    def _sampler_logps(rollouts: Sequence[Rollout], shape: torch.Size) -> torch.Tensor:
+        """The engine's per-token log-probs in the completions' layout [completions, longest]."""
         logps = torch.zeros(shape)
-        for row, (prompt, rollout) in enumerate(chunk):
-            start = len(prompt.token_ids) - 1
-            logps[row, start : start + len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
+        for row, rollout in enumerate(rollouts):
+            logps[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
         return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        return grpo_loss_units(batch["labels"] != IGNORE_INDEX, self.settings.loss_type, int(batch["max_new_tokens"]))
+        return grpo_loss_units(batch["targets"] != IGNORE_INDEX, self.settings.loss_type, int(batch["max_new_tokens"]))
 
     def loss_sum(self, batch: Batch) -> LossSum:
-        labels = batch["labels"]
-        logps, entropy = self.policy(
-            batch["input_ids"], labels, position_ids=batch["position_ids"], with_entropy=True, temperature=float(batch["temperature"])
-        )
-        mask = labels != IGNORE_INDEX
+        logps, entropy = self.completion_scores(self.policy, batch, with_entropy=True, temperature=float(batch["temperature"]))
+        mask = batch["targets"] != IGNORE_INDEX
         result = grpo_loss_sum(
             logps,
             batch.get("old_logps", logps.detach()),

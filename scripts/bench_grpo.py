@@ -1,0 +1,120 @@
+"""One GRPO configuration's step time, split into generation and training, with tokens/s, fill ratio and MFU.
+
+    python scripts/bench_grpo.py                                  # the demo's tiny model on the synthetic task
+    python scripts/bench_grpo.py stage.group_size=4 stage.max_completion_length=64 --steps 5
+
+Arguments are Hydra overrides of `thinkforge-train stage=grpo` (conf/train.yaml). The stage runs as training
+runs it (Lightning, the HF rollout engine, the stage's own micro-batches); a callback times each step. MFU counts
+the training pass only, at 6·N FLOPs per trained token (attention left out, so it is a lower bound), against this
+machine's matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+
+from bench_midtrain import matmul_peak_flops
+from thinkforge.backbone import compute_dtype
+from thinkforge.cli import config_dir
+from thinkforge.console import quiet_console
+from thinkforge.stage_configs import register_configs
+from thinkforge.train import run_stage
+
+
+@dataclass
+class StepRecord:
+    seconds: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class StepTimer(Callback):
+    """Wall time of every training step (generation, scoring and optimisation) and the metrics it logged."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    started: float = 0.0
+    parameters: int = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        seconds = time.perf_counter() - self.started
+        self.steps.append(StepRecord(seconds, {k: float(v) for k, v in trainer.callback_metrics.items()}))
+        self.parameters = sum(p.numel() for p in module.policy.parameters())
+
+
+@dataclass
+class GRPOBench:
+    step_s: float
+    generation_s: float
+    training_s: float
+    generated_tokens_per_s: float
+    trained_tokens_per_s: float
+    fill_ratio: float
+    mfu: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"step              {self.step_s:.2f} s (median)",
+            f"generation        {self.generation_s:.2f} s, {self.generated_tokens_per_s:,.0f} new tokens/s",
+            f"training          {self.training_s:.2f} s, {self.trained_tokens_per_s:,.0f} tokens/s, fill ratio {self.fill_ratio:.3f}",
+            f"training MFU      {self.mfu:.1%}",
+        ]
+
+
+def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
+    """Runs `steps + warmup` GRPO steps in a temporary directory and summarises the last `steps` (medians)."""
+    register_configs()
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "stage=grpo", f"output_dir={output_dir}", f"trainer.max_steps={steps + warmup}", "trainer.ckpt_every=100000",
+                "heldout.num_prompts=0", *overrides,
+            ],
+        )
+        quiet_console()
+        run_stage(cfg, callbacks=[timer])
+    measured = timer.steps[warmup:]
+
+    def median(name: str) -> float:
+        return statistics.median(step.metrics[name] for step in measured)
+
+    samples = cfg.data.batch_size * cfg.stage.group_size
+    generated = median("train/completion/mean_length") * samples
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak_flops(compute_dtype(cfg.model.dtype), device)
+    trained_per_s = median("train/tokens_per_s")
+    return GRPOBench(
+        step_s=statistics.median(step.seconds for step in measured),
+        generation_s=median("train/generation_s"),
+        training_s=median("train/training_s"),
+        generated_tokens_per_s=generated / median("train/generation_s"),
+        trained_tokens_per_s=trained_per_s,
+        fill_ratio=median("train/fill_ratio"),
+        mfu=trained_per_s * 6 * timer.parameters / peak,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    args, overrides = parser.parse_known_args()
+    bench = run_grpo_bench(overrides, args.steps, args.warmup)
+    print(f"device            {'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads)")
+    print("\n".join(bench.lines()))
+
+
+if __name__ == "__main__":
+    main()
