@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from thinkforge.rollout.base import Rollout, SamplingConfig
 
@@ -45,14 +46,28 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps[-num_new:], dim=1).tolist()
 
 
+def _cache_argument(model: Any) -> str:
+    """What the installed transformers calls the KV cache argument and output: `cache` (5.x), `past_key_values`."""
+    hf = getattr(model, "hf", model)
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 class HFEngine:
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False, share_prefill: bool = True
+    ) -> None:
         """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
+
+        `share_prefill`: each distinct prompt of a batch is encoded once, alone (no left padding), and its KV cache
+        copied to all its samples' rows before HF `generate` decodes them: a group of G samples pays one prefill,
+        not G padded ones. Only with several samples per prompt (one batched prefill is faster for distinct
+        prompts), and in one process only: under FSDP the ranks' prefill calls would not line up.
 
         A row ends at any of the model's end tokens: its generation config's list (which `load_hf_model` fills with
         the chat turn's end, the tokenizer's EOS and the model's own) and the tokenizer's EOS. The same set decides
         `finished`."""
         self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
+        self.share_prefill = share_prefill
         declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
         self.end_ids = list(dict.fromkeys([*declared, tokenizer.eos_token_id]))
@@ -75,6 +90,8 @@ class HFEngine:
                 for start in range(0, len(jobs), self.batch_size):
                     chunk = jobs[start : start + self.batch_size]
                     inputs = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    if self.share_prefill and sampling.num_samples > 1 and not self.synced:
+                        inputs[_cache_argument(self.model)] = self._prefilled_cache([index for index, _ in chunk], inputs)
                     sampled = sampling.temperature > 0
                     recorder = SampledLogprobs(sampling)
                     output = self.model.generate(
@@ -99,6 +116,34 @@ class HFEngine:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
         return rollouts
+
+    def _prefilled_cache(self, owners: list[int], inputs: Any) -> DynamicCache:
+        """The KV cache of every row's prompt but its last token, left-padded like `inputs`: `generate` then starts
+        from that last token. Each distinct prompt (`owners`: the prompt index of each row) runs through the decoder
+        once, alone, at positions 0.. as the padded batch would place it."""
+        hf = getattr(self.model, "hf", self.model)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        width = ids.shape[1]
+        rows_of: dict[int, list[int]] = {}
+        for row, owner in enumerate(owners):
+            rows_of.setdefault(owner, []).append(row)
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for rows in rows_of.values():
+            prompt = ids[rows[0], width - int(mask[rows[0]].sum()) :]
+            if len(prompt) < 2:
+                continue
+            encoded = hf.get_decoder()(input_ids=prompt[None, :-1], use_cache=True)
+            prefix = encoded[_cache_argument(hf)]
+            for layer, (keys, values) in enumerate((entry.keys, entry.values) for entry in prefix.layers):
+                if len(layers) <= layer:
+                    shape = (len(owners), keys.shape[1], width - 1, keys.shape[3])
+                    layers.append((keys.new_zeros(shape), values.new_zeros(shape)))
+                layers[layer][0][rows, :, width - len(prompt) :] = keys
+                layers[layer][1][rows, :, width - len(prompt) :] = values
+        cache = DynamicCache(config=hf.config)
+        for layer, (keys, values) in enumerate(layers):
+            cache.update(keys, values, layer)
+        return cache
 
     def _rollout(self, index: int, row: list[int], logprobs: list[float], stop_strings: Sequence[str]) -> Rollout:
         """Cuts a generated row after its first end token, or after the first stop string (HF may stop a row later
