@@ -1,14 +1,19 @@
-"""thinkforge against TRL, side by side in one process, on the same model, tokenizer, prompts and settings.
+"""thinkforge against TRL, side by side in one process, on the same model, tokenizer, data and settings.
 
     pip install trl
-    python scripts/compare_trl.py                  # GRPO: 8 MATH-500 prompts x 4 samples x 64 new tokens
-    python scripts/compare_trl.py --steps 5 --benchmarks ../shared/data/benchmarks
+    python scripts/compare_trl.py                  # GRPO and SFT
+    python scripts/compare_trl.py grpo --steps 5 --benchmarks ../shared/data/benchmarks
 
+GRPO: 8 MATH-500 prompts x 4 samples x 64 new tokens per step.
 The model is a randomly initialised Qwen2 of about 25M parameters with a 15K byte-level BPE vocabulary trained on
 the benchmark texts, saved once and loaded by path on both sides (so it never emits EOS and both generate the full
 64 tokens). Both sample with HF `generate`, fp32, no KL (beta 0), one optimizer step per generation round, the
 token-level (DAPO) loss, and the same strict math-accuracy reward. Each side's step is timed by a callback from
 its step's start (generation included) to its end; the first `--warmup` steps are left out.
+
+SFT: 800 chats (MATH-500 and GSM8K problems with their worked solutions), max length 1024, assistant-only loss.
+thinkforge packs conversations into rows (scripts/bench_midtrain.py with stage=sft); TRL runs padded and with
+best-fit-decreasing padding-free packing. Both count real (non-pad) tokens per second of training steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench_grpo import run_grpo_bench
+from bench_midtrain import run_causal_bench
 from thinkforge.backbone import load_hf_model
 from thinkforge.config import ModelConfig
 from thinkforge.rewards.math import math_accuracy_many
@@ -106,8 +112,84 @@ def trl_grpo(model_dir: Path, prompts: Path, args: argparse.Namespace) -> list[f
     return timer.times[args.warmup :]
 
 
+def write_chats(benchmarks: Path, path: Path) -> list[str]:
+    rows = [{"prompt": r["problem"], "completion": r["solution"]} for r in read_jsonl(benchmarks / "math500.jsonl")]
+    rows += [{"prompt": r["question"], "completion": r["answer"]} for r in read_jsonl(benchmarks / "gsm8k_test.jsonl")[: 800 - len(rows)]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [row["completion"] for row in rows]
+
+
+def sft_overrides(model_dir: Path, chats: Path) -> list[str]:
+    return [
+        "stage=sft", "model=pretrained", f"model.name_or_path={model_dir}", "model.dtype=float32",
+        "data=jsonl", f"data.train={chats}", "data.val=null", "data.max_length=1024", "data.pack=true",
+        "data.overflow=truncate", "data.batch_size=8", "data.micro_batch_size=2",
+    ]
+
+
+def trl_sft(model_dir: Path, chats: Path, args: argparse.Namespace, padding_free: bool) -> float:
+    """Real tokens per second of TRL SFTTrainer's training steps after the warm-up."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_, **__) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
+
+    rows = read_jsonl(chats)
+    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]} for r in rows])
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = SFTConfig(
+            output_dir=output_dir, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
+            max_steps=args.steps + args.warmup, max_length=1024, assistant_only_loss=True, learning_rate=1e-4, seed=0,
+            dataloader_num_workers=0, disable_tqdm=True,
+            **({"packing": True, "packing_strategy": "bfd", "padding_free": True, "per_device_train_batch_size": 2}
+               if padding_free else {"per_device_train_batch_size": 4}),
+        )
+        trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
+        trainer.train()
+        tokens = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    return (tokens[-1] - tokens[args.warmup - 1]) / sum(timer.seconds[args.warmup :])
+
+
+def compare_grpo(work_dir: Path, args: argparse.Namespace) -> None:
+    write_prompts(args.benchmarks, work_dir / "prompts.jsonl", args.prompts * (args.steps + args.warmup))
+    ours = run_grpo_bench(grpo_overrides(work_dir / "model", work_dir / "prompts.jsonl", args), args.steps, args.warmup)
+    theirs = statistics.median(trl_grpo(work_dir / "model", work_dir / "prompts.jsonl", args))
+    print(f"GRPO step: {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up")
+    print("thinkforge:\n  " + "\n  ".join(ours.lines()))
+    print(f"TRL GRPOTrainer   {theirs:.2f} s (median)")
+    print(f"ratio             thinkforge step = {ours.step_s / theirs:.2f} x TRL's ({theirs / ours.step_s:.2f}x faster)")
+
+
+def compare_sft(work_dir: Path, args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    replies = write_chats(args.benchmarks, work_dir / "chats.jsonl")
+    lengths = sorted(len(ids) for ids in AutoTokenizer.from_pretrained(work_dir / "model")(replies)["input_ids"])
+    ours = run_causal_bench(sft_overrides(work_dir / "model", work_dir / "chats.jsonl"), args.steps, args.warmup)
+    padded = trl_sft(work_dir / "model", work_dir / "chats.jsonl", args, padding_free=False)
+    packed = trl_sft(work_dir / "model", work_dir / "chats.jsonl", args, padding_free=True)
+    print(f"SFT: 800 chats (reply tokens: median {lengths[len(lengths) // 2]}, p90 {lengths[len(lengths) * 9 // 10]}), "
+          f"max length 1024, assistant-only loss, {args.steps} steps after {args.warmup} warm-up")
+    print(f"thinkforge (packed)          {ours.tokens_per_s:7,.0f} tokens/s, MFU {ours.mfu:.1%}")
+    print(f"TRL SFTTrainer padded        {padded:7,.0f} tokens/s")
+    print(f"TRL SFTTrainer BFD pad-free  {packed:7,.0f} tokens/s")
+    print(f"ratio                        {ours.tokens_per_s / max(padded, packed):.2f}x TRL's best")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", nargs="*", choices=["grpo", "sft"], default=["grpo", "sft"])
     parser.add_argument("--benchmarks", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/benchmarks")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -118,14 +200,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         build_model(args.benchmarks, work_dir / "model")
-        write_prompts(args.benchmarks, work_dir / "prompts.jsonl", args.prompts * (args.steps + args.warmup))
-        ours = run_grpo_bench(grpo_overrides(work_dir / "model", work_dir / "prompts.jsonl", args), args.steps, args.warmup)
-        theirs = statistics.median(trl_grpo(work_dir / "model", work_dir / "prompts.jsonl", args))
-    print(f"GRPO step: {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps after {args.warmup} warm-up")
-    print("thinkforge:\n  " + "\n  ".join(ours.lines()))
-    print(f"TRL GRPOTrainer   {theirs:.2f} s (median)")
-    print(f"ratio             thinkforge step = {ours.step_s / theirs:.2f} x TRL's ({theirs / ours.step_s:.2f}x faster)")
+        if "grpo" in args.work:
+            compare_grpo(work_dir, args)
+        if "sft" in args.work:
+            compare_sft(work_dir, args)
 
 
 if __name__ == "__main__":

@@ -237,13 +237,17 @@ def _model_class(config: Any) -> type[PreTrainedModel] | None:
 
 
 def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig, compute: torch.dtype) -> CausalLM:
-    """FSDP2: `fully_shard` each decoder layer, then the root. A no-op without a device mesh (one process).
+    """`hardware.compile`: torch.compile each decoder layer; then FSDP2: `fully_shard` each decoder layer, then the
+    root (without a device mesh, one process, nothing is sharded).
 
-    Order matters (as in torchtitan): activation checkpointing is applied when the model is loaded, before
-    sharding; layers are sharded before the root so the root unit only owns embeddings, final norm and LM head.
-    The shards stay fp32 (parameters and optimizer state); FSDP casts each all-gathered layer to the compute
+    Order matters (as in torchtitan): activation checkpointing is applied when the model is loaded, then compile,
+    then sharding; layers are sharded before the root so the root unit only owns embeddings, final norm and LM
+    head. The shards stay fp32 (parameters and optimizer state); FSDP casts each all-gathered layer to the compute
     dtype and reduces gradients in fp32.
     """
+    if hardware.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
     if mesh is None:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

@@ -172,6 +172,8 @@ class HardwareConfig:
     strategy: str = "single"
     process_group_backend: Optional[str] = None
     reshard_after_forward: bool = True
+    # torch.compile each decoder layer (fuses its norms, RoPE and activations); the first steps pay the compilation
+    compile: bool = False
 
     def __post_init__(self) -> None:
         one_of(self.accelerator, ("cpu", "gpu", "cuda", "auto"), "hardware.accelerator")
