@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from thinkforge.config import HardwareConfig, ModelConfig
@@ -123,18 +122,50 @@ def load_hf_model(
     return hf_model
 
 
-def _chunk_scores(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) of one chunk and, without grad, its entropy: both from one pass through the LM head."""
-    logits = F.linear(hidden, weight).float() / temperature
-    normalizer = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - normalizer
-    if not with_entropy:
-        return picked, None
-    with torch.no_grad():  # H = log Z - sum p * logit
-        entropy = normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return picked, entropy
+def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run the LM-head matmul in (bf16 under bf16 autocast), else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+class _ChunkScores(torch.autograd.Function):
+    """log p(target) of one chunk of positions and, without grad, its entropy, from one LM-head matmul.
+
+    Only the chunk's hidden states and log-normalisers are kept for the backward, which recomputes the logits and
+    turns them into their gradient in place, g * (onehot(target) - softmax): one [chunk, vocab] buffer instead of
+    autograd's logsumexp and gather backwards (a subtraction, an exponential, a product and a zero-filled scatter,
+    each [chunk, vocab]). The temperature scales the hidden states, [chunk, hidden], not the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
+        dtype = _matmul_dtype(hidden)
+        logits = F.linear((hidden / temperature).to(dtype), weight.to(dtype)).float()
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        top = logits.amax(dim=-1, keepdim=True)
+        shifted = logits.sub_(top)  # in place, as below: the logits are not needed again
+        exponentials = shifted.exp() if with_entropy else shifted.exp_()
+        total = exponentials.sum(-1)
+        normalizer = top.squeeze(-1) + total.log()
+        picked = picked - normalizer
+        entropy = picked.new_zeros(0)
+        if with_entropy:  # H = log Z - sum p * logit, with the logits shifted by their max
+            entropy = total.log() - exponentials.mul_(shifted).sum(-1) / total
+        ctx.save_for_backward(hidden, weight, targets, normalizer)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_entropy):
+        hidden, weight, targets, normalizer = ctx.saved_tensors
+        scaled, matrix = (hidden / ctx.temperature).to(ctx.dtype), weight.to(ctx.dtype)
+        grad_logits = F.linear(scaled, matrix).float().sub_(normalizer.unsqueeze(-1)).exp_().mul_(-grad_picked.unsqueeze(-1))
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))
+        grad_logits = grad_logits.to(ctx.dtype)
+        grad_hidden = (grad_logits @ matrix).to(hidden.dtype) / ctx.temperature if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.T @ scaled).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def token_logprobs(
@@ -152,7 +183,7 @@ def token_logprobs(
     or its ratio, clipping and KL refer to another policy. Only positions with a target go through the LM head
     (prompts and padding cost nothing there), `chunk_size` rows at a time, in the forward and (recomputed) in the
     backward, so memory stays O(chunk · vocab) instead of O(tokens · vocab). The entropy comes from the same
-    logits as the log-probs: one LM-head pass per chunk forward, one in the backward.
+    logits as the log-probs: one LM-head pass per chunk forward, one in the backward (`_ChunkScores`).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive to score samples; got {temperature}")
@@ -162,11 +193,9 @@ def token_logprobs(
     scored_targets = flat_targets.index_select(0, scored)
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, scored.numel(), chunk_size):
-        arguments = (scored_hidden[start : start + chunk_size], lm_head_weight, scored_targets[start : start + chunk_size], temperature, with_entropy)
-        if torch.is_grad_enabled():
-            chunk_logprobs, chunk_entropy = checkpoint(_chunk_scores, *arguments, use_reentrant=False)
-        else:
-            chunk_logprobs, chunk_entropy = _chunk_scores(*arguments)
+        chunk_logprobs, chunk_entropy = _ChunkScores.apply(
+            scored_hidden[start : start + chunk_size], lm_head_weight, scored_targets[start : start + chunk_size], temperature, with_entropy
+        )
         logprob_chunks.append(chunk_logprobs)
         if with_entropy:
             entropy_chunks.append(chunk_entropy)
