@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from bench_grpo import run_grpo_bench
 from bench_midtrain import run_causal_bench
@@ -40,6 +41,19 @@ MODEL = {
     "rope_theta": 10000.0,
 }
 VOCAB_SIZE = 15000
+
+
+class StepTimes(TrainerCallback):
+    """Wall time of each TRL training step, from its start (generation included, in GRPO) to its end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, *_, **__) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, *_, **__) -> None:
+        self.seconds.append(time.perf_counter() - self.started)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -77,18 +91,8 @@ def grpo_overrides(model_dir: Path, prompts: Path, args: argparse.Namespace) -> 
 
 def trl_grpo(model_dir: Path, prompts: Path, args: argparse.Namespace) -> list[float]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, *_, **__) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__) -> None:
-            self.times.append(time.perf_counter() - self.started)
 
     def accuracy(completions: list, answer: list[str], **_) -> list[float]:
         return math_accuracy_many([c[0]["content"] for c in completions], answer)
@@ -109,7 +113,7 @@ def trl_grpo(model_dir: Path, prompts: Path, args: argparse.Namespace) -> list[f
             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer],
         )
         trainer.train()
-    return timer.times[args.warmup :]
+    return timer.seconds[args.warmup :]
 
 
 def write_chats(benchmarks: Path, path: Path) -> list[str]:
@@ -130,18 +134,8 @@ def sft_overrides(model_dir: Path, chats: Path) -> list[str]:
 def trl_sft(model_dir: Path, chats: Path, args: argparse.Namespace, padding_free: bool) -> float:
     """Real tokens per second of TRL SFTTrainer's training steps after the warm-up."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-
-        def on_step_begin(self, *_, **__) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__) -> None:
-            self.seconds.append(time.perf_counter() - self.started)
 
     rows = read_jsonl(chats)
     dataset = Dataset.from_list([{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]} for r in rows])
