@@ -183,7 +183,7 @@ def compare_sft(work_dir: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("work", nargs="*", choices=["grpo", "sft"], default=["grpo", "sft"])
+    parser.add_argument("work", nargs="*", help="grpo and/or sft (default: both)")
     parser.add_argument("--benchmarks", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/benchmarks")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
+    args.work = args.work or ["grpo", "sft"]
+    if set(args.work) - {"grpo", "sft"}:
+        parser.error(f"unknown comparison {sorted(set(args.work) - {'grpo', 'sft'})}: choose grpo and/or sft")
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         build_model(args.benchmarks, work_dir / "model")
