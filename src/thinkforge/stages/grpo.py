@@ -218,30 +218,25 @@ class GRPO(Stage):
         }
 
     def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
-        """Micro-batches of the step's completions, packed with their prompts into rows, with their advantages,
-        the sampler's log-probs, and old and reference log-probs, all at the sampling temperature of this step.
-
-        A micro-batch holds as many tokens as a padded one of `data.micro_batch_size` prompts would (rows of the
-        step's longest sequence), so packing and prompt sharing mean fewer micro-batches, not bigger ones.
+        """Micro-batches of `data.micro_batch_size` prompts' completions, each packed with its prompt into rows,
+        with their advantages, the sampler's log-probs, and old and reference log-probs, all at the sampling
+        temperature of this step. Packing stays inside a micro-batch so that every rank runs as many micro-batches
+        as the others (FSDP gathers each layer once per micro-batch on all ranks together).
         """
         rewards = torch.cat([g.rewards for g in groups])
         advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.global_std(rewards) if self.settings.advantage_scale == "batch" else None)
         rollouts = [rollout for group in groups for rollout in group.rollouts]
-        documents = []
-        for index, group in enumerate(groups):
-            completions = [
-                (index * self.settings.group_size + k, rollout.token_ids, not (self.settings.mask_truncated and not rollout.finished))
-                for k, rollout in enumerate(group.rollouts)
-            ]
-            documents += self.completion_layout(group.prompt.token_ids, completions, self.settings.share_prompt)
-        longest_sequence = max(len(group.prompt.token_ids) + len(r.token_ids) for group in groups for r in group.rollouts)
-        capacity = max(longest_sequence, *(len(document) for document in documents))
-        rows = self.completion_rows(documents, capacity)
-        budget = self.run.data.micro_batch_size * self.settings.group_size * longest_sequence
-        rows_per_micro = max(1, budget // capacity)
         batches = []
-        for start in range(0, len(rows), rows_per_micro):
-            batch = self.collate_completions(rows[start : start + rows_per_micro], capacity)
+        for first in range(0, len(groups), self.run.data.micro_batch_size):
+            documents = []
+            for index, group in enumerate(groups[first : first + self.run.data.micro_batch_size], start=first):
+                completions = [
+                    (index * self.settings.group_size + k, rollout.token_ids, not (self.settings.mask_truncated and not rollout.finished))
+                    for k, rollout in enumerate(group.rollouts)
+                ]
+                documents += self.completion_layout(group.prompt.token_ids, completions, self.settings.share_prompt)
+            capacity = max(len(document) for document in documents)
+            batch = self.collate_completions(self.completion_rows(documents, capacity), capacity)
             members = batch["members"]
             batch["sampler_logps"] = self._sampler_logps([rollouts[m] for m in members.tolist()], batch["targets"].shape)
             batch["advantages"] = advantages[members]
