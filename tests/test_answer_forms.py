@@ -102,3 +102,50 @@ def test_strict_grading_the_reward_needs_think_and_a_box():
 def test_the_gold_check_accepts_every_gold_of_these_forms():
     golds = sorted({gold for cases in FORMS.values() for _, gold, _ in cases} | {"6 \\text{ and } 8", "28 percent", "-2 \\le x \\le 7"})
     assert [gold for gold, ok in zip(golds, golds_parseable_many(golds)) if not ok] == []
+
+
+# How instruct models state answers (SmolLM2's GSM8K replies among them), each read right and each misread
+# that the old extraction made: the colon, the time "5:00 PM", money read as an inline formula.
+STATED = [
+    ("So 3 * 5 = 15 apples.\nThe answer is: 15", "15", 1.0),
+    ("Janet sells 9 eggs.\n#### 18", "18", 1.0),
+    ("#### 180\nThe answer is: 180", "180", 1.0),
+    ("The final answer is 12. I hope it is correct.", "12", 1.0),
+    ("**Answer:** 25", "25", 1.0),
+    ("**Final Answer:** $\\frac{3}{4}$", "\\frac34", 1.0),
+    ("Answer: 7 apples", "7", 1.0),
+    ("So, the answer is 3 years.", "3", 1.0),
+    ("So, the answer is 4 * 2 = 8 times faster.", "8", 1.0),
+    ("The answer is 10,000.", "10000", 1.0),
+    ("The answer is 25%.", "25\\%", 1.0),
+    ("The answer is: 25", "5", 0.0),
+    ("The answer is 4 * 2 = 8 times faster.", "4", 0.0),  # the middle of the equation is not the answer
+    ("The answer is 3 or 4.", "3", 0.0),  # hedging in words
+    ("The answer is 3 or 4.", "4", 0.0),
+    ("The answer is 5.\n\nThe answer is 6.", "6", 0.0),  # restating another answer is a hedge too
+    ("#### 5\nThe answer is: 5", "5", 1.0),
+]
+GUESSED = [
+    ("So, Eliza's earnings for this week are $14.80 * 45 hours = $62.40.", "62.40", 1.0),
+    ("So, Eliza's earnings for this week are $14.80 * 45 hours = $62.40.", "45", 0.0),
+    ("The candle burns from 1:00 PM to 5:00 PM, 4000 centimeters.", "4000", 1.0),
+    ("The candle burns from 1:00 PM to 5:00 PM.", "0", 0.0),  # no minutes of a time
+    ("The candle burns from 1:00 PM to 5:00 PM.", "5", 0.0),
+    ("Mishka spent 3 * $16.50 = $49.50 on clothes.", "49.50", 1.0),
+    ("Therefore, Janet makes 624 dollars per day.", "624", 1.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", STATED + GUESSED)
+def test_lenient_reads_stated_answers_and_not_times_or_equations(completion, gold, expected):
+    assert math_accuracy_many([completion], [gold], lenient=True) == [expected]
+
+
+@pytest.mark.parametrize("completion,gold", [
+    ("I think 3, 4 or 5.", "5"), ("It is 3, 4, 5", "4"), ("Maybe 41. Or maybe 42", "42"),
+    ("Therefore, Janet makes 624 dollars per day.", "624"),  # a reward needs a stated answer, not a guess
+    ("<think>\nThe answer is: 42\n</think>\nNo idea.", "42"), ("<think>\nThe answer is: 42", "42"),
+])
+def test_the_lenient_reward_cannot_be_won_by_a_guess_or_a_hedge(completion, gold):
+    assert math_accuracy_many([completion], [gold], lenient=True, guess=False) == [0.0]
+    assert math_accuracy_many(["The answer is: 42"], ["42"], lenient=True, guess=False) == [1.0]

@@ -191,3 +191,42 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
     assert build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path))).heldout_max_new_tokens() == 24
     sft = build_stage(validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path)))
     assert sft.heldout_max_new_tokens() == 256, "data.max_length"
+
+
+def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):
+    """A random model never writes a gradable answer: every group has zero spread. The first step warns with the
+    cause, and the run stops after stage.max_steps_without_signal such steps with one line naming the knob."""
+    result = run_cli(*GRPO_FAST, "trainer.max_steps=8", "stage.max_completion_length=8", "stage.dynamic_sampling=false",
+                     "stage.max_steps_without_signal=3", "heldout.num_prompts=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "step 0: no group has a reward spread, so this step trains on nothing: every completion was wrong" in output
+    assert "100% of completions had no answer the grader could read" in output
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "3 steps in a row trained on nothing (stage.max_steps_without_signal=3)" in error
+    assert "cut off at stage.max_completion_length=8 tokens" in error  # a random model rarely ends a reply
+    assert sorted(logged(tmp_path / "run", "train/loss")) == [0, 1]  # the steps before the stop were logged
+
+
+@pytest.mark.parametrize("accuracy, answered, truncated, what, knob", [
+    (0.0, 0.0, 0.1, "every completion was wrong", "stage.answer_extraction=lenient"),
+    (0.0, 0.9, 0.8, "every completion was wrong", "stage.max_completion_length=96"),
+    (0.0, 0.9, 0.1, "every completion was wrong", "pass-rate"),
+    (1.0, 1.0, 0.0, "every completion was right", "too easy"),
+    (0.5, 1.0, 0.0, "every group's completions scored alike", "pass-rate"),
+])
+def test_no_signal_names_the_likely_cause(accuracy, answered, truncated, what, knob):
+    from thinkforge.stages.grpo import no_signal_cause
+
+    said, cause = no_signal_cause(accuracy, answered, truncated, 96)
+    assert said == what and knob in cause
+
+
+def test_the_lenient_reward_reads_stated_answers_and_logs_what_was_answered():
+    model = RewardModel({"math_accuracy": {"weight": 1.0}}, lenient=True)
+    texts = ["So 2 + 2 = 4.\nThe answer is: 4", "#### 4", "I think 4 or 5", "The answer is 4 or 5.", RIGHT]
+    scored = model.score(texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100)
+    assert [total for total, _ in scored] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert [parts["answered"] for _, parts in scored] == [1.0, 1.0, 0.0, 1.0, 1.0]
+    strict = RewardModel({"math_accuracy": {"weight": 1.0}}).score(texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100)
+    assert [total for total, _ in strict] == [0.0, 0.0, 0.0, 0.0, 1.0]

@@ -15,7 +15,7 @@ LAYERS = [
     ["config", "console", "csv_log"],
     ["data", "rewards"],
     ["losses", "stage_configs", "preflight"],
-    ["tokenizer", "backbone"],
+    ["tokenizer", "backbone", "pretrained"],
     ["rollout", "metrics"],
     ["stages"],
     ["loggers", "curves", "sweeps", "train"],

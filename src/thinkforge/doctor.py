@@ -94,7 +94,7 @@ def check_template(stage: Stage, golds: list[tuple[str, str]], examples: int = 2
         document_end = tokenizer.eos_token_id if getattr(stage, "document_format", "") == "text" else end_id
         cases = [([], sequence, document_end) for sequence in stage.sequences("train")[:examples]]
     else:
-        if isinstance(stage, DPO) and stage.pairs == "file":
+        if isinstance(stage, DPO) and stage.settings.pairs == "file":
             replies = [(record["prompt"], record["chosen"]) for record in stage.pair_records("train")[:examples]]
         else:
             replies = [(prompt, formatted_answer(gold)) for prompt, gold in golds[:examples]]
@@ -242,9 +242,10 @@ def sampler_trainer_gap(
 
 def check_logprobs(stage: Stage, run: TrainConfig, prompts: list[str]) -> Finding:
     if isinstance(stage, GRPO):
-        sampling = SamplingConfig(2, float(scheduled(stage.temperature, 0)), stage.top_p, min(64, int(scheduled(stage.max_completion_length, 0))))
-    elif isinstance(stage, DPO) and stage.pairs == "rollout":
-        sampling = SamplingConfig(2, stage.rollout.temperature or 1.0, stage.rollout.top_p, min(64, stage.rollout.max_new_tokens))
+        settings = stage.settings
+        sampling = SamplingConfig(2, float(scheduled(settings.temperature, 0)), settings.top_p, min(64, int(scheduled(settings.max_completion_length, 0))))
+    elif isinstance(stage, DPO) and stage.settings.pairs == "rollout":
+        sampling = SamplingConfig(2, stage.rollout.temperature, stage.rollout.top_p, min(64, stage.rollout.max_new_tokens))
     else:
         return Finding("sampler vs trainer log-probs", "skip", "this stage does not train on its own samples")
     model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
@@ -412,7 +413,7 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
 
 def gold_rows(stage: Stage, run: TrainConfig, limit: int = 64) -> list[tuple[str, str]]:
     """(prompt, gold answer) of the first rows, for the stages whose data has them (GRPO, rollout DPO)."""
-    if not (isinstance(stage, GRPO) or (isinstance(stage, DPO) and stage.pairs == "rollout")):
+    if not (isinstance(stage, GRPO) or (isinstance(stage, DPO) and stage.settings.pairs == "rollout")):
         return []
     from thinkforge.data.records import load_records
 

@@ -18,6 +18,7 @@ from thinkforge.config import (
 from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 from thinkforge.rewards.shaping import RewardModel
 
+ANSWER_EXTRACTIONS = ("strict", "lenient")
 
 
 def check_schedule(value: Any, key: str, positive: type) -> None:
@@ -85,6 +86,8 @@ class DPOConfig(StageSchema):
     # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
     pairs: str = "file"
     rollout: RolloutPairsConfig = field(default_factory=RolloutPairsConfig)
+    # how rollout pairs are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
+    answer_extraction: str = "strict"
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
     # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
     share_prompt: bool = True
@@ -95,9 +98,11 @@ class DPOConfig(StageSchema):
         require(0 <= self.label_smoothing < 0.5, "stage.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
         require(self.rpo_alpha >= 0, "stage.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
         one_of(self.pairs, ("file", "rollout"), "stage.pairs")
+        one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
 
     def check_data(self, data: DataConfig) -> None:
         require(data.overflow != "split", "data.overflow", "a DPO pair's sides can be truncated or dropped, not split")
+        require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; DPO pairs are not grouped")
 
 
 @dataclass
@@ -128,6 +133,11 @@ class GRPOConfig(StageSchema):
     max_refills: int = 3
     # reward function -> {weight, options}; see conf/reward/
     reward: Optional[dict[str, Any]] = None
+    # strict: the answer is the \boxed{} after </think>; lenient: also a stated "The answer is: 25" / "#### 25" (for
+    # instruct models that never box; hedges still score 0)
+    answer_extraction: str = "strict"
+    # stop with an error after this many steps in a row in which no group had a reward spread (0: never)
+    max_steps_without_signal: int = 10
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
     # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
     share_prompt: bool = True
@@ -141,12 +151,17 @@ class GRPOConfig(StageSchema):
         require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "stage.epsilon_low/epsilon_high", "clip ranges must be >= 0")
         require(self.beta >= 0, "stage.beta", f"must be >= 0 (0 switches the KL term off); got {self.beta}")
         require(0 < self.top_p <= 1, "stage.top_p", f"must be in (0, 1]; got {self.top_p}")
+        one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
+        require(self.max_steps_without_signal >= 0, "stage.max_steps_without_signal", "must be >= 0 (0: never stop)")
         check_schedule(self.max_completion_length, "stage.max_completion_length", int)
         check_schedule(self.temperature, "stage.temperature", float)
         try:
             RewardModel(self.reward or {"math_accuracy": {"weight": 1.0}})  # building it checks names and options
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def check_data(self, data: DataConfig) -> None:
+        require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; GRPO's prompts are not grouped")
 
 
 STAGE_SCHEMAS = {"midtrain": MidTrainingConfig, "sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}

@@ -93,20 +93,28 @@ def fill_ratio(rows: Sequence[Sequence[TokenSequence]], max_length: int) -> floa
     return sum(len(s) for row in rows for s in row) / max(1, len(rows) * max_length)
 
 
+def padded_width(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
+
+
 def collate_rows(
-    rows: Sequence[Sequence[TokenSequence]], pad_id: int, *, row_length: int, flatten: bool
+    rows: Sequence[Sequence[TokenSequence]], pad_id: int, *, row_length: int | None, flatten: bool, pad_multiple: int = 1
 ) -> dict[str, torch.Tensor]:
     """Rows of documents -> input_ids / position_ids / labels.
 
     `flatten=False`: one tensor row per packed row, padded to the longest (SDPA derives a block-diagonal mask from
     position ids; a flattened batch would make its mask quadratic in the whole batch). `flatten=True`: every
     document of every row concatenated into a single padding-free row (flash-attn varlen).
-    `num_slots` counts the row capacity the documents were packed into, so tokens/slots is the fill ratio.
+    `row_length`: the capacity packed rows were filled to, which `num_slots` counts, so tokens/slots is the
+    packing's fill ratio. None for unpacked rows: they are padded to the micro-batch's longest, rounded up to
+    `pad_multiple` (kernel-friendly shapes), and `num_slots` counts those padded cells.
     """
-    num_slots = len(rows) * row_length
     if flatten:
         rows = [[document for row in rows for document in row]]
     width = max(sum(len(document) for document in row) for row in rows)
+    if row_length is None:
+        width = padded_width(width, pad_multiple)
+    num_slots = len(rows) * width if row_length is None or flatten else len(rows) * row_length
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

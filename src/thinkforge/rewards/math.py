@@ -47,11 +47,13 @@ def boxed_contents(text: str) -> list[str]:
     return contents
 
 
-def extract_answer(completion: str, lenient: bool = False) -> str | None:
+def extract_answer(completion: str, lenient: bool = False, *, guess: bool = True) -> str | None:
     """The final answer: the `\\boxed{}` after the last `</think>`; several boxes there form one set answer.
 
-    `lenient` is for evaluating instruct models, never for rewards: no `</think>` is needed unless a `<think>` was
-    opened, and a text with no box falls back to its stated final answer, its last formula, or its last number."""
+    `lenient` is for instruct models that do not box: no `</think>` is needed unless a `<think>` was opened, and a
+    text with no box falls back to its stated final answer ("The answer is: 25", "#### 25", "**Answer:** 25"; all
+    of them together, like boxes, so restating a different answer is a hedge). `guess` (evaluation only, never a
+    reward: hedging could win it) falls back further, to the last formula or the last number."""
     if THINK_END in completion:
         final = completion.rsplit(THINK_END, 1)[1]
     elif lenient and THINK_START not in completion:
@@ -61,31 +63,69 @@ def extract_answer(completion: str, lenient: bool = False) -> str | None:
     boxes = boxed_contents(final)
     if boxes:
         return boxes[0] if len(boxes) == 1 else "\\{" + ", ".join(boxes) + "\\}"
-    return _unboxed_answer(final) if lenient else None
+    if not lenient:
+        return None
+    final = _TURN_MARKER.split(final)[0]
+    stated = _stated_answer(final)
+    if stated is not None or not guess:
+        return stated
+    return _guessed_answer(final)
 
 
-_STATED = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*(.+?)(?:\.\s|\.?$|\n)", re.I | re.S)
-_FORMULA = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$((?:\\\$|[^$\n])+?)\$|\\\((.+?)\\\)", re.S)
-_NUMBER = re.compile(r"(?<![a-zA-Z\d.,])-?\d+(?:[.,]\d+)*")
+# "The answer is: 25", "the final answer is 25", "Final Answer: 25", "#### 25", "**Answer:** 25", up to the sentence's end
+_STATED = re.compile(
+    r"(?:(?:final answer|the answer)\s*(?:is\s*:?|:)|^[ \t]*#{2,4}|\*\*\s*(?:final\s+)?answer\s*:?\s*\*\*\s*:?|^[ \t]*(?:final\s+)?answer\s*:)"
+    r"[ \t]*(.+?)[ \t]*(?:\.(?=\s|$)|\n|$)",
+    re.I | re.M,
+)
+# inline math as pandoc reads it: no space inside either dollar, and no digit right after the closing one, so
+# "costs $14.80 * 45 hours = $62.40" is two amounts of money, not a formula
+_FORMULA = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$(?!\s)((?:\\\$|[^$\n])+?)(?<!\s)\$(?!\d)|\\\((.+?)\\\)", re.S)
+# a number, not the minutes of a time ("5:00 PM") nor a piece of a word
+_NUMBER = re.compile(r"(?<![a-zA-Z\d.,:])(-?\d+(?:[.,]\d+)*)(?![\d:]|[.,]\d)(\s*(?:%|percent\b))?")
 _TURN_MARKER = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end)\|>")
 _UNIT_WORDS = {"percent", "percentage", "pct", "and", "cm", "meters", "miles", "degrees", "dollars", "units"}
+_LATEX = re.compile(r"[\\^{}]")
 
 
-def _unboxed_answer(text: str) -> str | None:
-    """A final answer in words ("Final Answer: The largest $n$ is 34."), else the last formula, else a short
-    text of numbers and units as it is, else the last number; a following chat turn is not part of it."""
-    text = _TURN_MARKER.split(text)[0]
-    stated = _STATED.findall(text)
-    if stated:
-        text = re.split(r"\s+is\s+", stated[-1])[-1]
+def _stated_answer(text: str) -> str | None:
+    """Every stated final answer of `text`, as one answer: a value stated twice is that value, two different
+    values are a set (which a single gold answer never equals)."""
+    values = list(dict.fromkeys(value for match in _STATED.finditer(text) if (value := _stated_value(match.group(1)))))
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else "\\{" + ", ".join(values) + "\\}"
+
+
+def _stated_value(text: str) -> str | None:
+    """The value a stated answer names: its formula, or what follows its last "=" or "is" ("8" of "4 * 2 = 8 times
+    faster", "34" of "The largest $n$ is 34"); a lone number loses its units; several numbers stay several."""
+    text = re.split(r"\s+is\s+", text)[-1]
+    formulas = [next(group for group in match if group) for match in _FORMULA.findall(text)]
+    if formulas:
+        return formulas[-1].strip()
+    text = text.rsplit("=", 1)[-1].strip()
+    if _LATEX.search(text):
+        return text or None
+    numbers = [number + ("%" if percent else "") for number, percent in _NUMBER.findall(text)]
+    if len(numbers) == 1:
+        return numbers[0]
+    if numbers:
+        return "\\{" + ", ".join(numbers) + "\\}"
+    return text.strip("*: ") or None
+
+
+def _guessed_answer(text: str) -> str | None:
+    """For evaluation only: the last formula, else a short text of numbers and units as it is, else the last
+    number that is not part of a time."""
     formulas = [next(group for group in match if group) for match in _FORMULA.findall(text)]
     if formulas:
         return formulas[-1].strip()
     words = {word.lower() for word in re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", text)}
-    if len(text.strip()) <= 40 and words <= _UNIT_WORDS:
+    if len(text.strip()) <= 40 and words <= _UNIT_WORDS and "=" not in text:
         return text.strip().rstrip(".") or None
     numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    return numbers[-1][0] if numbers else None
 
 
 def normalize_answer(answer: str) -> str:
@@ -358,15 +398,15 @@ def golds_parseable_many(golds: Sequence[str], pool: VerifierPool | None = None)
     return [bool(result) for result in (pool or _shared_pool).run(_parse_gold, [(gold,) for gold in golds])]
 
 
-def math_accuracy(completion: str, gold: str, lenient: bool = False) -> float:
-    return math_accuracy_many([completion], [gold], lenient=lenient)[0]
+def math_accuracy(completion: str, gold: str, lenient: bool = False, *, guess: bool = True) -> float:
+    return math_accuracy_many([completion], [gold], lenient=lenient, guess=guess)[0]
 
 
 def math_accuracy_many(
-    completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None, lenient: bool = False
+    completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None, lenient: bool = False, *, guess: bool = True
 ) -> list[float]:
     """1.0/0.0 per completion; all answer checks of the batch run at once in the worker pool."""
-    answers = [extract_answer(completion, lenient) for completion in completions]
+    answers = [extract_answer(completion, lenient, guess=guess) for completion in completions]
     checkable = [i for i, answer in enumerate(answers) if answer is not None]
     scores = [0.0] * len(completions)
     for index, match in zip(checkable, answers_match_many([(answers[i], golds[i]) for i in checkable], pool)):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
-from thinkforge.rewards.math import THINK_END, math_accuracy_many
+from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,13 @@ REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {
 
 
 class RewardModel:
-    """Weighted sum of registered reward functions, e.g. {math_accuracy: {weight: 1}, format: {weight: 0.1}}."""
+    """Weighted sum of registered reward functions, e.g. {math_accuracy: {weight: 1}, format: {weight: 0.1}}.
 
-    def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
+    `lenient`: answers also count when stated without a box ("The answer is: 25", "#### 25"), for instruct models
+    that never box; hedges and guesses still score 0 (`extract_answer(..., guess=False)`)."""
+
+    def __init__(self, spec: Mapping[str, Mapping[str, Any]], *, lenient: bool = False) -> None:
+        self.lenient = lenient
         if not spec:
             raise ValueError("stage.reward: needs at least one reward function")
         self.functions: dict[str, tuple[float, Callable[[Sample], float]]] = {}
@@ -120,9 +124,12 @@ class RewardModel:
     ) -> list[tuple[float, dict[str, float]]]:
         """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool.
 
-        Each sample's parts also carry `accuracy` (1/0, whatever the reward mix), which is logged, never summed.
+        Each sample's parts also carry `accuracy` (1/0, whatever the reward mix) and `answered` (whether the grader
+        found an answer to compare at all), which are logged, never summed.
         """
-        correct = [score == 1.0 for score in math_accuracy_many(completions, golds)]
+        correct = [score == 1.0 for score in math_accuracy_many(completions, golds, lenient=self.lenient, guess=False)]
+        answered = [extract_answer(text, self.lenient, guess=False) is not None for text in completions]
         scored = [self(Sample(*fields, max_tokens)) for fields in zip(completions, golds, lengths, truncated, correct)]
-        return [(total, {**parts, "accuracy": float(ok)}) for (total, parts), ok in zip(scored, correct)]
+        return [(total, {**parts, "accuracy": float(ok), "answered": float(found)})
+                for (total, parts), ok, found in zip(scored, correct, answered)]
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from thinkforge.rollout.base import Rollout, SamplingConfig
 
@@ -44,6 +45,54 @@ class SampledLogprobs(LogitsProcessor):
         if not self.steps:
             return [[] for _ in range(sequences.shape[0])]
         return torch.stack(self.steps[-num_new:], dim=1).tolist()
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A dynamic cache layer that writes each step into a buffer sized for the whole generation.
+
+    HF's `DynamicLayer` concatenates its whole cache with every new token: generation of L tokens copies O(L²)
+    cache memory, which was half the time of 512-token rollouts of a 135M model on CPU. The keys and values it
+    returns are views of the same numbers, so attention sees exactly what it saw before."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+            self._key_buffer = self._value_buffer = None
+        end = self.length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            self._grow(key_states, value_states, max(end, self.capacity))
+        self._key_buffer[..., self.length : end, :] = key_states
+        self._value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
+        keys, values = key_states.new_empty(shape), value_states.new_empty((*shape[:-1], value_states.shape[-1]))
+        if self.length:
+            keys[..., : self.length, :] = self._key_buffer[..., : self.length, :]
+            values[..., : self.length, :] = self._value_buffer[..., : self.length, :]
+        self._key_buffer, self._value_buffer, self.capacity = keys, values, capacity
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length, self._key_buffer, self._value_buffer = 0, None, None
+        super().reset()
+
+
+def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
+    """A `DynamicCache` whose full-attention layers write into buffers of `capacity` positions (sliding-window
+    layers keep HF's own)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _cache_argument(model: Any) -> str:
@@ -90,8 +139,12 @@ class HFEngine:
                 for start in range(0, len(jobs), self.batch_size):
                     chunk = jobs[start : start + self.batch_size]
                     inputs = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    capacity = inputs["input_ids"].shape[1] + sampling.max_new_tokens
                     if self.share_prefill and sampling.num_samples > 1 and not self.synced:
-                        inputs[_cache_argument(self.model)] = self._prefilled_cache([index for index, _ in chunk], inputs)
+                        cache = self._prefilled_cache([index for index, _ in chunk], inputs, capacity)
+                    else:
+                        cache = preallocated_cache(self._hf.config, capacity)
+                    inputs[_cache_argument(self.model)] = cache
                     sampled = sampling.temperature > 0
                     recorder = SampledLogprobs(sampling)
                     output = self.model.generate(
@@ -117,11 +170,15 @@ class HFEngine:
             self.model.train(was_training)
         return rollouts
 
-    def _prefilled_cache(self, owners: list[int], inputs: Any) -> DynamicCache:
+    @property
+    def _hf(self) -> Any:
+        return getattr(self.model, "hf", self.model)
+
+    def _prefilled_cache(self, owners: list[int], inputs: Any, capacity: int) -> DynamicCache:
         """The KV cache of every row's prompt but its last token, left-padded like `inputs`: `generate` then starts
         from that last token. Each distinct prompt (`owners`: the prompt index of each row) runs through the decoder
         once, alone, at positions 0.. as the padded batch would place it."""
-        hf = getattr(self.model, "hf", self.model)
+        hf = self._hf
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         width = ids.shape[1]
         rows_of: dict[int, list[int]] = {}
@@ -140,7 +197,7 @@ class HFEngine:
                     layers.append((keys.new_zeros(shape), values.new_zeros(shape)))
                 layers[layer][0][rows, :, width - len(prompt) :] = keys
                 layers[layer][1][rows, :, width - len(prompt) :] = values
-        cache = DynamicCache(config=hf.config)
+        cache = preallocated_cache(hf.config, capacity)
         for layer, (keys, values) in enumerate(layers):
             cache.update(keys, values, layer)
         return cache

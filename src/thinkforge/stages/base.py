@@ -75,6 +75,8 @@ class Stage(L.LightningModule):
         self.flatten_rows = attention == "flash_attention_2"
         # a custom attention mask (prompt sharing) is SDPA's alone among the backends
         self.masks_attention = attention == "sdpa"
+        # unpadded rows are cut to their micro-batch's longest, rounded up to tensor-core friendly widths on GPU
+        self.pad_multiple = run.data.pad_to_multiple_of or (64 if torch.cuda.is_available() else 8)
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -114,7 +116,12 @@ class Stage(L.LightningModule):
             seed=self.run.data.seed,
             has_val=self.has_val(),
             defer=self.items_need_model,
+            item_length=self.item_length if self.run.data.group_by_length else None,
         )
+
+    def item_length(self, item: Any) -> int:
+        """An item's token count, for `data.group_by_length`; stages whose items have one say so."""
+        raise NotImplementedError(f"{type(self).__name__} does not group by length")
 
     def configure_model(self) -> None:
         if self.policy is None:

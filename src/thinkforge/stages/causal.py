@@ -23,16 +23,25 @@ class CausalLMStage(Stage):
         sequences, overflow = fit_to_length(self.sequences(split), data.max_length, data.overflow)
         if split == "val":
             sequences = sequences[: data.max_val_rows]
-        rows = pack(sequences, data.max_length) if data.pack else [[sequence] for sequence in sequences]
-        log.info(
-            "%s: %d sequences -> %d rows of %d tokens, fill ratio %.3f%s",
-            split, len(sequences), len(rows), data.max_length, fill_ratio(rows, data.max_length),
-            "".join(f", {count} {what}" for what, count in overflow.items()),
-        )
-        return rows
+        overflowed = "".join(f", {count} {what}" for what, count in overflow.items())
+        if data.pack:
+            rows = pack(sequences, data.max_length)
+            log.info("%s: %d sequences -> %d rows of %d tokens, fill ratio %.3f%s",
+                     split, len(sequences), len(rows), data.max_length, fill_ratio(rows, data.max_length), overflowed)
+            return rows
+        lengths = sorted(len(sequence) for sequence in sequences)
+        log.info("%s: %d sequences, one per row, padded to each micro-batch's longest (multiple of %d%s); "
+                 "lengths: median %d, longest %d%s", split, len(sequences), self.pad_multiple,
+                 ", grouped by length" if data.group_by_length else "", lengths[len(lengths) // 2] if lengths else 0,
+                 lengths[-1] if lengths else 0, overflowed)
+        return [[sequence] for sequence in sequences]
+
+    def item_length(self, item: Sequence[TokenSequence]) -> int:
+        return sum(len(sequence) for sequence in item)
 
     def collate(self, items: Sequence[Any]) -> Batch:
-        return collate_rows(items, self.tokenizer.pad_token_id, row_length=self.run.data.max_length, flatten=self.flatten_rows)
+        row_length = self.run.data.max_length if self.run.data.pack else None
+        return collate_rows(items, self.tokenizer.pad_token_id, row_length=row_length, flatten=self.flatten_rows, pad_multiple=self.pad_multiple)
 
     def loss_sum(self, batch: Batch) -> LossSum:
         logprobs, _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])

@@ -3,6 +3,7 @@ precomputed once. Pairs come from jsonl (prompt, chosen, rejected) or from the s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -73,8 +74,9 @@ class DPO(Stage):
         groups = self.generate([self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank)
         provenance = {"source_model": self.run.model.name_or_path or "model.config", "temperature": self.rollout.temperature,
                       "seed": self.run.seed + rank, "rank": rank}
+        verify = functools.partial(math_accuracy, lenient=self.settings.answer_extraction == "lenient", guess=False)
         pairs, counts = pair_rollouts(
-            groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], math_accuracy,
+            groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], verify,
             prompt_indices=share, provenance=provenance,
         )
         gathered = self.gather_objects((pairs, counts))

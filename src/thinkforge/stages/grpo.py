@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from thinkforge.config import UserError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
@@ -58,6 +59,22 @@ def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
     return [setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step][-1]
 
 
+def no_signal_cause(accuracy: float, answered: float, truncated: float, max_tokens: int) -> tuple[str, str]:
+    """What a step without reward spread saw, and its likely cause with the knob to change, from its rollouts'
+    accuracy, share with a gradable answer and share truncated."""
+    what = "every completion was right" if accuracy >= 1 else "every completion was wrong" if accuracy <= 0 else \
+        "every group's completions scored alike"
+    if accuracy >= 1:
+        return what, "the prompts are too easy for this model: keep those it sometimes fails (thinkforge-data pass-rate)"
+    if truncated >= 0.5:
+        return what, (f"completions are cut off at stage.max_completion_length={max_tokens} tokens: raise it, "
+                      "or ask for a shorter answer")
+    if answered < 0.5:
+        return what, ("the model does not write its answer as the reward reads it (\\boxed{} after </think>): set "
+                      "stage.answer_extraction=lenient, or a system prompt that asks for that format (prompt=phi4_reasoning)")
+    return what, "the prompts are too hard for this model: keep those it sometimes solves (thinkforge-data pass-rate)"
+
+
 class GRPO(Stage):
     # with mask_truncated, a step whose rollouts were all truncated trains on nothing; it still counts as a step,
     # or the data position (and so the rollouts' seed) would never move on
@@ -66,7 +83,9 @@ class GRPO(Stage):
     def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
         self.settings: GRPOConfig = run.stage
-        self.reward_model = RewardModel(self.settings.reward or {"math_accuracy": {"weight": 1.0}})
+        self.reward_model = RewardModel(self.settings.reward or {"math_accuracy": {"weight": 1.0}},
+                                        lenient=self.settings.answer_extraction == "lenient")
+        self.steps_without_signal = 0
 
     # ---- data -------------------------------------------------------------------------------------------------
     def has_val(self) -> bool:
@@ -125,6 +144,7 @@ class GRPO(Stage):
         prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
         sampling = self.sampling()
         groups, stats = self.sample_groups(prompts, sampling)
+        self.check_signal(groups, stats, sampling)
         generation_seconds = time.perf_counter() - started
         train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
@@ -178,6 +198,25 @@ class GRPO(Stage):
         kept = torch.cat([g.rewards for g in final])
         stats["reward/kept_mean"] = float(self.global_sum(kept.sum()) / self.global_sum(kept.numel()))
         return final, stats
+
+    def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingConfig) -> None:
+        """A step whose groups all have zero reward spread has zero advantages: it trains on nothing. Say so, with
+        the likely cause, and stop after `max_steps_without_signal` such steps in a row instead of running on."""
+        if self.global_sum(sum(group.has_signal for group in groups)).item() > 0:
+            self.steps_without_signal = 0
+            return
+        self.steps_without_signal += 1
+        accuracy, answered = stats["reward/accuracy"], stats["reward/answered"]
+        truncated = stats["completion/truncation_rate"]
+        what, cause = no_signal_cause(accuracy, answered, truncated, sampling.max_new_tokens)
+        message = (f"step {self.global_step}: no group has a reward spread, so this step trains on nothing: {what} "
+                   f"(accuracy {accuracy:.0%}; {1 - answered:.0%} of completions had no answer the grader could read, "
+                   f"{truncated:.0%} were truncated). Likely cause: {cause}")
+        limit = self.settings.max_steps_without_signal
+        if limit and self.steps_without_signal >= limit:
+            raise UserError(f"{limit} steps in a row trained on nothing (stage.max_steps_without_signal={limit}); {message}")
+        if self.trainer.is_global_zero:
+            log.warning(message)
 
     @functools.cache
     def refill_stream(self, prompts_per_rank: int) -> StepBatches:
