@@ -11,6 +11,7 @@ from thinkforge.backbone import CausalLM, load_hf_model, load_tokenizer
 from thinkforge.config import validate
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.rollout.base import rollout_of
 from thinkforge.stages.dpo import DPO
 from thinkforge.stages.sft import SFT
 from thinkforge.tokenizer import build_synthetic_tokenizer, end_token_ids, turn_end_token
@@ -57,9 +58,9 @@ def test_sft_targets_generation_stop_and_finished_agree(qwen_base_like, tmp_path
     assert asked["eos_token_id"] == [turn_end, eos]
 
     reply = tokenizer.encode("4", add_special_tokens=False)
-    stopped = engine._rollout(0, reply + [turn_end] + [eos] * 3, [], ())
+    stopped = rollout_of(tokenizer, 0, reply + [turn_end] + [eos] * 3, [], engine.end_ids, ())
     assert stopped.finished and stopped.text == "4" and stopped.token_ids == (*reply, turn_end)
-    truncated = engine._rollout(0, reply * 4, [], ())
+    truncated = rollout_of(tokenizer, 0, reply * 4, [], engine.end_ids, ())
     assert not truncated.finished and truncated.token_ids == tuple(reply * 4)
 
 

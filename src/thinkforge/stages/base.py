@@ -9,13 +9,14 @@ split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -27,10 +28,10 @@ from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.packing import IGNORE_INDEX, Document, collate_documents, completion_documents, document_rows, unpack
 from thinkforge.data.records import load_split
-from thinkforge.losses import LossSum
+from thinkforge.losses import LossSum, is_extreme
 from thinkforge.metrics import HeldOutSums, score_rollouts
 from thinkforge.rewards.math import math_accuracy_many
-from thinkforge.rollout import HFEngine, Rollout, SamplingConfig
+from thinkforge.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
 from thinkforge.tokenizer import render_chat, render_prompt
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class Stage(L.LightningModule):
         self.masks_attention = attention == "sdpa"
         # unpadded rows are cut to their micro-batch's longest, rounded up to tensor-core friendly widths on GPU
         self.pad_multiple = run.data.pad_to_multiple_of or (64 if torch.cuda.is_available() else 8)
+        self._engine: RolloutEngine | None = None
+        # the optimizer step whose weights the engine samples (engines that hold a copy of them), and the last sync's time
+        self._engine_step = -1
+        self.weight_sync_seconds = 0.0
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -216,6 +221,18 @@ class Stage(L.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 
+    def global_extremes(self, extremes: dict[str, float]) -> dict[str, float]:
+        """Each `…/min` or `…/max` metric over all ranks."""
+        if self.trainer.world_size == 1 or not extremes:
+            return extremes
+        combined = {}
+        for name in sorted(extremes):
+            op = torch.distributed.ReduceOp.MIN if name.endswith("/min") else torch.distributed.ReduceOp.MAX
+            value = torch.tensor(extremes[name], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(value, op=op)
+            combined[name] = value.item()
+        return combined
+
     def rank_share(self, count: int) -> list[int]:
         """This rank's share of `count` items: every world_size-th, trimmed so all ranks get as many (each rank
         must make the same number of sharded generate calls)."""
@@ -255,13 +272,18 @@ class Stage(L.LightningModule):
             log.warning("step %d: the global batch has no %s to train on; its loss is 0", self.global_step, self.loss_unit)
         scale = self.data_parallel_size / units.float().clamp(min=1)
         sums: defaultdict[str, float] = defaultdict(float)
+        extremes: dict[str, float] = {}
         for index, batch in enumerate(micro_batches):
             self._set_gradient_sync(index == len(micro_batches) - 1)
             loss, _, metrics = self.loss_sum(batch)
             self.manual_backward(loss * scale)
             sums["loss"] += loss.detach().item()
             for name, value in metrics.items():
-                sums[name] += float(value)
+                if is_extreme(name):
+                    pick = min if name.endswith("/min") else max
+                    extremes[name] = pick(extremes.get(name, float(value)), float(value))
+                else:
+                    sums[name] += float(value)
             sums["tokens"] += float(batch["num_tokens"])
             sums["slots"] += float(batch["num_slots"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.run.optim.max_grad_norm)
@@ -271,7 +293,8 @@ class Stage(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         schedule.step()
-        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra_metrics or {}, prefix)
+        extra = {**(extra_metrics or {}), **self.global_extremes(extremes)}
+        self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra, prefix)
 
     def _log_step(
         self,
@@ -355,10 +378,48 @@ class Stage(L.LightningModule):
         return render_prompt(self.tokenizer, prompt, self.run.data.system_prompt)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
-        """This rank's prompts sampled from the live policy; under FSDP every rank must call it together."""
-        engine = HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
-        with self.compute_context():
-            return engine.generate(prompts, sampling, seed=seed)
+        """This rank's prompts sampled from the policy's current weights by the configured engine (`rollout.*`),
+        created once per stage; under FSDP every rank must call it together."""
+        engine = self.rollout_engine()
+        if engine.holds_weights and self._engine_step != self.global_step:
+            started = time.perf_counter()
+            engine.update_weights(self.policy_weights())
+            self.weight_sync_seconds, self._engine_step = time.perf_counter() - started, self.global_step
+        with contextlib.nullcontext() if engine.holds_weights else self.compute_context():
+            groups = engine.generate(prompts, sampling, seed=seed)
+        engine.sleep()
+        return groups
+
+    def rollout_engine(self) -> RolloutEngine:
+        if self._engine is None:
+            if self.run.rollout.engine == "hf":
+                self._engine = HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.trainer.world_size > 1)
+            else:
+                self._engine = self._vllm_engine()
+        return self._engine
+
+    def _vllm_engine(self) -> RolloutEngine:
+        """vLLM serving the starting checkpoint's directory (or hub id), or an export of the policy when it was
+        built from a config; `generate` syncs the policy's weights into it whenever they moved on since."""
+        from thinkforge.rollout.vllm import VLLMEngine
+
+        source = self.run.model.name_or_path
+        self._engine_step = 0
+        if source is None:
+            source = Path(self.run.output_dir) / "rollout_model"
+            self.export_hf(source)
+            self._engine_step = self.global_step
+        longest = self.run.data.max_length + max(self.completion_length(), self.heldout_max_new_tokens())
+        longest = min(longest, getattr(self.policy.hf.config, "max_position_embeddings", None) or longest)
+        return VLLMEngine(source, self.tokenizer, self.run.rollout, max_model_len=longest, seed=self.run.seed + self.global_rank)
+
+    def policy_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's parameters under their HF names, full: under FSDP each is gathered as the reader asks for
+        it, so the whole model never sits unsharded in memory at once (and every rank gathers in the same order).
+        A tied parameter comes under each of its names: vLLM on CPU packs the LM head's copy of the embedding
+        apart, and keeps the stale one unless `lm_head.weight` arrives too."""
+        for name, parameter in self.policy.hf.named_parameters(remove_duplicate=False):
+            yield name, (parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter).detach()
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         prompts, golds = self.heldout_prompts()

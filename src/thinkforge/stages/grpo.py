@@ -19,7 +19,7 @@ from thinkforge.config import UserError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
-from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units
+from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units, is_extreme, rollout_correction
 from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
@@ -153,6 +153,8 @@ class GRPO(Stage):
             prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
             self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
+        if self.rollout_engine().holds_weights:
+            stats_time["weight_sync_s"] = self.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
 
     def _sample_and_score(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[Group]:
@@ -308,9 +310,12 @@ class GRPO(Stage):
     def loss_sum(self, batch: Batch) -> LossSum:
         logps, entropy = self.completion_scores(self.policy, batch, with_entropy=True, temperature=float(batch["temperature"]))
         mask = batch["targets"] != IGNORE_INDEX
+        old_logps = batch.get("old_logps", logps.detach())
+        weights, correction = rollout_correction(old_logps, batch["sampler_logps"], mask, mode=self.settings.rollout_correction,
+                                                 cap=self.settings.rollout_correction_cap)
         result = grpo_loss_sum(
             logps,
-            batch.get("old_logps", logps.detach()),
+            old_logps,
             batch["advantages"],
             mask,
             loss_type=self.settings.loss_type,
@@ -319,6 +324,7 @@ class GRPO(Stage):
             beta=self.settings.beta,
             ref_logps=batch.get("ref_logps"),
             max_completion_length=int(batch["max_new_tokens"]),
+            correction_weights=None if self.settings.rollout_correction == "none" else weights,
         )
         tokens = mask.sum().clamp(min=1)
         token_means = {
@@ -326,5 +332,7 @@ class GRPO(Stage):
             # ~0 while the policy samples its own rollouts; the first thing to watch with a separate engine (vLLM)
             "rollout_logprob_diff": ((batch["sampler_logps"] - logps.detach()).abs() * mask).sum() / tokens,
         }
-        result.metrics.update({name: value * result.units for name, value in token_means.items()})
+        if self.settings.rollout_correction != "none":
+            token_means.update(correction)
+        result.metrics.update({name: value if is_extreme(name) else value * result.units for name, value in token_means.items()})
         return result
