@@ -9,26 +9,10 @@ import json
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import FAST, compose_config, logged, read_metrics, run_cli
+from conftest import COIN_PROMPTS, FAST, compose_config, logged, read_metrics, run_cli
 from thinkforge.train import run_stage
 
-COIN_PROMPTS = 16
 TIMEOUT = 240
-
-
-@pytest.fixture(scope="module")
-def coin(tmp_path_factory):
-    """A tiny model that answers \\boxed{1} or \\boxed{2} about equally often, and prompts whose gold answer is one
-    of the two: sampling finds a correct and an incorrect reply for most prompts."""
-    root = tmp_path_factory.mktemp("coin")
-    sft, prompts = root / "sft.jsonl", root / "prompts.jsonl"
-    flips = [{"prompt": "Flip a coin.", "completion": f"<think>\n</think>\n\\boxed{{{1 + i % 2}}}"} for i in range(64)]
-    sft.write_text("".join(json.dumps(row) + "\n" for row in flips))
-    golds = [{"prompt": "Flip a coin.", "answer": str(1 + i % 2)} for i in range(COIN_PROMPTS)]
-    prompts.write_text("".join(json.dumps(row) + "\n" for row in golds))
-    result = run_stage(compose_config(*FAST, "stage=sft", "data=jsonl", f"data.train={sft}", "data.val=null", "heldout.num_prompts=0",
-                                      "trainer.max_steps=30", "optim.lr=3e-3", output_dir=root / "sft"))
-    return result.export_dir, prompts
 
 
 def rollout_dpo(coin, run_dir, *extra):

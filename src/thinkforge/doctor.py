@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -101,7 +102,9 @@ def check_template(stage: Stage, golds: list[tuple[str, str]], examples: int = 2
         for prompt, reply in replies:
             prompt_ids = tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
             if isinstance(stage, DPO):
-                cases.append((prompt_ids, stage._completion(prompt_ids, reply, True), end_id))
+                completion = list(stage._completion(prompt_ids, reply, True))
+                ids = list(prompt_ids) + completion
+                cases.append((prompt_ids, TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * len(completion)), end_id))
             else:
                 text = stage.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -337,13 +340,23 @@ def resume_gap(cfg: DictConfig, workdir: Path, steps: int = 4) -> tuple[float, d
     return max(abs(full[s]["train/loss"] - resumed[s]["train/loss"]) for s in range(steps)), full
 
 
+VACUOUS = "vacuous: every step's loss was 0, so this shows nothing"
+VACUOUS_ADVICE = ("nothing was trained (for RL: no group had a reward spread); run the doctor on a model that "
+                  "already solves some prompts, or fix the answer format (stage.answer_extraction=lenient)")
+
+
 def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Finding, Finding]:
     gap, steps = resume_gap(cfg, workdir)
     measured = f"4 steps vs 2 + interrupt + resume + 2: largest loss difference {gap:.1e}"
-    resume = (Finding("resume equivalence", "pass", measured) if gap <= 1e-6 else
-              Finding("resume equivalence", "fail", measured, "a resumed run trains on other batches or another state"))
+    vacuous = all(row["train/loss"] == 0 for row in steps.values())
+    if gap > 1e-6:
+        resume = Finding("resume equivalence", "fail", measured, "a resumed run trains on other batches or another state")
+    elif vacuous:
+        resume = Finding("resume equivalence", "warn", f"{VACUOUS}; {measured}", VACUOUS_ADVICE)
+    else:
+        resume = Finding("resume equivalence", "pass", measured)
     # a step: its optimisation (tokens / tokens_per_s) and, for RL, its generation
-    seconds = [row["train/tokens"] / row["train/tokens_per_s"] + row.get("train/generation_s", 0.0) for row in steps.values()]
+    seconds = [row["train/step_s"] + row.get("train/generation_s", 0.0) for row in steps.values()]
     per_step = sum(seconds) / len(seconds)
     tokens_per_s = sum(row["train/tokens_per_s"] for row in steps.values()) / len(steps)
     if run.hardware.strategy == "fsdp":
@@ -352,8 +365,9 @@ def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Find
         memory = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     else:
         memory = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process RSS)"
-    budget = Finding("budget", "pass", f"{per_step:.2f} s/step, {tokens_per_s:,.0f} tokens/s, {memory}; "
-                                       f"{run.trainer.max_steps} steps ≈ {per_step * run.trainer.max_steps / 3600:.2f} h at this rate")
+    cost = (f"{per_step:.2f} s/step, {tokens_per_s:,.0f} tokens/s, {memory}; "
+            f"{run.trainer.max_steps} steps ≈ {per_step * run.trainer.max_steps / 3600:.2f} h at this rate")
+    budget = Finding("budget", "warn", f"{VACUOUS}; {cost}", VACUOUS_ADVICE) if vacuous else Finding("budget", "pass", cost)
     return resume, budget
 
 
@@ -402,6 +416,7 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
         ("resume equivalence", lambda: check_resume(cfg, workdir, run)),
     ]
     findings: list[Finding] = []
+    peak_disk = 0
     for name, check in checks:
         if not trains and name in ("split: micro-batches", "split: ranks", "resume equivalence"):
             findings.append(Finding(name, "skip", "samples its training data from the previous stage's export",
@@ -413,9 +428,25 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
             lines = str(error).strip().splitlines()
             result = Finding(name, "fail", f"{type(error).__name__}: {lines[-1][:200] if lines else ''}")
         findings.extend(result if isinstance(result, tuple) else [result])
+        peak_disk = max(peak_disk, disk_usage(workdir))
+        prune_runs(workdir)
+    for finding in findings:
+        if finding.check == "budget":
+            finding.measured += f"; the doctor's own runs took at most {peak_disk / 2**30:.2f} GiB of disk (their checkpoints and exports are deleted)"
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "doctor.json").write_text(json.dumps([asdict(f) for f in findings], indent=2))
     return findings
+
+
+def disk_usage(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file()) if directory.exists() else 0
+
+
+def prune_runs(workdir: Path) -> None:
+    """Deletes the short runs' checkpoints and exports (a 135M model leaves 2 GB per run); their logs stay."""
+    for pattern in ("*/checkpoints", "*/export", "*/rollout_model", "*/hpc_ckpt_*.ckpt"):
+        for path in workdir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def gold_rows(stage: Stage, run: TrainConfig, limit: int = 64) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig, Grading
 from thinkforge.metrics import summarize
 from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
-from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from thinkforge.rollout.base import GenerationProgress, Rollout, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +84,51 @@ def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     return [row["prompt"] for row in rows], golds
 
 
+def build_engine(cfg: EvalConfig, prompts: Sequence[str], progress: GenerationProgress | None) -> RolloutEngine:
+    """The configured engine (`rollout.engine`) on the model to evaluate; with `progress`, the HF engine moves
+    that bar on after every decode step, and vLLM shows its own instead."""
+    from thinkforge.backbone import load_for_generation, load_tokenizer
+
+    if cfg.rollout.engine == "hf":
+        from thinkforge.rollout.hf import HFEngine
+
+        model, tokenizer = load_for_generation(cfg.model)
+        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, progress=progress)
+    from thinkforge.rollout.vllm import VLLMEngine
+
+    tokenizer = load_tokenizer(cfg.model)
+    longest = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"])
+    answer = cfg.budget.max_answer_tokens + 8 if cfg.budget.enabled else 0
+    if progress is not None:
+        progress.close()
+    return VLLMEngine(cfg.model.name_or_path, tokenizer, cfg.rollout, max_model_len=longest + cfg.max_new_tokens + answer,
+                      seed=cfg.seed, show_progress=progress is not None)
+
+
 def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
-    from thinkforge.backbone import load_for_generation
-    from thinkforge.rollout.hf import HFEngine
+    from thinkforge.backbone import load_tokenizer
     from thinkforge.tokenizer import render_prompt
 
     problems, golds = load_benchmark(cfg)
-    model, tokenizer = load_for_generation(cfg.model)
-    engine = HFEngine(model, tokenizer, batch_size=cfg.batch_size)
-    prompts = [render_prompt(tokenizer, problem, cfg.system_prompt) for problem in problems]
+    prompts = [render_prompt(load_tokenizer(cfg.model), problem, cfg.system_prompt) for problem in problems]
     sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    if cfg.budget.enabled:
-        jobs = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
-        flat = generate_with_budget(engine, [prompts[p] for p, _ in jobs], sampling, cfg.budget, seed=cfg.seed)
-        completions = [[c for (p, _), c in zip(jobs, flat) if p == problem] for problem in range(len(prompts))]
-    else:
-        groups = engine.generate(prompts, sampling, seed=cfg.seed)
-        completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
+    # budget forcing samples in rounds of unknown count: no bar
+    progress = None if cfg.budget.enabled else GenerationProgress(len(prompts) * cfg.num_samples, f"{cfg.benchmark.name}: samples")
+    engine = build_engine(cfg, prompts, progress)
+    try:
+        if cfg.budget.enabled:
+            jobs = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+            flat = generate_with_budget(engine, [prompts[p] for p, _ in jobs], sampling, cfg.budget, seed=cfg.seed)
+            completions = [[c for (p, _), c in zip(jobs, flat) if p == problem] for problem in range(len(prompts))]
+        else:
+            groups = engine.generate(prompts, sampling, seed=cfg.seed)
+            completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
+    finally:
+        if progress is not None:
+            progress.close()
     return [
-        {"benchmark": cfg.benchmark.name, "problem": p, "sample": s, "prompt": problems[p], "gold": golds[p], "completion": c.text,
-         "num_tokens": c.num_tokens, "finished": c.finished, "waits": c.waits}
+        {"benchmark": cfg.benchmark.name, "problem": p, "sample": s, "prompt": problems[p], "rendered_prompt": prompts[p],
+         "gold": golds[p], "completion": c.text, "num_tokens": c.num_tokens, "finished": c.finished, "waits": c.waits}
         for p, group in enumerate(completions) for s, c in enumerate(group)
     ]
 

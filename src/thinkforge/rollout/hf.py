@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
-from thinkforge.rollout.base import Rollout, SamplingConfig, end_ids_of, rollout_of
+from thinkforge.rollout.base import GenerationProgress, Rollout, SamplingConfig, end_ids_of, rollout_of
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -21,14 +21,17 @@ class SampledLogprobs(LogitsProcessor):
     top-p warpers, so the same transforms are applied here to the unmodified scores.
     """
 
-    def __init__(self, sampling: SamplingConfig) -> None:
+    def __init__(self, sampling: SamplingConfig, progress: Callable[[torch.Tensor], None] | None = None) -> None:
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.temperature > 0 and sampling.top_p < 1 else None
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
+        self.progress = progress
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._record(input_ids[:, -1])
+        if self.progress is not None:
+            self.progress(input_ids)
         warped = scores.float() / self.temperature
         if self.top_p is not None:
             warped = self.top_p(input_ids, warped)
@@ -103,7 +106,8 @@ def _cache_argument(model: Any) -> str:
 
 class HFEngine:
     def __init__(
-        self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False, share_prefill: bool = True
+        self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False, share_prefill: bool = True,
+        progress: GenerationProgress | None = None,
     ) -> None:
         """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
 
@@ -114,7 +118,7 @@ class HFEngine:
 
         A row ends at any of the model's end tokens (`end_ids_of`); `rollout_of` cuts it and decides `finished`."""
         self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
-        self.share_prefill = share_prefill
+        self.share_prefill, self.progress = share_prefill, progress
         self.end_ids = end_ids_of(tokenizer, getattr(model, "generation_config", None))
 
     holds_weights = False
@@ -147,7 +151,7 @@ class HFEngine:
                         cache = preallocated_cache(self._hf.config, capacity)
                     inputs[_cache_argument(self.model)] = cache
                     sampled = sampling.temperature > 0
-                    recorder = SampledLogprobs(sampling)
+                    recorder = SampledLogprobs(sampling, self._progress_of(inputs["input_ids"].shape[1]))
                     output = self.model.generate(
                         **inputs,
                         max_new_tokens=sampling.max_new_tokens,
@@ -164,12 +168,34 @@ class HFEngine:
                     )
                     new_tokens = output[:, inputs["input_ids"].shape[1] :]
                     logprobs = recorder.finish(output, new_tokens.shape[1])
+                    if self.progress is not None:
+                        self.progress.end_batch(len(chunk), int(self._generated(new_tokens)[0].sum()))
                     for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
                         rollouts[index].append(rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings))
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
         return rollouts
+
+    def _generated(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the tokens generated up to and including its first end token, and whether it has one."""
+        ended = torch.isin(new_tokens, torch.tensor(self.end_ids, device=new_tokens.device))
+        finished = ended.any(1)
+        if not new_tokens.shape[1]:
+            return finished.long(), finished
+        return torch.where(finished, ended.int().argmax(1) + 1, new_tokens.shape[1]), finished
+
+    def _progress_of(self, prompt_width: int) -> Callable[[torch.Tensor], None] | None:
+        """A per-step report of the batch's new tokens and finished rows to the progress bar, if there is one."""
+        if self.progress is None:
+            return None
+        progress = self.progress
+
+        def report(input_ids: torch.Tensor) -> None:
+            lengths, finished = self._generated(input_ids[:, prompt_width:])
+            progress.step(int(lengths.sum()), int(finished.sum()))
+
+        return report
 
     @property
     def _hf(self) -> Any:

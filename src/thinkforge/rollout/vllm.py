@@ -70,10 +70,12 @@ def contained() -> Iterator[None]:
 class VLLMEngine:
     holds_weights = True
 
-    def __init__(self, model_dir: str | Path, tokenizer: Any, config: RolloutConfig, *, max_model_len: int, seed: int) -> None:
-        """An engine serving `model_dir` (an HF directory) with `tokenizer`: prompts arrive as token ids, so vLLM
-        never re-tokenizes them differently from the trainer."""
-        self.tokenizer, self.config = tokenizer, config
+    def __init__(
+        self, model_dir: str | Path, tokenizer: Any, config: RolloutConfig, *, max_model_len: int, seed: int, show_progress: bool = False
+    ) -> None:
+        """An engine serving `model_dir` (an HF directory or hub id) with `tokenizer`: prompts arrive as token ids,
+        so vLLM never re-tokenizes them differently from the trainer. `show_progress`: vLLM's own bar."""
+        self.tokenizer, self.config, self.show_progress = tokenizer, config, show_progress
         on_gpu = torch.cuda.is_available()
         # the engine runs inside this process: a separate engine process could not read the policy's weights
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -115,7 +117,7 @@ class VLLMEngine:
             )
             for index in owners
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[index]) for index in owners], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[index]) for index in owners], params, use_tqdm=self.show_progress)
         groups: list[list[Rollout]] = [[] for _ in prompts]
         for index, output in zip(owners, outputs):
             groups[index] += [

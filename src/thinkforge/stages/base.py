@@ -314,6 +314,7 @@ class Stage(L.LightningModule):
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
+                "step_s": seconds,
                 "fill_ratio": totals["tokens"] / max(totals["slots"], 1.0),
                 self.loss_unit: units.item(),
                 **extra,
