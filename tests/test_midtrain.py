@@ -49,10 +49,11 @@ def test_loss_is_the_global_token_mean_whatever_the_micro_batch(tmp_path):
     for metric in ("train/loss", "train/grad_norm"):
         split, whole = logged(runs[0], metric), logged(runs[1], metric)
         assert all(abs(split[step] - whole[step]) < 1e-5 * abs(whole[step]) for step in whole), metric
-    # Adam turns float-reordering noise in near-zero gradients into ~1e-6 weight differences; a wrong
-    # normaliser would show as a factor of two in the loss and gradient norm above.
+    # Adam turns float-reordering noise in near-zero gradients into weight differences of ~1e-6, and on some CPUs
+    # (this Xeon: one of 164K weights at 1.04e-5) a little more; a wrong normaliser would show as a factor of two
+    # in the loss and gradient norm above, which Adam's update, invariant to the gradient's scale, would hide.
     for name, tensor in exports[0].items():
-        torch.testing.assert_close(tensor, exports[1][name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(tensor, exports[1][name], atol=5e-5, rtol=0, msg=name)
 
 
 def test_a_short_run_prints_a_quiet_console(tmp_path):

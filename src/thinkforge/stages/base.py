@@ -27,7 +27,7 @@ from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.packing import IGNORE_INDEX, Document, collate_documents, completion_documents, document_rows, unpack
-from thinkforge.data.records import load_split
+from thinkforge.data.records import DataError, Records, load_split
 from thinkforge.losses import LossSum, is_extreme
 from thinkforge.metrics import HeldOutSums, score_rollouts
 from thinkforge.rewards.math import math_accuracy_many
@@ -161,6 +161,7 @@ class Stage(L.LightningModule):
         return self.trainer.precision_plugin.forward_context()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        self.warn_of_demo_scale_settings()
         decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim < 2]
         optim = self.run.optim
@@ -177,6 +178,16 @@ class Stage(L.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def warn_of_demo_scale_settings(self) -> None:
+        """train.yaml's learning rate and weight decay suit the tiny demo model trained from scratch; a pretrained
+        model that gets them unchanged is usually wrecked in a few steps, so say so."""
+        optim = self.run.optim
+        parameters = sum(p.numel() for p in self.policy.parameters())  # a DTensor counts its global size
+        if self.run.model.name_or_path and parameters >= 50e6 and optim.lr >= 1e-3 and self.trainer.is_global_zero:
+            log.warning("optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (conf/train.yaml); a pretrained "
+                        "model of %.0fM parameters is usually fine-tuned at 1e-6 to 2e-5 with weight decay 0 to 0.01: "
+                        "set optim.lr and optim.weight_decay", optim.lr, optim.weight_decay, parameters / 1e6)
 
     # ---- scored completions (DPO, GRPO) -----------------------------------------------------------------------
     def completion_layout(
@@ -343,9 +354,36 @@ class Stage(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, rank_zero_only=True)
 
     # ---- held-out evaluation and handoff ---------------------------------------------------------------------
+    #: whether the stage's training rows carry gold answers (prompt + answer), so held-out prompts can be cut from them
+    trains_on_answers = False
+
+    def holds_out_from_train(self) -> bool:
+        """No data.val but held-out scores asked for: the last `heldout.num_prompts` training rows are held out
+        (never trained on), for the stages whose rows have gold answers."""
+        return self.run.data.val is None and self.run.heldout.num_prompts > 0 and self.trains_on_answers
+
+    def scores_heldout(self) -> bool:
+        return bool(self.run.heldout.num_prompts) and (self.run.data.val is not None or self.holds_out_from_train())
+
+    def training_rows(self, records: Records) -> list[dict[str, Any]]:
+        """The training split's rows, less the held-out slice when there is one (named in the log)."""
+        if not self.holds_out_from_train():
+            return records.rows
+        count = self.run.heldout.num_prompts
+        if count >= len(records.rows):
+            raise DataError(f"{records.source}: heldout.num_prompts={count} would hold out all {len(records.rows)} rows "
+                            "(data.val is null); lower it or set data.val")
+        log.info("held-out prompts: the last %d rows of %s (data.val is null), not trained on", count, records.source)
+        return records.rows[:-count]
+
+    def on_fit_start(self) -> None:
+        if self.run.heldout.num_prompts and not self.scores_heldout() and self.trainer.is_global_zero:
+            log.warning("no held-out scores: data.val is null and %s's rows carry no gold answers; set data.val to a "
+                        "prompt + answer file, or heldout.num_prompts=0", type(self).__name__)
+
     def on_train_end(self) -> None:
         self.export_hf(self.export_dir)
-        if self.run.heldout.num_prompts and self.run.data.val is not None:
+        if self.scores_heldout():
             self.heldout_metrics = self.evaluate_heldout()
             self.log_outside_steps(self.heldout_metrics, "heldout/")
 
@@ -366,9 +404,13 @@ class Stage(L.LightningModule):
         return self.run.data.max_length
 
     def heldout_prompts(self) -> tuple[list[str], list[str]]:
-        """Held-out prompts rendered for generation, and their gold answers."""
-        records = load_split(self.run.data, "val", required=("prompt", "answer"))
-        rows = records.rows[: self.run.heldout.num_prompts]
+        """Held-out prompts rendered for generation, and their gold answers: data.val's first, or the training
+        rows held out from training."""
+        count = self.run.heldout.num_prompts
+        if self.holds_out_from_train():
+            rows = load_split(self.run.data, "train", required=("prompt", "answer")).rows[-count:]
+        else:
+            rows = load_split(self.run.data, "val", required=("prompt", "answer")).rows[:count]
         prompts = [self.render_prompt(row["prompt"]) for row in rows]
         return prompts, [row["answer"] for row in rows]
 

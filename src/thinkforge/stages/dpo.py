@@ -47,7 +47,7 @@ class DPO(Stage):
         self.settings: DPOConfig = run.stage
         rollout = self.settings.rollout
         self.rollout = SamplingConfig(rollout.num_samples, rollout.temperature, rollout.top_p, rollout.max_new_tokens)
-        self.items_need_model = self.settings.pairs == "rollout"
+        self.items_need_model = self.trains_on_answers = self.settings.pairs == "rollout"
         self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
 
@@ -63,8 +63,9 @@ class DPO(Stage):
             return pairs
         if self.global_step > 0:
             raise RuntimeError(f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again")
-        records = load_split(data, split, required=("prompt", "answer")).rows
-        return self._rollout_pairs(records[: data.max_val_rows] if split == "val" else records, path)
+        records = load_split(data, split, required=("prompt", "answer"))
+        rows = records.rows[: data.max_val_rows] if split == "val" else self.training_rows(records)
+        return self._rollout_pairs(rows, path)
 
     def _rollout_pairs(self, records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
         """Every rank samples its share of the prompts with the (sharded) policy, still the starting checkpoint;
@@ -147,6 +148,7 @@ class DPO(Stage):
         """Rollout pairs are sampled here, where the policy is on its device and still the starting checkpoint
         (both splits: validation comes later, from a trained policy). Reference log-probs are precomputed once
         per fit from the starting checkpoint, so a resumed run gets the very same values."""
+        super().on_fit_start()
         datamodule = self.trainer.datamodule
         train_items, val_items = datamodule.train_items, datamodule.val_items
         if self.settings.precompute_ref_logps and not self.ref_logps:

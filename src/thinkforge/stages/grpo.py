@@ -88,15 +88,18 @@ class GRPO(Stage):
         self.steps_without_signal = 0
 
     # ---- data -------------------------------------------------------------------------------------------------
+    trains_on_answers = True
+
     def has_val(self) -> bool:
         return False
 
     def build_items(self, split: str) -> Sequence[Prompt]:
         data = self.run.data
         records = load_records(data.train, data.train_split, data, required=("prompt", "answer"))
-        parseable = [gold_is_parseable(record["answer"]) for record in records.rows]
-        rows = [record for record, ok in zip(records.rows, parseable) if ok]
-        log.info("train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(records.rows) - len(rows))
+        training = self.training_rows(records)
+        parseable = [gold_is_parseable(record["answer"]) for record in training]
+        rows = [record for record, ok in zip(training, parseable) if ok]
+        log.info("train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(training) - len(rows))
         if not rows:
             raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
         rendered = [self.render_prompt(record["prompt"]) for record in rows]
@@ -124,7 +127,7 @@ class GRPO(Stage):
         return int(scheduled(self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1))
 
     def on_train_start(self) -> None:
-        if self.run.heldout.num_prompts and self.run.data.val is not None and not self.initial_heldout:
+        if self.scores_heldout() and not self.initial_heldout:
             self.initial_heldout = self.evaluate_heldout(filename=None)
             self.log_outside_steps(self.initial_heldout, "heldout_start/")
 
