@@ -152,3 +152,19 @@ def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
 
 
 ENVIRONMENT, THREADS = dict(os.environ), torch.get_num_threads()
+
+
+def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path):
+    """Two gloo processes, each with its own engine: every step gathers the sharded parameters into it, and its
+    samples' log-probs stay the trainer's while Phi-4's repetition reward moves the weights."""
+    from conftest import run_cli
+
+    result = run_cli(
+        *SMALL_MODEL, "stage=grpo", "rollout=vllm", "hardware=cpu_fsdp", "data.synthetic.num_train=64", "data.batch_size=8",
+        "data.micro_batch_size=4", "stage.group_size=4", "stage.max_completion_length=16", "reward@stage.reward=phi4_plus",
+        "optim.lr=1e-2", "trainer.max_steps=4", "heldout.num_prompts=0", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert min(logged(tmp_path, "train/grad_norm").values()) > 0  # the weights moved every step
+    assert max(logged(tmp_path, "train/rollout_logprob_diff").values()) < 1e-5
+    assert len(logged(tmp_path, "train/weight_sync_s")) == 4
