@@ -2,9 +2,12 @@
 
     python scripts/bench_grpo.py                                  # the demo's tiny model on the synthetic task
     python scripts/bench_grpo.py stage.group_size=4 stage.max_completion_length=64 --steps 5
+    python scripts/bench_grpo.py --engines hf,vllm                # the same steps with each rollout engine, side by side
 
 Arguments are Hydra overrides of `thinkforge-train stage=grpo` (conf/train.yaml). The stage runs as training
-runs it (Lightning, the HF rollout engine, the stage's own micro-batches); a callback times each step. MFU counts
+runs it (Lightning, the configured rollout engine, the stage's own micro-batches); a callback times each step.
+`--engines` runs the configuration once per engine (`rollout=<engine>`) in this process, the HF engine first
+(vLLM's side effects on the process come after it), and prints the step times with their ratio. MFU counts
 the training pass only, at 6·N FLOPs per trained token (attention left out, so it is a lower bound), against this
 machine's matmul peak.
 """
@@ -110,10 +113,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--engines", default=None, help="comma-separated rollout engines to compare, e.g. hf,vllm")
     args, overrides = parser.parse_known_args()
-    bench = run_grpo_bench(overrides, args.steps, args.warmup)
     print(f"device            {'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads)")
-    print("\n".join(bench.lines()))
+    if args.engines is None:
+        print("\n".join(run_grpo_bench(overrides, args.steps, args.warmup).lines()))
+        return
+    engines = args.engines.split(",")
+    benches = {}
+    for engine in engines:
+        benches[engine] = run_grpo_bench([f"rollout={engine}", *overrides], args.steps, args.warmup)
+        print(f"-- rollout={engine}")
+        print("\n".join(benches[engine].lines()))
+    first = benches[engines[0]]
+    for engine in engines[1:]:
+        bench = benches[engine]
+        print(
+            f"{engine} / {engines[0]}: step {first.step_s / bench.step_s:.2f}x faster, "
+            f"generation {first.generation_s / bench.generation_s:.2f}x, training {first.training_s / bench.training_s:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def run_causal_bench(overrides: list[str], steps: int, warmup: int, profile: int
     batches = StepBatches(
         rows, batch_size=run.data.batch_size, micro_batch_size=run.data.micro_batch_size, collate=stage.collate,
         seed=0, rank=0, world_size=1, start_step=0,
+        lengths=[stage.item_length(row) for row in rows] if run.data.group_by_length else None,
     )
     tokens = slots = 0
     elapsed = 0.0

@@ -12,8 +12,10 @@ token-level (DAPO) loss, and the same strict math-accuracy reward. Each side's s
 its step's start (generation included) to its end; the first `--warmup` steps are left out.
 
 SFT: 800 chats (MATH-500 and GSM8K problems with their worked solutions), max length 1024, assistant-only loss.
-thinkforge packs conversations into rows (scripts/bench_midtrain.py with stage=sft); TRL runs padded and with
-best-fit-decreasing padding-free packing. Both count real (non-pad) tokens per second of training steps.
+thinkforge packs conversations into rows, and also runs them unpacked, one per row (padded to its micro-batch's
+longest, with and without data.group_by_length), through scripts/bench_midtrain.py with stage=sft; TRL runs padded
+and with best-fit-decreasing padding-free packing. Unpacked runs and TRL's padded one take micro-batches of 4 chats.
+All count real (non-pad) tokens per second of training steps.
 """
 
 from __future__ import annotations
@@ -123,12 +125,18 @@ def write_chats(benchmarks: Path, path: Path) -> list[str]:
     return [row["completion"] for row in rows]
 
 
-def sft_overrides(model_dir: Path, chats: Path) -> list[str]:
+def sft_overrides(model_dir: Path, chats: Path, *layout: str) -> list[str]:
     return [
         "stage=sft", "model=pretrained", f"model.name_or_path={model_dir}", "model.dtype=float32",
-        "data=jsonl", f"data.train={chats}", "data.val=null", "data.max_length=1024", "data.pack=true",
-        "data.overflow=truncate", "data.batch_size=8", "data.micro_batch_size=2",
+        "data=jsonl", f"data.train={chats}", "data.val=null", "data.max_length=1024", "data.overflow=truncate", *layout,
     ]
+
+
+SFT_LAYOUTS = {
+    "packed": ["data.pack=true", "data.batch_size=8", "data.micro_batch_size=2"],
+    "unpacked": ["data.pack=false", "data.batch_size=8", "data.micro_batch_size=4"],
+    "unpacked, grouped by length": ["data.pack=false", "data.batch_size=8", "data.micro_batch_size=4", "data.group_by_length=true"],
+}
 
 
 def trl_sft(model_dir: Path, chats: Path, args: argparse.Namespace, padding_free: bool) -> float:
@@ -170,15 +178,18 @@ def compare_sft(work_dir: Path, args: argparse.Namespace) -> None:
 
     replies = write_chats(args.benchmarks, work_dir / "chats.jsonl")
     lengths = sorted(len(ids) for ids in AutoTokenizer.from_pretrained(work_dir / "model")(replies)["input_ids"])
-    ours = run_causal_bench(sft_overrides(work_dir / "model", work_dir / "chats.jsonl"), args.steps, args.warmup)
+    ours = {name: run_causal_bench(sft_overrides(work_dir / "model", work_dir / "chats.jsonl", *layout), args.steps, args.warmup)
+            for name, layout in SFT_LAYOUTS.items()}
     padded = trl_sft(work_dir / "model", work_dir / "chats.jsonl", args, padding_free=False)
     packed = trl_sft(work_dir / "model", work_dir / "chats.jsonl", args, padding_free=True)
     print(f"SFT: 800 chats (reply tokens: median {lengths[len(lengths) // 2]}, p90 {lengths[len(lengths) * 9 // 10]}), "
           f"max length 1024, assistant-only loss, {args.steps} steps after {args.warmup} warm-up")
-    print(f"thinkforge (packed)          {ours.tokens_per_s:7,.0f} tokens/s, MFU {ours.mfu:.1%}")
-    print(f"TRL SFTTrainer padded        {padded:7,.0f} tokens/s")
-    print(f"TRL SFTTrainer BFD pad-free  {packed:7,.0f} tokens/s")
-    print(f"ratio                        {ours.tokens_per_s / max(padded, packed):.2f}x TRL's best")
+    for name, bench in ours.items():
+        print(f"thinkforge {name:<28} {bench.tokens_per_s:7,.0f} tokens/s, fill ratio {bench.fill_ratio:.3f}, MFU {bench.mfu:.1%}")
+    print(f"TRL SFTTrainer padded                  {padded:7,.0f} tokens/s")
+    print(f"TRL SFTTrainer BFD pad-free            {packed:7,.0f} tokens/s")
+    print(f"ratio                                  packed {ours['packed'].tokens_per_s / max(padded, packed):.2f}x TRL's best; "
+          f"unpacked {ours['unpacked'].tokens_per_s / padded:.2f}x TRL padded")
 
 
 def main() -> None:

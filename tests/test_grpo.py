@@ -232,6 +232,17 @@ def test_the_lenient_reward_reads_stated_answers_and_logs_what_was_answered():
     assert [total for total, _ in strict] == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("extraction, expected", [("strict", [0.0, 0.0, 1.0]), ("lenient", [1.0, 0.0, 1.0])])
+def test_heldout_scores_read_answers_as_the_reward_does(tmp_path, extraction, expected):
+    """An instruct model that states its answer and learns to state it right must not score 0% held out."""
+    from thinkforge.config import validate
+    from thinkforge.train import build_stage
+
+    stage = build_stage(validate(compose_config(*GRPO_FAST, f"stage.answer_extraction={extraction}", output_dir=tmp_path)))
+    texts = ["2 + 2 = 4.\nThe answer is: 4", "The answer is 4 or 5.", RIGHT]
+    assert stage.heldout_verifier(texts, ["4"] * 3) == expected
+
+
 def test_heldout_without_a_val_file_holds_out_training_rows(tmp_path):
     """data.val=null with heldout.num_prompts=8: the last 8 training rows are scored before and after, and never
     trained on (the README's own GRPO example has no val file)."""

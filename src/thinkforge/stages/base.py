@@ -357,6 +357,14 @@ class Stage(L.LightningModule):
     #: whether the stage's training rows carry gold answers (prompt + answer), so held-out prompts can be cut from them
     trains_on_answers = False
 
+    def reads_stated_answers(self) -> bool:
+        """Whether this stage's reward reads stated answers (stage.answer_extraction=lenient); held-out scores
+        then read them too, or they would grade another format than the one the stage trains."""
+        return False
+
+    def heldout_verifier(self, completions: Sequence[str], golds: Sequence[str]) -> list[float]:
+        return math_accuracy_many(completions, golds, lenient=self.reads_stated_answers(), guess=False)
+
     def holds_out_from_train(self) -> bool:
         """No data.val but held-out scores asked for: the last `heldout.num_prompts` training rows are held out
         (never trained on), for the stages whose rows have gold answers."""
@@ -469,7 +477,7 @@ class Stage(L.LightningModule):
         heldout = self.run.heldout
         sampling = SamplingConfig(heldout.num_samples, heldout.temperature, heldout.top_p, self.heldout_max_new_tokens())
         groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed)
-        sums = score_rollouts(groups, golds_here)
+        sums = score_rollouts(groups, golds_here, self.heldout_verifier)
         total = HeldOutSums(*self.global_sum(torch.tensor(sums.as_list(), dtype=torch.float64)).tolist())
         metrics = total.metrics()
         if heldout.pass_k:
@@ -492,7 +500,7 @@ class Stage(L.LightningModule):
         heldout = self.run.heldout
         sampling = SamplingConfig(heldout.pass_k, heldout.pass_k_temperature, 1.0, self.heldout_max_new_tokens())
         groups, golds_here = self._generate_share(prompts, golds, sampling, seed=self.run.seed + 1)
-        scores = math_accuracy_many([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds_here) for _ in g])
+        scores = self.heldout_verifier([r.text for g in groups for r in g], [gold for g, gold in zip(groups, golds_here) for _ in g])
         k = heldout.pass_k
         solved = sum(any(scores[i * k : (i + 1) * k]) for i in range(len(groups)))
         correct, solved, count = self.global_sum(torch.tensor([sum(scores), solved, len(groups)], dtype=torch.float64)).tolist()

@@ -51,6 +51,9 @@ class DPO(Stage):
         self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
 
+    def reads_stated_answers(self) -> bool:
+        return self.settings.answer_extraction == "lenient"
+
     # ---- data -------------------------------------------------------------------------------------------------
     def pair_records(self, split: str) -> list[dict[str, Any]]:
         data = self.run.data
@@ -75,7 +78,7 @@ class DPO(Stage):
         groups = self.generate([self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank)
         provenance = {"source_model": self.run.model.name_or_path or "model.config", "temperature": self.rollout.temperature,
                       "seed": self.run.seed + rank, "rank": rank}
-        verify = functools.partial(math_accuracy, lenient=self.settings.answer_extraction == "lenient", guess=False)
+        verify = functools.partial(math_accuracy, lenient=self.reads_stated_answers(), guess=False)
         pairs, counts = pair_rollouts(
             groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], verify,
             prompt_indices=share, provenance=provenance,

@@ -87,6 +87,9 @@ class GRPO(Stage):
                                         lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
 
+    def reads_stated_answers(self) -> bool:
+        return self.settings.answer_extraction == "lenient"
+
     # ---- data -------------------------------------------------------------------------------------------------
     trains_on_answers = True
 
