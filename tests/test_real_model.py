@@ -53,6 +53,15 @@ def test_the_conversion_from_the_wheel_gives_a_chat_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
 
 
+def test_the_model_command_prints_only_the_path_on_stdout(smollm2):
+    """The README passes it on as model.name_or_path=$(thinkforge-data smollm2)."""
+    import subprocess
+
+    result = subprocess.run(["thinkforge-data", "smollm2"], capture_output=True, text=True, check=True)
+    assert result.stdout == f"{smollm2}\n"
+    assert "end token ids [2]" in result.stderr
+
+
 def test_sft_mask_on_the_real_chatml_template(smollm2, word_problems, tmp_path):
     run = validate(compose_config(*small_run(smollm2, word_problems, "stage=sft"), output_dir=tmp_path))
     tokenizer = load_tokenizer(run.model)

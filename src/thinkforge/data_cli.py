@@ -178,9 +178,10 @@ def cmd_smollm2(args: argparse.Namespace) -> None:
 
     directory = convert_smollm2(args.cache_dir, force=args.force)
     found = check_chat_model(directory)
+    # what was checked goes to stderr, the path alone to stdout: model.name_or_path=$(thinkforge-data smollm2)
     print(f"[smollm2] SmolLM2-135M-Instruct: chat template ends replies with {found['turn_end']}, end token ids "
-          f"{found['end_token_ids']}, vocabulary {found['vocab']:,}")
-    print(f"[smollm2] use it with: model=pretrained model.name_or_path={directory}")
+          f"{found['end_token_ids']}, vocabulary {found['vocab']:,}", file=sys.stderr)
+    print(f"[smollm2] use it with: model=pretrained model.name_or_path={directory}", file=sys.stderr)
     print(directory)
 
 
