@@ -44,18 +44,19 @@ def test_aggregation_types_by_hand():
     logps, old, mask = setup_case()
     advantages = torch.tensor([1.0, 1.0])
     # per token -min(ρA, clip(ρ)A) with ε=0.2: seq0 [-1, -1.2, -1], seq1 [-1, -0.5]
-    grpo, _ = grpo_loss(logps, old, advantages, mask, loss_type="grpo")
+    clip = {"epsilon_low": 0.2, "epsilon_high": 0.2}
+    grpo, _ = grpo_loss(logps, old, advantages, mask, loss_type="grpo", max_completion_length=4, **clip)
     assert grpo.item() == pytest.approx(((-3.2 / 3) + (-1.5 / 2)) / 2)
-    dapo, _ = grpo_loss(logps, old, advantages, mask, loss_type="dapo")
+    dapo, _ = grpo_loss(logps, old, advantages, mask, loss_type="dapo", max_completion_length=4, **clip)
     assert dapo.item() == pytest.approx(-4.7 / 5)
-    dr, _ = grpo_loss(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=4)
+    dr, _ = grpo_loss(logps, old, advantages, mask, loss_type="dr_grpo", max_completion_length=4, **clip)
     assert dr.item() == pytest.approx(-4.7 / (2 * 4))
 
 
 def test_clipping_on_both_sides_with_asymmetric_epsilons():
     logps, old, mask = setup_case()
     # positive advantage: ρ=2 is clipped at 1+ε_high=1.28; negative advantage: ρ=0.5 is clipped at 1-ε_low=0.8
-    loss, metrics = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28)
+    loss, metrics = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, max_completion_length=4)
     seq0 = [-1.0, -1.28, -1.0]
     seq1 = [1.0, 0.8]  # -min(ρA, clip(ρ)A) = -min(-0.5, -0.8) = 0.8
     assert loss.item() == pytest.approx((sum(seq0) + sum(seq1)) / 5)
@@ -63,7 +64,7 @@ def test_clipping_on_both_sides_with_asymmetric_epsilons():
     assert metrics["clip_fraction/low"].item() == pytest.approx(1 / 5)
     # the clipped side passes no gradient
     logps = logps.clone().requires_grad_(True)
-    loss, _ = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_high=0.28)
+    loss, _ = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_high=0.28, max_completion_length=4)
     loss.backward()
     assert logps.grad[0, 1].item() == 0.0 and logps.grad[1, 1].item() == 0.0
     assert logps.grad[0, 0].item() != 0.0
@@ -73,13 +74,13 @@ def test_k3_kl_by_hand_and_zero_at_reference():
     logps = torch.log(torch.tensor([[0.5, 0.25]]))
     ref = torch.log(torch.tensor([[0.25, 0.25]]))
     mask = torch.ones(1, 2)
-    loss, metrics = grpo_loss(logps, logps.detach(), torch.zeros(1), mask, beta=0.5, ref_logps=ref)
+    loss, metrics = grpo_loss(logps, logps.detach(), torch.zeros(1), mask, beta=0.5, ref_logps=ref, max_completion_length=4)
     # token 0: ref−logp = log 0.5 → k3 = 0.5 − log 0.5 − 1; token 1: 0
     k3 = 0.5 - math.log(0.5) - 1
     assert metrics["kl"].item() == pytest.approx(k3 / 2)
     assert loss.item() == pytest.approx(0.5 * k3 / 2)
     with pytest.raises(ValueError, match="ref_logps"):
-        grpo_loss(logps, logps, torch.zeros(1), mask, beta=0.1)
+        grpo_loss(logps, logps, torch.zeros(1), mask, beta=0.1, max_completion_length=4)
 
 
 def test_the_sum_form_is_the_mean_times_units_counted_before_the_forward_pass():

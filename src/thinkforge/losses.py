@@ -115,7 +115,7 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> torch.Tensor:
+def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
     """What a `grpo_loss` sum is divided by: completion tokens (dapo), sequences (grpo: each sequence's token
     mean counts once) or sequences × max_completion_length (dr_grpo). Known before the forward pass, so a step can
     count its global units first."""
@@ -125,8 +125,6 @@ def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: i
         return mask.sum()
     if loss_type == "grpo":
         return torch.tensor(mask.shape[0])
-    if max_completion_length is None:
-        raise ValueError("dr_grpo needs max_completion_length")
     return torch.tensor(mask.shape[0] * max_completion_length)
 
 
@@ -138,10 +136,10 @@ def grpo_loss(
     *,
     loss_type: str = "dapo",
     epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
+    epsilon_high: float = 0.28,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
-    max_completion_length: int | None = None,
+    max_completion_length: int,
     correction_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type`:
@@ -213,7 +211,7 @@ def rollout_correction(
 
 def grpo_loss_sum(
     logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str,
-    max_completion_length: int | None = None, **options: Any,
+    max_completion_length: int, **options: Any,
 ) -> LossSum:
     """`grpo_loss` in the stages' contract: loss and metrics times its units (`grpo_loss_units`)."""
     mean, token_means = grpo_loss(

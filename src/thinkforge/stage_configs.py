@@ -65,7 +65,7 @@ class RolloutPairsConfig:
     num_samples: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 2, "stage.rollout.num_samples", f"a pair needs at least 2 samples; got {self.num_samples}")
@@ -84,7 +84,7 @@ class DPOConfig(StageSchema):
     rpo_alpha: float = 0.0
     precompute_ref_logps: bool = False
     # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
-    pairs: str = "file"
+    pairs: str = "rollout"
     rollout: RolloutPairsConfig = field(default_factory=RolloutPairsConfig)
     # how rollout pairs are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
     answer_extraction: str = "strict"
@@ -122,16 +122,16 @@ class GRPOConfig(StageSchema):
     # KL to the frozen starting checkpoint (k3); 0 loads no reference model
     beta: float = 0.0
     # a number, or a schedule {from_step: tokens}: iterative context lengthening, e.g. {0: 8192, 500: 16384}
-    max_completion_length: Any = 128
+    max_completion_length: Any = 96
     # a number, or a schedule {from_step: temperature}
     temperature: Any = 1.0
     top_p: float = 1.0
     # truncated completions train on nothing (DAPO's overlong filtering)
     mask_truncated: bool = False
     # drop groups whose rewards are all equal and sample more prompts, up to max_refills times per step (DAPO)
-    dynamic_sampling: bool = False
-    max_refills: int = 3
-    # reward function -> {weight, options}; see conf/reward/
+    dynamic_sampling: bool = True
+    max_refills: int = 2
+    # reward function -> {weight, options}; see conf/reward/. null: RewardModel.DEFAULT (math accuracy alone)
     reward: Optional[dict[str, Any]] = None
     # strict: the answer is the \boxed{} after </think>; lenient: also a stated "The answer is: 25" / "#### 25" (for
     # instruct models that never box; hedges still score 0)
@@ -162,7 +162,7 @@ class GRPOConfig(StageSchema):
         check_schedule(self.max_completion_length, "stage.max_completion_length", int)
         check_schedule(self.temperature, "stage.temperature", float)
         try:
-            RewardModel(self.reward or {"math_accuracy": {"weight": 1.0}})  # building it checks names and options
+            RewardModel(self.reward)  # building it checks names and options
         except ValueError as error:
             raise ConfigError(str(error)) from None
 

@@ -98,8 +98,12 @@ class RewardModel:
     `lenient`: answers also count when stated without a box ("The answer is: 25", "#### 25"), for instruct models
     that never box; hedges and guesses still score 0 (`extract_answer(..., guess=False)`)."""
 
-    def __init__(self, spec: Mapping[str, Mapping[str, Any]], *, lenient: bool = False) -> None:
+    #: the reward when `stage.reward` is null: the verified answer alone
+    DEFAULT: Mapping[str, Mapping[str, Any]] = {"math_accuracy": {"weight": 1.0}}
+
+    def __init__(self, spec: Mapping[str, Mapping[str, Any]] | None, *, lenient: bool = False) -> None:
         self.lenient = lenient
+        spec = self.DEFAULT if spec is None else spec
         if not spec:
             raise ValueError("stage.reward: needs at least one reward function")
         self.functions: dict[str, tuple[float, Callable[[Sample], float]]] = {}

@@ -180,12 +180,12 @@ class Stage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def warn_of_demo_scale_settings(self) -> None:
-        """train.yaml's learning rate and weight decay suit the tiny demo model trained from scratch; a pretrained
+        """The default learning rate and weight decay (OptimConfig) suit the tiny demo model trained from scratch; a pretrained
         model that gets them unchanged is usually wrecked in a few steps, so say so."""
         optim = self.run.optim
         parameters = sum(p.numel() for p in self.policy.parameters())  # a DTensor counts its global size
         if self.run.model.name_or_path and parameters >= 50e6 and optim.lr >= 1e-3 and self.trainer.is_global_zero:
-            log.warning("optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (conf/train.yaml); a pretrained "
+            log.warning("optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (the defaults); a pretrained "
                         "model of %.0fM parameters is usually fine-tuned at 1e-6 to 2e-5 with weight decay 0 to 0.01: "
                         "set optim.lr and optim.weight_decay", optim.lr, optim.weight_decay, parameters / 1e6)
 

@@ -83,8 +83,7 @@ class GRPO(Stage):
     def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
         self.settings: GRPOConfig = run.stage
-        self.reward_model = RewardModel(self.settings.reward or {"math_accuracy": {"weight": 1.0}},
-                                        lenient=self.settings.answer_extraction == "lenient")
+        self.reward_model = RewardModel(self.settings.reward, lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
 
     def reads_stated_answers(self) -> bool:
