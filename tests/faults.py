@@ -17,3 +17,14 @@ class KillAtStep(Callback):
         if trainer.global_step == self.step:
             trainer.strategy.barrier("fault")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonWeightsAfterStep(Callback):
+    """Writes a NaN into one weight after a step, as a diverging update would: the next step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            next(pl_module.policy.parameters()).data.view(-1)[0] = float("nan")

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
 from thinkforge.backbone import CausalLM, checkpoint_dtype, compute_dtype, load_hf_model, parallelize, resolve_attn_implementation
-from thinkforge.config import TrainConfig
+from thinkforge.config import TrainConfig, UserError
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.packing import IGNORE_INDEX, Document, collate_documents, completion_documents, document_rows, unpack
 from thinkforge.data.records import DataError, Records, load_split
@@ -40,6 +40,10 @@ Batch = dict[str, torch.Tensor]
 
 # a prompt-shared span needs a dense [tokens, tokens] attention mask; past this many tokens it repeats the prompt
 SHARED_PROMPT_MAX_TOKENS = 4096
+
+
+class NonFiniteStep(UserError):
+    """A training step whose loss or gradient norm is not finite."""
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -284,11 +288,12 @@ class Stage(L.LightningModule):
         scale = self.data_parallel_size / units.float().clamp(min=1)
         sums: defaultdict[str, float] = defaultdict(float)
         extremes: dict[str, float] = {}
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(micro_batches):
             self._set_gradient_sync(index == len(micro_batches) - 1)
             loss, _, metrics = self.loss_sum(batch)
             self.manual_backward(loss * scale)
-            sums["loss"] += loss.detach().item()
+            step_loss += loss.detach()
             for name, value in metrics.items():
                 if is_extreme(name):
                     pick = min if name.endswith("/min") else max
@@ -300,12 +305,27 @@ class Stage(L.LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.run.optim.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        self.stop_unless_finite(step_loss, grad_norm)
+        sums["loss"] = step_loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         schedule.step()
         extra = {**(extra_metrics or {}), **self.global_extremes(extremes)}
         self._log_step(sums, units, grad_norm, lr, time.perf_counter() - started, extra, prefix)
+
+    def stop_unless_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """A NaN or infinite loss or gradient norm on any rank stops the run before the optimizer step would
+        write it into the weights, so every checkpoint already saved holds finite weights."""
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if self.global_sum(float(not finite)).item() == 0:
+            return
+        checkpoints = Path(self.run.output_dir) / "checkpoints"
+        raise NonFiniteStep(
+            f"step {self.global_step}: the loss is {float(loss):g} and the gradient norm {float(grad_norm):g} (this "
+            f"rank's); stopped before this step's optimizer update, so the checkpoints in {checkpoints} are intact. "
+            "Lower optim.lr or check the data; re-running the command resumes from the last one"
+        )
 
     def _log_step(
         self,
