@@ -4,7 +4,7 @@
 
 Every `(gold, pred, expected)` case of those tests' `pytest.mark.parametrize` lists is read from the source (no
 code of theirs runs), skipping cases that set non-default options (strict=False, set-relation comparison). Each
-side goes through lenient extraction (`extract_answer(text, lenient=True)`) and then `answers_match`, the same
+side goes through lenient extraction (`extract_answer(text, lenient=True)`) and then `answers_match_many`, the same
 path as `thinkforge-eval grading=lenient`. Prints the agreement per file, next to math-verify's own (its `parse`
 and `verify` with their defaults, on the same cases), and lists thinkforge's disagreements.
 """

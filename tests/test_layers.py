@@ -73,3 +73,13 @@ def test_no_import_cycle():
 
 def test_the_backbone_imports_no_loss_and_no_dataset():
     assert not {target for target in GRAPH["backbone"] if target.startswith(("losses", "data.synthetic", "data.records"))}
+
+
+def test_the_command_line_composes_configs_without_torch():
+    """`thinkforge-* --help` and a dry run's config composition must not pay torch's import (about a second)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, thinkforge.cli; print(sorted({m.split('.')[0] for m in sys.modules} & "
+                             "{'torch', 'transformers', 'lightning', 'sympy'}))"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

@@ -179,3 +179,12 @@ def test_a_pipeline_wide_data_file_reaches_every_stage_and_a_misspelled_stage_na
                      cwd=tmp_path, program="thinkforge-pipeline")
     assert result.returncode != 0
     assert "stages.grpo8k: not a stage of this recipe; its stages are grpo_8k, grpo_16k, grpo_24k" in result.stderr + result.stdout
+
+
+def test_the_table_says_where_a_stage_started_unless_it_is_a_plain_chain():
+    from thinkforge.pipeline import format_table
+
+    rows = [("midtrain", None), ("sft", "midtrain"), ("dpo", "sft"), ("grpo", "sft")]
+    records = [{"stage": name, "from": start, "heldout": {"accuracy": 0.5}, "export": f"{name}/export"} for name, start in rows]
+    labels = [line.split("|")[1].strip() for line in format_table(records).splitlines()[2:]]
+    assert labels == ["midtrain", "sft", "dpo (from sft)", "grpo (from sft)"]

@@ -12,11 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge.data.packing import IGNORE_INDEX
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+from thinkforge.stage_configs import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES, ROLLOUT_CORRECTIONS
 
 
 class LossSum(NamedTuple):
@@ -179,7 +175,6 @@ def grpo_loss(
     return total / units.clamp(min=1), token_means
 
 
-ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def rollout_correction(

@@ -17,6 +17,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class PlannedStage:
     config: DictConfig
     directory: Path
     fingerprint: str
+    #: the stage whose export this one starts from; None for the first, which starts from the pipeline's model
+    source: str | None = None
 
     @property
     def export_dir(self) -> Path:
@@ -98,7 +101,7 @@ def plan(pipeline: DictConfig) -> list[PlannedStage]:
         cfg = compose_stage(name, entry, pipeline, root / name, source.export_dir if source else None)
         upstream = source.fingerprint if source else ""
         fingerprint = hashlib.sha256((upstream + OmegaConf.to_yaml(cfg)).encode()).hexdigest()[:16]
-        planned[name] = PlannedStage(name, cfg, root / name, fingerprint)
+        planned[name] = PlannedStage(name, cfg, root / name, fingerprint, source.name if source else None)
     return list(planned.values())
 
 
@@ -112,7 +115,7 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
         record = None
     if record and record["status"] == "done" and stage.export_dir.exists():
         print(f"[pipeline] {stage.name}: already done ({stage.directory}), skipped", flush=True)
-        return record
+        return {**record, "from": stage.source}
     resume = record is not None and stage.last_checkpoint.exists()
     stage.directory.mkdir(parents=True, exist_ok=True)
     command = own_process_command(stage.config, stage.directory)
@@ -126,22 +129,28 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
     done = {"status": "done", "seconds": round(time.monotonic() - started, 1), "heldout": heldout, "export": str(stage.export_dir)}
     stage.write_record(**done)
-    return {"stage": stage.name, "fingerprint": stage.fingerprint, **done}
+    return {"stage": stage.name, "fingerprint": stage.fingerprint, "from": stage.source, **done}
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """Greedy pass@1, then (when measured) the sampled pass@1 and pass@k that show what RL had to work with."""
+    """Greedy pass@1, then (when measured) the sampled pass@1 and pass@k that show what RL had to work with. A row
+    names the stage it started from unless that is the row above and nothing else starts from it, so a column
+    read top to bottom is not mistaken for one chain (the demo's dpo and grpo both start from sft)."""
     sampled = sorted({name for record in records for name in (record.get("heldout") or {}) if name.startswith("pass@")})
     columns = [("accuracy", "held-out pass@1 (greedy)"), ("eos_rate", "EOS rate"), ("mean_length", "mean length")]
     columns += [("sampled_accuracy", "sampled pass@1")] * bool(sampled) + [(name, name) for name in sampled]
     lines = ["| after | " + " | ".join(title for _, title in columns) + " | wall (s) | export |", "|---" * (len(columns) + 3) + "|"]
-    for record in records:
+    starts = Counter(record.get("from") for record in records)
+    for previous, record in zip([None, *records], records):
         heldout = record.get("heldout") or {}
         cells = [
             "-" if name not in heldout else f"{heldout[name]:.1f}" if name == "mean_length" else f"{heldout[name]:.1%}"
             for name, _ in columns
         ]
-        lines.append(f"| {record['stage']} | " + " | ".join(cells) + f" | {record.get('seconds', '-')} | {record['export']} |")
+        start = record.get("from")
+        chained = start is None or (previous is not None and previous["stage"] == start and starts[start] == 1)
+        label = record["stage"] if chained else f"{record['stage']} (from {start})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {record.get('seconds', '-')} | {record['export']} |")
     return "\n".join(lines)
 
 

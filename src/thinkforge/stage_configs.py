@@ -15,9 +15,14 @@ from hydra.core.config_store import ConfigStore
 from thinkforge.config import (
     ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require, shared_benchmarks,
 )
-from thinkforge.losses import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES, ROLLOUT_CORRECTIONS
 from thinkforge.rewards.shaping import RewardModel
 
+# The allowed values of the loss knobs: here, beside the knobs, so that composing a config needs no torch;
+# `thinkforge.losses` implements each of them.
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ANSWER_EXTRACTIONS = ("strict", "lenient")
 
 

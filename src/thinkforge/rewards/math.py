@@ -4,7 +4,7 @@
 thinking or an unclosed `<think>` scores 0) and joins *all* `\\boxed{}` of that final section into one set answer,
 so hedging with several candidates never equals a single gold answer.
 
-`answers_match` compares exact values first (rationals and exact symbolic numbers: `1/2^{99}` is never `1/2^{98}`)
+`answers_match_many` compares exact values first (rationals and exact symbolic numbers: `1/2^{99}` is never `1/2^{98}`)
 and hands everything else (tuples, intervals, sets, matrices, equations, units) to math-verify on sympy. Every
 check runs in a worker process that is killed past its deadline: sympy can hang on inputs such as power towers,
 and math-verify's own `signal.alarm` timeouts only work in a main thread. A timeout counts as no match.
@@ -362,7 +362,7 @@ _shared_pool = VerifierPool()
 
 
 def shared_verifier_pool() -> VerifierPool:
-    """The pool behind `answers_match` and `math_accuracy`; its `timeouts` counts checks that ran out of time."""
+    """The pool behind `answers_match_many` and `math_accuracy`; its `timeouts` counts checks that ran out of time."""
     return _shared_pool
 
 
@@ -383,11 +383,6 @@ def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | No
     for index, result in zip(checked, (pool or _shared_pool).run(_check, [pairs[i] for i in checked])):
         results[index] = bool(result)
     return results
-
-
-def answers_match(pred: str, gold: str) -> bool:
-    """Mathematical equivalence; LaTeX or plain, with or without `$…$`; False on timeout."""
-    return answers_match_many([(pred, gold)])[0]
 
 
 def gold_is_parseable(gold: str, pool: VerifierPool | None = None) -> bool:

@@ -7,7 +7,6 @@ them, compute group advantages, optionally drop zero-variance groups and refill 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -85,6 +84,7 @@ class GRPO(Stage):
         self.settings: GRPOConfig = run.stage
         self.reward_model = RewardModel(self.settings.reward, lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
+        self._refills: StepBatches | None = None
 
     def reads_stated_answers(self) -> bool:
         return self.settings.answer_extraction == "lenient"
@@ -225,14 +225,15 @@ class GRPO(Stage):
         if self.trainer.is_global_zero:
             log.warning(message)
 
-    @functools.cache
     def refill_stream(self, prompts_per_rank: int) -> StepBatches:
         """Extra prompts for dynamic sampling: a second seeded stream over the training prompts, built once."""
-        return StepBatches(
-            self.trainer.datamodule.train_items, batch_size=prompts_per_rank * self.trainer.world_size,
-            micro_batch_size=prompts_per_rank, collate=list, seed=self.run.data.seed + 1, rank=self.global_rank,
-            world_size=self.trainer.world_size, start_step=0,
-        )
+        if self._refills is None:
+            self._refills = StepBatches(
+                self.trainer.datamodule.train_items, batch_size=prompts_per_rank * self.trainer.world_size,
+                micro_batch_size=prompts_per_rank, collate=list, seed=self.run.data.seed + 1, rank=self.global_rank,
+                world_size=self.trainer.world_size, start_step=0,
+            )
+        return self._refills
 
     def _rollout_stats(self, groups: list[Group], dropped: int) -> dict[str, float]:
         rewards = torch.cat([g.rewards for g in groups])
