@@ -11,7 +11,7 @@ from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import validate
 from thinkforge.losses import LossSum
 from thinkforge.rollout import SamplingConfig
-from thinkforge.stages.base import Stage
+from thinkforge.stages import base as stage_base
 from thinkforge.stages.causal import CausalLMStage
 from thinkforge.stages.sft import SFT
 
@@ -28,12 +28,12 @@ def test_doctor_passes_on_the_default_config(tmp_path):
 
 def test_template_check_fails_when_the_end_token_is_not_a_target(tmp_path, tokenizer):
     run = validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path))
-    assert doctor.check_template(SFT(run, tokenizer), []).status == "pass"
+    assert doctor.check_template(SFT(run, tokenizer).probe()).status == "pass"
     # a template that closes no reply with a special token: the reply's end is never trained
     tokenizer = tokenizer.__class__.from_pretrained(_saved(tokenizer, tmp_path))
     tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
                                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    finding = doctor.check_template(SFT(run, tokenizer), [])
+    finding = doctor.check_template(SFT(run, tokenizer).probe())
     assert finding.status == "fail" and "never learns to stop" in finding.measured
 
 
@@ -72,7 +72,7 @@ def test_resume_check_fails_when_a_resume_skips_the_data_position(tmp_path, monk
     cfg = compose_config(*FAST, "data.synthetic.num_train=64", output_dir=tmp_path)
     gap, _ = doctor.resume_gap(cfg, tmp_path / "right")
     assert gap == 0.0
-    monkeypatch.setattr(Stage, "batches_consumed", lambda self: 0)
+    monkeypatch.setattr(stage_base, "data_position", lambda global_step, steps_per_batch: 0)
     gap, _ = doctor.resume_gap(cfg, tmp_path / "broken")
     assert gap > 1e-3
 

@@ -71,5 +71,5 @@ def test_dpo_ends_finished_replies_with_the_turn_end_and_truncated_ones_with_not
     stage = DPO(run, tokenizer)
     prompt = tokenizer.encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     reply = tokenizer.encode("<think>\nhm", add_special_tokens=False)
-    assert stage._completion(prompt, "<think>\nhm", finished=True) == (*reply, turn_end)
-    assert stage._completion(prompt, "<think>\nhm", finished=False) == tuple(reply)
+    assert stage.completion_ids(prompt, "<think>\nhm", finished=True) == (*reply, turn_end)
+    assert stage.completion_ids(prompt, "<think>\nhm", finished=False) == tuple(reply)

@@ -187,10 +187,11 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
     lengthening = "stage.max_completion_length={0: 8192, 10: 16384}"
     stage = build_stage(validate(compose_config(*GRPO_FAST, "heldout.max_new_tokens=null", lengthening, "trainer.max_steps=20",
                                                 output_dir=tmp_path)))
-    assert stage.heldout_max_new_tokens() == 16384, "the length of the last steps"
-    assert build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path))).heldout_max_new_tokens() == 24
+    assert stage.heldout.max_new_tokens(stage.completion_length()) == 16384, "the length of the last steps"
+    fixed = build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path)))
+    assert fixed.heldout.max_new_tokens(fixed.completion_length()) == 24
     sft = build_stage(validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path)))
-    assert sft.heldout_max_new_tokens() == 256, "data.max_length"
+    assert sft.heldout.max_new_tokens(sft.completion_length()) == 256, "data.max_length"
 
 
 def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):
@@ -240,7 +241,7 @@ def test_heldout_scores_read_answers_as_the_reward_does(tmp_path, extraction, ex
 
     stage = build_stage(validate(compose_config(*GRPO_FAST, f"stage.answer_extraction={extraction}", output_dir=tmp_path)))
     texts = ["2 + 2 = 4.\nThe answer is: 4", "The answer is 4 or 5.", RIGHT]
-    assert stage.heldout_verifier(texts, ["4"] * 3) == expected
+    assert stage.heldout.verify(texts, ["4"] * 3) == expected
 
 
 def test_heldout_without_a_val_file_holds_out_training_rows(tmp_path):

@@ -15,10 +15,10 @@ LAYERS = [
     ["config", "console", "csv_log"],
     ["data", "rewards"],
     ["losses", "stage_configs", "preflight"],
-    ["tokenizer", "backbone", "pretrained"],
+    ["tokenizer", "backbone", "pretrained", "collectives", "optim"],
     ["rollout", "metrics"],
-    ["stages"],
-    ["loggers", "curves", "sweeps", "train"],
+    ["stages", "resume"],
+    ["curves", "sweeps", "train"],
     ["eval", "doctor", "pipeline", "data_cli", "cli"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAST, compose_config, run_cli
 from faults import PoisonWeightsAfterStep
-from thinkforge.stages.base import NonFiniteStep
+from thinkforge.stages.steps import NonFiniteStep
 from thinkforge.train import run_stage
 
 

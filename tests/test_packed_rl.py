@@ -12,7 +12,7 @@ from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ModelConfig
 from thinkforge.data.packing import IGNORE_INDEX, collate_documents, completion_documents, document_rows, unpack
 from thinkforge.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss_sum, grpo_loss_sum
-from thinkforge.stages.base import Stage
+from thinkforge.stages.completions import completion_scores
 
 LAYOUTS = {"padded": (False, False), "packed": (True, False), "shared_prompt": (True, True)}
 MODEL = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -90,7 +90,7 @@ def test_grpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_ty
 
     def run(layout: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch = scored_batch(groups, layout, trainable=lambda member: member not in truncated)
-        logps, entropy = Stage.completion_scores(model, batch, with_entropy=True, temperature=0.7)
+        logps, entropy = completion_scores(model, batch, with_entropy=True, temperature=0.7)
         old = logps.detach() + 0.05 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
         reference = logps.detach() - 0.1
         mask = batch["targets"] != IGNORE_INDEX
@@ -112,7 +112,7 @@ def test_dpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_typ
 
     def run(layout: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch = scored_batch(groups, layout)
-        logps, _ = Stage.completion_scores(model, batch)
+        logps, _ = completion_scores(model, batch)
         sides = logps.sum(-1).view(-1, 2)
         chosen_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).view(-1, 2)[:, 0]
         result = dpo_loss_sum(

@@ -75,7 +75,7 @@ def test_requeued_run_resumes_from_its_newest_checkpoint(tmp_path):
 
     from conftest import compose_config
     from thinkforge.config import validate
-    from thinkforge.train import resume_checkpoint
+    from thinkforge.resume import resume_checkpoint
 
     run = validate(compose_config(output_dir=tmp_path))
     assert run.ckpt_path == "last" and resume_checkpoint(run) is None, "a fresh directory starts from scratch"

@@ -290,3 +290,17 @@ def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig, compute: t
     fully_shard(model, mesh=data_parallel, mp_policy=policy)
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def build_backbone(
+    model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer: PreTrainedTokenizerBase, mesh: Any, *, frozen: bool = False
+) -> CausalLM:
+    """The starting checkpoint as every stage holds it: fp32 parameters, `parallelize`d over `mesh` (None: one
+    process). The policy trains (from_pretrained returns eval mode; dropout on, where a model has any); `frozen`
+    is a reference model, without gradients."""
+    model = CausalLM(load_hf_model(model_cfg, tokenizer, param_dtype=torch.float32), model_cfg.logprob_chunk_size)
+    if frozen:
+        model.requires_grad_(False).eval()
+    else:
+        model.train()
+    return parallelize(model, mesh, hardware, compute_dtype(model_cfg.dtype))

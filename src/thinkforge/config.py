@@ -261,6 +261,20 @@ class StageSchema:
     def check_data(self, data: DataConfig) -> None:
         """Checks of data settings this stage cannot work with; none by default."""
 
+    def trains_on_answers(self) -> bool:
+        """Whether the stage's training rows are prompt + gold answer (RL, rollout DPO): held-out prompts can then
+        be cut from them when data.val is null."""
+        return False
+
+    def uses_reference(self) -> bool:
+        """Whether the stage holds a frozen copy of its starting checkpoint (DPO's reference, GRPO's KL anchor)."""
+        return False
+
+    def reads_stated_answers(self) -> bool:
+        """Whether the stage grades stated answers (stage.answer_extraction=lenient); held-out scores then read
+        them too, or they would grade another format than the one the stage trains."""
+        return False
+
 
 @dataclass
 class TrainConfig:

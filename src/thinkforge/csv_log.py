@@ -1,4 +1,4 @@
-"""Reading a run's CSV log (written by `thinkforge.loggers.ContinuingCSVLogger`): curves, the doctor, sweep tables.
+"""Reading a run's CSV log (written by `thinkforge.resume.ContinuingCSVLogger`): curves, the doctor, sweep tables.
 
 Plain `csv`, no Lightning: the sweep summary runs as a Hydra callback of every command, even a dry run.
 """

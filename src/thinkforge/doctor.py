@@ -24,17 +24,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import TrainConfig, validate
 from thinkforge.csv_log import read_csv_log
-from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, fit_to_length, pack
+from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, pack
 from thinkforge.losses import causal_lm_loss
 from thinkforge.preflight import check_train_paths
 from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
 from thinkforge.rollout import HFEngine, RolloutEngine, SamplingConfig
-from thinkforge.stages.base import Stage
-from thinkforge.stages.causal import CausalLMStage
-from thinkforge.stages.dpo import DPO
-from thinkforge.stages.grpo import GRPO, scheduled
-from thinkforge.stages.sft import SFT
-from thinkforge.tokenizer import turn_end_token
+from thinkforge.stages.probe import StageProbe, formatted_answer
 from thinkforge.train import build_stage, own_process_command, run_stage
 
 SPLIT_TOLERANCE = 1e-5
@@ -80,47 +75,18 @@ def mask_problems(tokenizer: Any, prompt_ids: Sequence[int], sequence: TokenSequ
     return problems
 
 
-def check_template(stage: Stage, golds: list[tuple[str, str]], examples: int = 2) -> Finding:
-    """SFT, DPO and mid-training: the sequences the stage trains. GRPO trains on its rollouts, whose end token the
-    engine keeps; what can drift is the prompt, so a reply to it is rendered and checked the same way."""
-    tokenizer = stage.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
-    cases: list[tuple[list[int], TokenSequence, int | None]] = []
-    if isinstance(stage, SFT):
-        for messages in stage.conversations("train")[:examples]:
-            first_reply = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
-            prompt = stage.render_chat(messages[:first_reply], add_generation_prompt=True)
-            cases.append((tokenizer(prompt, add_special_tokens=False)["input_ids"], stage.assistant_only(messages), end_id))
-    elif isinstance(stage, CausalLMStage):
-        document_end = tokenizer.eos_token_id if getattr(stage, "document_format", "") == "text" else end_id
-        cases = [([], sequence, document_end) for sequence in stage.sequences("train")[:examples]]
-    else:
-        if isinstance(stage, DPO) and stage.settings.pairs == "file":
-            replies = [(record["prompt"], record["chosen"]) for record in stage.pair_records("train")[:examples]]
-        else:
-            replies = [(prompt, formatted_answer(gold)) for prompt, gold in golds[:examples]]
-        for prompt, reply in replies:
-            prompt_ids = tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
-            if isinstance(stage, DPO):
-                completion = list(stage._completion(prompt_ids, reply, True))
-                ids = list(prompt_ids) + completion
-                cases.append((prompt_ids, TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * len(completion)), end_id))
-            else:
-                text = stage.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                cases.append((prompt_ids, TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))), end_id))
+def check_template(probe: StageProbe, examples: int = 2) -> Finding:
+    """The sequences the stage trains, built as it builds them: prompts carry no loss, the reply's end token does."""
+    tokenizer = probe.tokenizer
+    cases = probe.examples(examples)
     if not cases:
         return Finding("template and mask", "skip", "no training example to render")
-    problems = sorted({problem for prompt, sequence, end in cases for problem in mask_problems(tokenizer, prompt, sequence, end)})
-    example = marked(tokenizer, cases[0][1])
+    problems = sorted({problem for case in cases for problem in mask_problems(tokenizer, case.prompt_ids, case.sequence, case.end_id)})
+    example = marked(tokenizer, cases[0].sequence)
     if problems:
         return Finding("template and mask", "fail", f"{'; '.join(problems)}: {example}",
                        "fix the chat template or data.system_prompt so each reply ends with the turn's end token")
     return Finding("template and mask", "pass", f"{len(cases)} examples, targets in []: {example}")
-
-
-def formatted_answer(gold: str) -> str:
-    return f"<think>\nworked\n</think>\nThe answer is \\boxed{{{gold}}}."
 
 
 # ---- 2. split invariance ---------------------------------------------------------------------------------------
@@ -191,12 +157,12 @@ def packed_vs_unpacked(model: CausalLM, documents: Sequence[TokenSequence], row_
     return relative_gap(results[0], results[1])
 
 
-def check_packing(stage: Stage, run: TrainConfig) -> Finding:
-    if not isinstance(stage, CausalLMStage) or not run.data.pack:
+def check_packing(probe: StageProbe, run: TrainConfig) -> Finding:
+    sequences = probe.packed_documents(16)
+    if not sequences:
         return Finding("split: packed vs unpacked", "skip", "this stage does not pack")
-    sequences, _ = fit_to_length(stage.sequences("train")[:16], run.data.max_length, "truncate")
-    model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
-    gap = packed_vs_unpacked(model, sequences, run.data.max_length, stage.tokenizer.pad_token_id)
+    model = CausalLM(load_hf_model(run.model, probe.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
+    gap = packed_vs_unpacked(model, sequences, run.data.max_length, probe.tokenizer.pad_token_id)
     measured = f"{len(sequences)} documents: relative gap of loss and gradient norm {gap:.1e}"
     if gap > SPLIT_TOLERANCE:
         return Finding("split: packed vs unpacked", "fail", measured,
@@ -204,12 +170,12 @@ def check_packing(stage: Stage, run: TrainConfig) -> Finding:
     return Finding("split: packed vs unpacked", "pass", measured)
 
 
-def check_ranks(cfg: DictConfig, stage: Stage, workdir: Path) -> Finding:
+def check_ranks(cfg: DictConfig, probe: StageProbe, workdir: Path) -> Finding:
     run = validate(cfg)
     if run.hardware.strategy != "fsdp":
         return Finding("split: ranks", "skip", "one process")
-    if isinstance(stage, GRPO):
-        return Finding("split: ranks", "skip", "GRPO samples per rank: another split samples other rollouts")
+    if probe.samples_per_rank:
+        return Finding("split: ranks", "skip", "each rank samples its own rollouts: another split samples other ones")
     sharded = first_step(cfg, workdir / "ranks_all")
     alone = first_step(cfg, workdir / "ranks_one", "hardware.strategy=single", "hardware.devices=1", "hardware.num_nodes=1")
     gap = relative_gap(sharded, alone)
@@ -245,21 +211,17 @@ def sampler_trainer_gap(
     return total / max(count, 1)
 
 
-def check_logprobs(stage: Stage, run: TrainConfig, prompts: list[str]) -> Finding:
-    if isinstance(stage, GRPO):
-        settings = stage.settings
-        sampling = SamplingConfig(2, float(scheduled(settings.temperature, 0)), settings.top_p, min(64, int(scheduled(settings.max_completion_length, 0))))
-    elif isinstance(stage, DPO) and stage.settings.pairs == "rollout":
-        sampling = SamplingConfig(2, stage.rollout.temperature, stage.rollout.top_p, min(64, stage.rollout.max_new_tokens))
-    else:
+def check_logprobs(probe: StageProbe, run: TrainConfig, prompts: list[str]) -> Finding:
+    sampling = probe.sampling()
+    if sampling is None:
         return Finding("sampler vs trainer log-probs", "skip", "this stage does not train on its own samples")
-    model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
+    model = CausalLM(load_hf_model(run.model, probe.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
     engine = None
     if run.rollout.engine == "vllm":
         from thinkforge.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(run.model.name_or_path, stage.tokenizer, run.rollout, max_model_len=run.data.max_length + sampling.max_new_tokens, seed=0)
-    gap = sampler_trainer_gap(model, stage.tokenizer, prompts[:4], sampling, engine=engine)
+        engine = VLLMEngine(run.model.name_or_path, probe.tokenizer, run.rollout, max_model_len=run.data.max_length + sampling.max_new_tokens, seed=0)
+    gap = sampler_trainer_gap(model, probe.tokenizer, prompts[:4], sampling, engine=engine)
     measured = f"{run.rollout.engine} engine: mean |Δ log p| {gap:.1e} per token at T={sampling.temperature}, top_p={sampling.top_p}"
     if gap < LOGPROB_WARN:
         return Finding("sampler vs trainer log-probs", "pass", measured)
@@ -379,7 +341,7 @@ def with_values(cfg: DictConfig, directory: Path, overrides: Sequence[str]) -> D
         "model.dtype=float32", "ckpt_path=last", *overrides,
     ]))
     with open_dict(updated):
-        updated.logger = {"csv": {"_target_": "thinkforge.loggers.ContinuingCSVLogger", "save_dir": str(directory),
+        updated.logger = {"csv": {"_target_": "thinkforge.resume.ContinuingCSVLogger", "save_dir": str(directory),
                                   "name": "csv", "version": "", "flush_logs_every_n_steps": 1}}
     return updated
 
@@ -403,15 +365,16 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
     check_train_paths(run)
     workdir = Path(run.output_dir)
     stage = build_stage(run)
-    golds = gold_rows(stage, run)
+    probe = stage.probe()
+    golds = probe.gold_rows(64)
     prompts = [stage.render_prompt(prompt) for prompt, _ in golds]
     trains = not (stand_in and stage.items_need_model)
     checks: list[tuple[str, Callable[[], Finding | tuple[Finding, ...]]]] = [
-        ("template and mask", lambda: check_template(stage, golds)),
+        ("template and mask", lambda: check_template(probe)),
         ("split: micro-batches", lambda: check_micro_batches(cfg, workdir)),
-        ("split: packed vs unpacked", lambda: check_packing(stage, run)),
-        ("split: ranks", lambda: check_ranks(cfg, stage, workdir)),
-        ("sampler vs trainer log-probs", lambda: check_logprobs(stage, run, prompts)),
+        ("split: packed vs unpacked", lambda: check_packing(probe, run)),
+        ("split: ranks", lambda: check_ranks(cfg, probe, workdir)),
+        ("sampler vs trainer log-probs", lambda: check_logprobs(probe, run, prompts)),
         ("grader audit", lambda: check_grader([gold for _, gold in golds])),
         ("resume equivalence", lambda: check_resume(cfg, workdir, run)),
     ]
@@ -447,16 +410,6 @@ def prune_runs(workdir: Path) -> None:
     for pattern in ("*/checkpoints", "*/export", "*/rollout_model", "*/hpc_ckpt_*.ckpt"):
         for path in workdir.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def gold_rows(stage: Stage, run: TrainConfig, limit: int = 64) -> list[tuple[str, str]]:
-    """(prompt, gold answer) of the first rows, for the stages whose data has them (GRPO, rollout DPO)."""
-    if not (isinstance(stage, GRPO) or (isinstance(stage, DPO) and stage.settings.pairs == "rollout")):
-        return []
-    from thinkforge.data.records import load_records
-
-    rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", "answer")).rows[:limit]
-    return [(row["prompt"], row["answer"]) for row in rows]
 
 
 def format_findings(findings: Sequence[Finding]) -> str:

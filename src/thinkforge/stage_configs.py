@@ -109,6 +109,15 @@ class DPOConfig(StageSchema):
         require(data.overflow != "split", "data.overflow", "a DPO pair's sides can be truncated or dropped, not split")
         require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; DPO pairs are not grouped")
 
+    def trains_on_answers(self) -> bool:
+        return self.pairs == "rollout"
+
+    def uses_reference(self) -> bool:
+        return not self.precompute_ref_logps
+
+    def reads_stated_answers(self) -> bool:
+        return self.answer_extraction == "lenient"
+
 
 @dataclass
 class GRPOConfig(StageSchema):
@@ -173,6 +182,15 @@ class GRPOConfig(StageSchema):
 
     def check_data(self, data: DataConfig) -> None:
         require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; GRPO's prompts are not grouped")
+
+    def trains_on_answers(self) -> bool:
+        return True
+
+    def uses_reference(self) -> bool:
+        return self.beta > 0
+
+    def reads_stated_answers(self) -> bool:
+        return self.answer_extraction == "lenient"
 
 
 STAGE_SCHEMAS = {"midtrain": MidTrainingConfig, "sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}

@@ -21,13 +21,14 @@ from thinkforge.backbone import compute_dtype, load_tokenizer
 from thinkforge.config import ConfigError, TrainConfig, validate
 from thinkforge.curves import stage_curves
 from thinkforge.preflight import check_train_paths
+from thinkforge.resume import ResumeState, resume_checkpoint
 from thinkforge.stage_configs import STAGE_SCHEMAS
 from thinkforge.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
 # Known-benign warnings: our manual loop checkpoints the post-step state on purpose (that is the state to resume
-# from), validation metrics are already reduced across ranks by `Stage.global_sum`, and DCP's overwrite notice is
+# from), validation metrics are already reduced across ranks by the stage's `Collectives`, and DCP's overwrite notice is
 # about the rolling `last.ckpt`.
 for pattern in (
     ".*ModelCheckpoint with manual optimization.*",
@@ -113,6 +114,7 @@ def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *,
             save_last=True,
             save_top_k=1,
         ),
+        ResumeState(),
         StepProgressBar(),
         *_instantiate_group(run.callbacks),
         *extra_callbacks,
@@ -139,21 +141,6 @@ def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *,
     )
 
 
-def resume_checkpoint(run: TrainConfig) -> str | None:
-    """`ckpt_path=last` (the default): continue this run directory's newest checkpoint if there is one, so a
-    requeued SLURM job or a re-run into the same directory picks up where it stopped. Lightning writes
-    hpc_ckpt_<n>.ckpt when SLURM signals the end of the job; the rolling checkpoints/last.ckpt otherwise."""
-    if run.ckpt_path != "last":
-        return run.ckpt_path
-    output = Path(run.output_dir)
-    found = [path for path in [*output.glob("hpc_ckpt_*.ckpt"), output / "checkpoints" / "last.ckpt"] if path.exists()]
-    if not found:
-        return None
-    newest = max(found, key=lambda path: path.stat().st_mtime)
-    log.info("resuming from %s", newest)
-    return str(newest)
-
-
 STAGE_CONFIG = "stage_config.yaml"
 
 
@@ -178,7 +165,7 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     check_train_paths(run)
     L.seed_everything(run.seed, workers=True, verbose=False)
     stage = build_stage(run)
-    trainer = build_trainer(run, callbacks, has_val=stage.has_val())
+    trainer = build_trainer(run, callbacks, has_val=stage.validates)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=resume_checkpoint(run))

@@ -103,11 +103,14 @@ class StageDataModule(L.LightningDataModule):
         micro_batch_size: int,
         seed: int,
         has_val: bool,
+        start_step: Callable[[], int],
         defer: bool = False,
         item_length: Callable[[Any], int] | None = None,
     ) -> None:
-        """`item_length`: group each step's micro-batches by this length (None: in data order)."""
+        """`start_step`: the loader batch to start from, asked when training starts (after a checkpoint is
+        restored); `item_length`: group each step's micro-batches by this length (None: in data order)."""
         super().__init__()
+        self.start_step = start_step
         self.build_items, self.collate, self.item_length = build_items, collate, item_length
         self.batch_size, self.micro_batch_size, self.seed, self.has_val = batch_size, micro_batch_size, seed, has_val
         self.defer = defer
@@ -140,7 +143,7 @@ class StageDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
-            start_step=self.trainer.lightning_module.batches_consumed(),
+            start_step=self.start_step(),
             lengths=None if self.item_length is None else [self.item_length(item) for item in self.train_items],
         )
         return DataLoader(batches, batch_size=None)

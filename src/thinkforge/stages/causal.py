@@ -5,15 +5,41 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+import torch
+
 from thinkforge.data.packing import TokenSequence, collate_rows, fill_ratio, fit_to_length, pack
 from thinkforge.losses import LossSum, causal_lm_loss
 from thinkforge.stages.base import Batch, Stage
+from thinkforge.stages.probe import StageProbe, TrainingExample
 
 log = logging.getLogger(__name__)
 
 
+class CausalProbe(StageProbe):
+    """Every training document, loss on its targets; `end_id` is the token each must end with (default: the chat
+    turn's end)."""
+
+    def __init__(self, stage: CausalLMStage, end_id: int | None = None) -> None:
+        super().__init__(stage)
+        self.end_id = self.turn_end_id if end_id is None else end_id
+
+    def examples(self, count: int) -> list[TrainingExample]:
+        return [TrainingExample([], sequence, self.end_id) for sequence in self.stage.sequences("train")[:count]]
+
+    def packed_documents(self, count: int) -> list[TokenSequence]:
+        data = self.stage.run.data
+        return fit_to_length(self.stage.sequences("train")[:count], data.max_length, "truncate")[0] if data.pack else []
+
+
 class CausalLMStage(Stage):
     """Token-mean cross-entropy over the global batch's target tokens; subclasses say which tokens are targets."""
+
+    def __init__(self, run, tokenizer) -> None:
+        super().__init__(run, tokenizer)
+        # flash-attn takes every document of a micro-batch as one padding-free row; SDPA keeps [B, L] rows
+        self.flatten_rows = self.attention == "flash_attention_2"
+        # unpadded rows are cut to their micro-batch's longest, rounded up to tensor-core friendly widths on GPU
+        self.pad_multiple = run.data.pad_to_multiple_of or (64 if torch.cuda.is_available() else 8)
 
     def sequences(self, split: str) -> list[TokenSequence]:
         raise NotImplementedError
@@ -35,6 +61,9 @@ class CausalLMStage(Stage):
                  ", grouped by length" if data.group_by_length else "", lengths[len(lengths) // 2] if lengths else 0,
                  lengths[-1] if lengths else 0, overflowed)
         return [[sequence] for sequence in sequences]
+
+    def probe(self) -> StageProbe:
+        return CausalProbe(self)
 
     def item_length(self, item: Sequence[TokenSequence]) -> int:
         return sum(len(sequence) for sequence in item)

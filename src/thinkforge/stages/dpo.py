@@ -4,7 +4,6 @@ precomputed once. Pairs come from jsonl (prompt, chosen, rejected) or from the s
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -14,20 +13,20 @@ from typing import Any, Sequence
 import torch
 
 from thinkforge.backbone import CausalLM
-from thinkforge.data.packing import IGNORE_INDEX
+from thinkforge.data.packing import IGNORE_INDEX, TokenSequence
 from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum, dpo_loss_sum
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import SamplingConfig
 from thinkforge.stage_configs import DPOConfig
-from thinkforge.stages.base import Batch, Stage
+from thinkforge.resume import pairs_path, read_pairs, write_pairs
+from thinkforge.stages.base import Stage
+from thinkforge.stages.completions import Batch, completion_scores
+from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
 from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
-
-
-SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,28 @@ class Pair:
     rejected_ids: tuple[int, ...]
 
 
+class DPOProbe(StageProbe):
+    """A pair's chosen side as the stage builds it (end token, truncation); rollout pairs' replies stand in as the
+    gold answers, formatted, since the real ones are sampled at the start of training."""
+
+    def examples(self, count: int) -> list[TrainingExample]:
+        stage: DPO = self.stage
+        if stage.settings.pairs == "file":
+            replies = [(record["prompt"], record["chosen"]) for record in stage.pair_records("train")[:count]]
+        else:
+            replies = [(prompt, formatted_answer(gold)) for prompt, gold in self.gold_rows(count)]
+        examples = []
+        for prompt, reply in replies:
+            prompt_ids = self.tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+            completion = list(stage.completion_ids(prompt_ids, reply, True) or ())
+            mask = [False] * len(prompt_ids) + [True] * len(completion)
+            examples.append(TrainingExample(prompt_ids, TokenSequence.causal(prompt_ids + completion, mask), self.turn_end_id))
+        return examples
+
+    def sampling(self) -> SamplingConfig | None:
+        return capped(self.stage.rollout) if self.stage.settings.pairs == "rollout" else None
+
+
 class DPO(Stage):
     loss_unit = "pairs"
 
@@ -47,55 +68,49 @@ class DPO(Stage):
         self.settings: DPOConfig = run.stage
         rollout = self.settings.rollout
         self.rollout = SamplingConfig(rollout.num_samples, rollout.temperature, rollout.top_p, rollout.max_new_tokens)
-        self.items_need_model = self.trains_on_answers = self.settings.pairs == "rollout"
+        self.items_need_model = self.settings.pairs == "rollout"
         self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
-
-    def reads_stated_answers(self) -> bool:
-        return self.settings.answer_extraction == "lenient"
 
     # ---- data -------------------------------------------------------------------------------------------------
     def pair_records(self, split: str) -> list[dict[str, Any]]:
         data = self.run.data
         if self.settings.pairs == "file":
             return load_split(data, split, required=("prompt", "chosen", "rejected")).rows
-        path = Path(self.run.output_dir) / f"rollout_pairs_{split}.jsonl"
-        if path.exists():
-            pairs = [json.loads(line) for line in path.read_text().splitlines()]
-            log.info("rollout pairs (%s): %d read back from %s", split, len(pairs), path)
+        path = pairs_path(self.run.output_dir, split)
+        pairs = read_pairs(path, self.global_step)
+        if pairs is not None:
             return pairs
-        if self.global_step > 0:
-            raise RuntimeError(f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again")
         records = load_split(data, split, required=("prompt", "answer"))
-        rows = records.rows[: data.max_val_rows] if split == "val" else self.training_rows(records)
+        rows = records.rows[: data.max_val_rows] if split == "val" else self.heldout.training_rows(records)
         return self._rollout_pairs(rows, path)
 
     def _rollout_pairs(self, records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
         """Every rank samples its share of the prompts with the (sharded) policy, still the starting checkpoint;
         rank 0 writes all pairs to the run directory, where a resumed run reads them back."""
-        share = self.rank_share(len(records))
+        share = self.collectives.share(len(records))
         rank = self.trainer.global_rank
         groups = self.generate([self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank)
         provenance = {"source_model": self.run.model.name_or_path or "model.config", "temperature": self.rollout.temperature,
                       "seed": self.run.seed + rank, "rank": rank}
-        verify = functools.partial(math_accuracy, lenient=self.reads_stated_answers(), guess=False)
+        verify = functools.partial(math_accuracy, lenient=self.settings.reads_stated_answers(), guess=False)
         pairs, counts = pair_rollouts(
             groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], verify,
             prompt_indices=share, provenance=provenance,
         )
-        gathered = self.gather_objects((pairs, counts))
+        gathered = self.collectives.gather((pairs, counts))
         pairs = sorted((pair for rank_pairs, _ in gathered for pair in rank_pairs), key=lambda pair: pair["provenance"]["prompt_index"])
         counts = sum((rank_counts for _, rank_counts in gathered), Counter())
         if not pairs:
             raise RuntimeError(f"{path.stem}: no prompt had both a correct and an incorrect rollout ({dict(counts)})")
         if self.trainer.is_global_zero:
             log.info("%s: %d prompts sampled on %d ranks -> %s", path.name, len(share) * len(gathered), len(gathered), dict(counts))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            partial.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-            partial.replace(path)  # whole or absent: a run killed while writing samples again on restart
+            write_pairs(path, pairs)
         self.trainer.strategy.barrier("rollout pairs")
         return pairs
+
+    def probe(self) -> StageProbe:
+        return DPOProbe(self)
 
     def completion_length(self) -> int:
         return self.rollout.max_new_tokens if self.settings.pairs == "rollout" else self.run.data.max_length
@@ -104,7 +119,7 @@ class DPO(Stage):
         items, dropped = [], 0
         for record in self.pair_records(split):
             prompt_ids = self.tokenizer(self.render_prompt(record["prompt"]), add_special_tokens=False)["input_ids"]
-            sides = [self._completion(prompt_ids, record[side], record.get(f"{side}_finished", True)) for side in ("chosen", "rejected")]
+            sides = [self.completion_ids(prompt_ids, record[side], record.get(f"{side}_finished", True)) for side in ("chosen", "rejected")]
             if any(side is None for side in sides):
                 dropped += 1
                 continue
@@ -112,7 +127,7 @@ class DPO(Stage):
         log.info("%s: %d pairs%s", split, len(items), f", {dropped} over data.max_length dropped" if dropped else "")
         return items
 
-    def _completion(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
+    def completion_ids(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
         """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at; the
         prompt and reply together fit data.max_length (truncated or dropped)."""
         completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + ([self.turn_end_id] if finished else [])
@@ -128,25 +143,20 @@ class DPO(Stage):
         documents = [
             document
             for i, item in enumerate(items)
-            for document in self.completion_layout(
+            for document in self.batcher.layout(
                 item.prompt_ids, [(2 * i, item.chosen_ids, True), (2 * i + 1, item.rejected_ids, True)], self.settings.share_prompt
             )
         ]
-        capacity = max(self.run.data.max_length, *(len(document) for document in documents))
-        batch = self.collate_completions(self.completion_rows(documents, capacity), capacity)
+        batch = self.batcher.collate(documents, max(self.run.data.max_length, *(len(document) for document in documents)))
         batch["pair_index"] = torch.tensor([item.index for item in items])
-        batch["split"] = torch.tensor(SPLITS.index(items[0].split))
+        if items[0].split in self.ref_logps:  # precomputed: they travel with their pairs
+            batch["ref_logps"] = self.ref_logps[items[0].split][batch["pair_index"]]
         return batch
 
     def count_units(self, batch: Batch) -> torch.Tensor:
         return torch.tensor(len(batch["pair_index"]))
 
     # ---- reference --------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
-        if not self.settings.precompute_ref_logps:
-            self.load_reference()
-
     def on_fit_start(self) -> None:
         """Rollout pairs are sampled here, where the policy is on its device and still the starting checkpoint
         (both splits: validation comes later, from a trained policy). Reference log-probs are precomputed once
@@ -167,7 +177,7 @@ class DPO(Stage):
         per_rank = -(-len(items) // world)
         share = [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores = []
-        with self.compute_context():
+        with self.trainer.precision_plugin.forward_context():
             for start in range(0, len(share), micro):
                 batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
                 scores.append(self._sequence_logps(reference, batch))
@@ -178,17 +188,16 @@ class DPO(Stage):
     # ---- loss -------------------------------------------------------------------------------------------------
     def _sequence_logps(self, model: CausalLM, batch: Batch) -> torch.Tensor:
         """Summed log-probs of each pair's sides, [pairs, 2] (chosen, rejected)."""
-        logprobs, _ = self.completion_scores(model, batch)
+        logprobs, _ = completion_scores(model, batch)
         return logprobs.sum(-1).view(-1, 2)
 
     def loss_sum(self, batch: Batch) -> LossSum:
         chosen, rejected = self._sequence_logps(self.policy, batch).unbind(-1)
         if self.settings.precompute_ref_logps:
-            ref = self.ref_logps[SPLITS[int(batch["split"])]][batch["pair_index"].cpu()].to(chosen)
-            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+            ref_chosen, ref_rejected = batch["ref_logps"].to(chosen).unbind(-1)
         else:
             with torch.no_grad():
-                ref_chosen, ref_rejected = self._sequence_logps(self.reference, batch).unbind(-1)
+                ref_chosen, ref_rejected = self._sequence_logps(self.frozen["reference"], batch).unbind(-1)
         chosen_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).view(-1, 2)[:, 0]
         return dpo_loss_sum(
             chosen,

@@ -23,7 +23,10 @@ from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
 from thinkforge.stage_configs import GRPOConfig
-from thinkforge.stages.base import Batch, Stage
+from thinkforge.resume import data_position
+from thinkforge.stages.base import Stage
+from thinkforge.stages.completions import Batch, completion_scores
+from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,19 @@ def no_signal_cause(accuracy: float, answered: float, truncated: float, max_toke
     return what, "the prompts are too hard for this model: keep those it sometimes solves (thinkforge-data pass-rate)"
 
 
+class GRPOProbe(StageProbe):
+    """GRPO trains on its rollouts, whose end token the engine keeps; what can drift is the prompt, so a formatted
+    reply to it stands in. Each rank samples its own prompts' rollouts."""
+
+    samples_per_rank = True
+
+    def examples(self, count: int) -> list[TrainingExample]:
+        return [self.reply_example(prompt, formatted_answer(gold)) for prompt, gold in self.gold_rows(count)]
+
+    def sampling(self) -> SamplingConfig | None:
+        return capped(self.stage.sampling())
+
+
 class GRPO(Stage):
     # with mask_truncated, a step whose rollouts were all truncated trains on nothing; it still counts as a step,
     # or the data position (and so the rollouts' seed) would never move on
@@ -84,21 +100,17 @@ class GRPO(Stage):
         self.settings: GRPOConfig = run.stage
         self.reward_model = RewardModel(self.settings.reward, lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
+        self.steps_per_batch = self.settings.num_iterations
+        self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._refills: StepBatches | None = None
-
-    def reads_stated_answers(self) -> bool:
-        return self.settings.answer_extraction == "lenient"
+        self.step_sampling: SamplingConfig | None = None  # this step's: its loss is computed at its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
-    trains_on_answers = True
-
-    def has_val(self) -> bool:
-        return False
 
     def build_items(self, split: str) -> Sequence[Prompt]:
         data = self.run.data
         records = load_records(data.train, data.train_split, data, required=("prompt", "answer"))
-        training = self.training_rows(records)
+        training = self.heldout.training_rows(records)
         parseable = [gold_is_parseable(record["answer"]) for record in training]
         rows = [record for record, ok in zip(training, parseable) if ok]
         log.info("train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(training) - len(rows))
@@ -116,26 +128,20 @@ class GRPO(Stage):
     def collate(self, items: Sequence[Prompt]) -> Batch:
         return {"prompt_index": torch.tensor([item.index for item in items])}
 
-    def batches_consumed(self) -> int:
-        return self.global_step // self.settings.num_iterations
-
-    # ---- model ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.settings.beta > 0:
-            self.load_reference()
+    def probe(self) -> StageProbe:
+        return GRPOProbe(self)
 
     def completion_length(self) -> int:
         return int(scheduled(self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1))
 
     def on_train_start(self) -> None:
-        if self.scores_heldout() and not self.initial_heldout:
+        if self.heldout.enabled() and not self.initial_heldout:
             self.initial_heldout = self.evaluate_heldout(filename=None)
-            self.log_outside_steps(self.initial_heldout, "heldout_start/")
+            self.heldout.log_outside_steps(self.trainer, self.initial_heldout, "heldout_start/")
 
     # ---- one step: sample, score, optimise --------------------------------------------------------------------
     def sampling(self) -> SamplingConfig:
-        step = self.batches_consumed()
+        step = data_position(self.global_step, self.steps_per_batch)
         return SamplingConfig(
             num_samples=self.settings.group_size,
             temperature=float(scheduled(self.settings.temperature, step)),
@@ -147,7 +153,7 @@ class GRPO(Stage):
         started = time.perf_counter()
         items = self.trainer.datamodule.train_items
         prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
-        sampling = self.sampling()
+        sampling = self.step_sampling = self.sampling()
         groups, stats = self.sample_groups(prompts, sampling)
         self.check_signal(groups, stats, sampling)
         generation_seconds = time.perf_counter() - started
@@ -158,8 +164,8 @@ class GRPO(Stage):
             prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
             self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
-        if self.rollout_engine().holds_weights:
-            stats_time["weight_sync_s"] = self.weight_sync_seconds
+        if self.sampler.holds_weights:
+            stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
 
     def _sample_and_score(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[Group]:
@@ -183,7 +189,8 @@ class GRPO(Stage):
         no gradient (their advantages are 0). The headline reward and accuracy are the first, unfiltered round's:
         the kept groups' reward sits near the middle whatever the policy does (`reward/kept_mean`).
         """
-        seed = self.run.seed * 7919 + self.batches_consumed() * 104729 + self.global_rank
+        position = data_position(self.global_step, self.steps_per_batch)
+        seed = self.run.seed * 7919 + position * 104729 + self.global_rank
         first_round = self._sample_and_score(prompts, sampling, seed)
         if not self.settings.dynamic_sampling:
             return first_round, self._rollout_stats(first_round, dropped=0)
@@ -192,9 +199,9 @@ class GRPO(Stage):
         refills = self.refill_stream(len(prompts))
         used = {prompt.index for prompt in prompts}
         for refill in range(self.settings.max_refills):
-            if self.global_sum(max(0, len(prompts) - len(keep))).item() == 0:
+            if self.collectives.sum(max(0, len(prompts) - len(keep))).item() == 0:
                 break
-            extra = refills.rank_batch(self.batches_consumed() * self.settings.max_refills + refill)[0]
+            extra = refills.rank_batch(position * self.settings.max_refills + refill)[0]
             # a prompt already in this step is still generated (every rank must join each round) but not kept twice
             more = [g for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1)) if g.prompt.index not in used]
             used |= {g.prompt.index for g in more}
@@ -203,13 +210,14 @@ class GRPO(Stage):
         final = (keep + spare)[: len(prompts)]
         stats = self._rollout_stats(first_round, dropped=sum(not g.has_signal for g in first_round))
         kept = torch.cat([g.rewards for g in final])
-        stats["reward/kept_mean"] = float(self.global_sum(kept.sum()) / self.global_sum(kept.numel()))
+        kept_sum, kept_count = self.collectives.sum([kept.sum().item(), float(kept.numel())]).tolist()
+        stats["reward/kept_mean"] = kept_sum / kept_count
         return final, stats
 
     def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingConfig) -> None:
         """A step whose groups all have zero reward spread has zero advantages: it trains on nothing. Say so, with
         the likely cause, and stop after `max_steps_without_signal` such steps in a row instead of running on."""
-        if self.global_sum(sum(group.has_signal for group in groups)).item() > 0:
+        if self.collectives.sum(sum(group.has_signal for group in groups)).item() > 0:
             self.steps_without_signal = 0
             return
         self.steps_without_signal += 1
@@ -246,9 +254,8 @@ class GRPO(Stage):
             "zero_variance": float(sum(not g.has_signal for g in groups)), "groups": float(len(groups)),
             "dropped": float(dropped), **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
         }
-        names = sorted(local)
-        totals = dict(zip(names, self.global_sum(torch.tensor([local[n] for n in names], dtype=torch.float64)).tolist()))
-        longest = self.trainer.strategy.reduce(lengths.max().to(self.device), reduce_op="max") if self.trainer.world_size > 1 else lengths.max()
+        totals = self.collectives.sums(local)
+        longest = self.collectives.extremes({"completion/max_length": lengths.max().item()})["completion/max_length"]
         n = totals["samples"]
         mean = totals["reward_sum"] / n
         return {
@@ -271,7 +278,7 @@ class GRPO(Stage):
         as the others (FSDP gathers each layer once per micro-batch on all ranks together).
         """
         rewards = torch.cat([g.rewards for g in groups])
-        advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.global_std(rewards) if self.settings.advantage_scale == "batch" else None)
+        advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.collectives.std(rewards) if self.settings.advantage_scale == "batch" else None)
         rollouts = [rollout for group in groups for rollout in group.rollouts]
         batches = []
         for first in range(0, len(groups), self.run.data.micro_batch_size):
@@ -281,26 +288,18 @@ class GRPO(Stage):
                     (index * self.settings.group_size + k, rollout.token_ids, not (self.settings.mask_truncated and not rollout.finished))
                     for k, rollout in enumerate(group.rollouts)
                 ]
-                documents += self.completion_layout(group.prompt.token_ids, completions, self.settings.share_prompt)
-            capacity = max(len(document) for document in documents)
-            batch = self.collate_completions(self.completion_rows(documents, capacity), capacity)
+                documents += self.batcher.layout(group.prompt.token_ids, completions, self.settings.share_prompt)
+            batch = self.batcher.collate(documents, max(len(document) for document in documents))
             members = batch["members"]
             batch["sampler_logps"] = self._sampler_logps([rollouts[m] for m in members.tolist()], batch["targets"].shape)
             batch["advantages"] = advantages[members]
-            batch["temperature"] = torch.tensor(sampling.temperature)
-            batch["max_new_tokens"] = torch.tensor(sampling.max_new_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                for name, model in (("old_logps", self.policy if self.settings.num_iterations > 1 else None), ("ref_logps", self.reference)):
+                for name, model in (("old_logps", self.policy if self.settings.num_iterations > 1 else None), ("ref_logps", self.frozen.get("reference"))):
                     if model is not None:
-                        batch[name], _ = self.completion_scores(model, batch, temperature=sampling.temperature)
+                        batch[name], _ = completion_scores(model, batch, temperature=sampling.temperature)
             batches.append(batch)
         return batches
-
-    def global_std(self, values: torch.Tensor) -> float:
-        """The unbiased std of `values` over all ranks together."""
-        total, squares, count = self.global_sum(torch.stack([values.sum(), (values**2).sum(), torch.tensor(float(values.numel()))]).double()).tolist()
-        return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
 
     @staticmethod
     def _sampler_logps(rollouts: Sequence[Rollout], shape: torch.Size) -> torch.Tensor:
@@ -311,10 +310,11 @@ class GRPO(Stage):
         return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        return grpo_loss_units(batch["targets"] != IGNORE_INDEX, self.settings.loss_type, int(batch["max_new_tokens"]))
+        return grpo_loss_units(batch["targets"] != IGNORE_INDEX, self.settings.loss_type, self.step_sampling.max_new_tokens)
 
     def loss_sum(self, batch: Batch) -> LossSum:
-        logps, entropy = self.completion_scores(self.policy, batch, with_entropy=True, temperature=float(batch["temperature"]))
+        sampling = self.step_sampling
+        logps, entropy = completion_scores(self.policy, batch, with_entropy=True, temperature=sampling.temperature)
         mask = batch["targets"] != IGNORE_INDEX
         old_logps = batch.get("old_logps", logps.detach())
         weights, correction = rollout_correction(old_logps, batch["sampler_logps"], mask, mode=self.settings.rollout_correction,
@@ -329,7 +329,7 @@ class GRPO(Stage):
             epsilon_high=self.settings.epsilon_high,
             beta=self.settings.beta,
             ref_logps=batch.get("ref_logps"),
-            max_completion_length=int(batch["max_new_tokens"]),
+            max_completion_length=sampling.max_new_tokens,
             correction_weights=None if self.settings.rollout_correction == "none" else weights,
         )
         tokens = mask.sum().clamp(min=1)

@@ -6,7 +6,8 @@ import logging
 
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_split
-from thinkforge.stages.causal import CausalLMStage
+from thinkforge.stages.causal import CausalLMStage, CausalProbe
+from thinkforge.stages.probe import StageProbe
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,10 @@ class MidTraining(CausalLMStage):
     def __init__(self, run, tokenizer) -> None:
         super().__init__(run, tokenizer)
         self.document_format = run.stage.documents
+
+    def probe(self) -> StageProbe:
+        """A raw text document ends with the EOS token; a chat one with the turn's end."""
+        return CausalProbe(self, self.tokenizer.eos_token_id if self.document_format == "text" else None)
 
     def sequences(self, split: str) -> list[TokenSequence]:
         data = self.run.data

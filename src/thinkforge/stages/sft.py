@@ -7,10 +7,24 @@ from typing import Any
 
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_split
-from thinkforge.stages.causal import CausalLMStage
+from thinkforge.stages.causal import CausalLMStage, CausalProbe
+from thinkforge.stages.probe import StageProbe, TrainingExample
 from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
+
+
+class SFTProbe(CausalProbe):
+    """Each conversation up to its first reply is the prompt; the loss mask is the stage's own."""
+
+    def examples(self, count: int) -> list[TrainingExample]:
+        examples = []
+        for messages in self.stage.conversations("train")[:count]:
+            first_reply = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+            prompt = self.stage.render_chat(messages[:first_reply], add_generation_prompt=True)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            examples.append(TrainingExample(prompt_ids, self.stage.assistant_only(messages), self.turn_end_id))
+        return examples
 
 
 class SFT(CausalLMStage):
@@ -21,6 +35,9 @@ class SFT(CausalLMStage):
         self.format = run.stage.format
         # the token the template closes a reply with, which generation also stops at (not always the EOS)
         self.turn_end = turn_end_token(tokenizer)
+
+    def probe(self) -> StageProbe:
+        return SFTProbe(self)
 
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         data = self.run.data

@@ -1,0 +1,85 @@
+"""What `thinkforge-doctor` may ask of a stage: its training examples as the loss sees them, the settings it samples
+with, its gold answers and its packed documents. Each stage answers through its own probe (`Stage.probe()`), so
+the doctor needs no knowledge of any stage's insides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from thinkforge.data.packing import TokenSequence
+from thinkforge.data.records import load_records
+from thinkforge.rollout import SamplingConfig
+from thinkforge.tokenizer import turn_end_token
+
+
+class ProbedStage(Protocol):
+    """What every probe reads of its stage (a `Stage`; the stages import this module, not the other way round)."""
+
+    run: Any
+    tokenizer: Any
+    render_prompt: Callable[[str], str]
+    render_chat: Callable[..., str]
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One training sequence: its prompt's tokens (no loss there), the sequence with its targets, and the end token
+    that must be a target for the model to learn to stop (None: no end to check)."""
+
+    prompt_ids: list[int]
+    sequence: TokenSequence
+    end_id: int | None
+
+
+#: the doctor's sampler check draws this many tokens at most, whatever the stage samples
+PROBE_MAX_NEW_TOKENS = 64
+
+
+class StageProbe:
+    """The answers of a stage that trains on fixed data and samples nothing; stages override what differs."""
+
+    #: whether each rank samples its own training data (a rank split then changes what is trained on)
+    samples_per_rank = False
+
+    def __init__(self, stage: ProbedStage) -> None:
+        self.stage, self.tokenizer = stage, stage.tokenizer
+        self.turn_end_id: int = self.tokenizer.convert_tokens_to_ids(turn_end_token(self.tokenizer))
+
+    def examples(self, count: int) -> list[TrainingExample]:
+        """The first `count` training sequences, built as the stage builds them."""
+        return []
+
+    def sampling(self) -> SamplingConfig | None:
+        """The settings the stage samples its training data with (None: it samples none), capped for a quick check."""
+        return None
+
+    def gold_rows(self, limit: int) -> list[tuple[str, str]]:
+        """(prompt, gold answer) of the first training rows, for the stages whose rows have them."""
+        run = self.stage.run
+        if not run.stage.trains_on_answers():
+            return []
+        rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", "answer")).rows[:limit]
+        return [(row["prompt"], row["answer"]) for row in rows]
+
+    def packed_documents(self, count: int) -> list[TokenSequence]:
+        """The first `count` documents a packed stage puts side by side in a row; [] when it does not pack."""
+        return []
+
+    def reply_example(self, prompt: str, reply: str) -> TrainingExample:
+        """A prompt and a reply rendered as one chat exchange, the reply's tokens the targets."""
+        prompt_ids = self.tokenizer(self.stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+        text = self.stage.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        mask = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+        return TrainingExample(prompt_ids, TokenSequence.causal(ids, mask), self.turn_end_id)
+
+
+def capped(sampling: SamplingConfig) -> SamplingConfig:
+    """Two samples of at most PROBE_MAX_NEW_TOKENS tokens with the stage's temperature and top_p."""
+    return SamplingConfig(2, sampling.temperature, sampling.top_p, min(PROBE_MAX_NEW_TOKENS, sampling.max_new_tokens))
+
+
+def formatted_answer(gold: str) -> str:
+    """A reply in the format the strict grader reads, standing in for a stage's own sampled replies."""
+    return f"<think>\nworked\n</think>\nThe answer is \\boxed{{{gold}}}."
