@@ -2,7 +2,7 @@
 
     python scripts/bench_grpo.py                                  # the demo's tiny model on the synthetic task
     python scripts/bench_grpo.py stage.group_size=4 stage.max_completion_length=64 --steps 5
-    python scripts/bench_grpo.py --engines hf,vllm                # the same steps with each rollout engine, side by side
+    python scripts/bench_grpo.py --engines hf,vllm                # the same steps with each engine, side by side
 
 Arguments are Hydra overrides of `thinkforge-train stage=grpo` (conf/train.yaml). The stage runs as training
 runs it (Lightning, the configured rollout engine, the stage's own micro-batches); a callback times each step.
@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from bench_midtrain import matmul_peak_flops
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 
-from bench_midtrain import matmul_peak_flops
 from thinkforge.backbone import compute_dtype
 from thinkforge.cli import config_dir
 from thinkforge.console import quiet_console
@@ -69,7 +69,8 @@ class GRPOBench:
         return [
             f"step              {self.step_s:.2f} s (median)",
             f"generation        {self.generation_s:.2f} s, {self.generated_tokens_per_s:,.0f} new tokens/s",
-            f"training          {self.training_s:.2f} s, {self.trained_tokens_per_s:,.0f} tokens/s, fill ratio {self.fill_ratio:.3f}",
+            f"training          {self.training_s:.2f} s, {self.trained_tokens_per_s:,.0f} tokens/s, "
+            f"fill ratio {self.fill_ratio:.3f}",
             f"training MFU      {self.mfu:.1%}",
         ]
 
@@ -78,12 +79,19 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
     """Runs `steps + warmup` GRPO steps in a temporary directory and summarises the last `steps` (medians)."""
     register_configs()
     timer = StepTimer()
-    with tempfile.TemporaryDirectory() as output_dir, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with (
+        tempfile.TemporaryDirectory() as output_dir,
+        initialize_config_dir(config_dir=config_dir(), version_base="1.3"),
+    ):
         cfg = compose(
             "train",
             overrides=[
-                "stage=grpo", f"output_dir={output_dir}", f"trainer.max_steps={steps + warmup}", "trainer.ckpt_every=100000",
-                "heldout.num_prompts=0", *overrides,
+                "stage=grpo",
+                f"output_dir={output_dir}",
+                f"trainer.max_steps={steps + warmup}",
+                "trainer.ckpt_every=100000",
+                "heldout.num_prompts=0",
+                *overrides,
             ],
         )
         quiet_console()
@@ -130,7 +138,8 @@ def main() -> None:
         bench = benches[engine]
         print(
             f"{engine} / {engines[0]}: step {first.step_s / bench.step_s:.2f}x faster, "
-            f"generation {first.generation_s / bench.generation_s:.2f}x, training {first.training_s / bench.training_s:.2f}x"
+            f"generation {first.generation_s / bench.generation_s:.2f}x, "
+            f"training {first.training_s / bench.training_s:.2f}x"
         )
 
 

@@ -88,8 +88,14 @@ def run_causal_bench(overrides: list[str], steps: int, warmup: int, profile: int
     model = parallelize(model.to(device), None, run.hardware, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr)
     batches = StepBatches(
-        rows, batch_size=run.data.batch_size, micro_batch_size=run.data.micro_batch_size, collate=stage.collate,
-        seed=0, rank=0, world_size=1, start_step=0,
+        rows,
+        batch_size=run.data.batch_size,
+        micro_batch_size=run.data.micro_batch_size,
+        collate=stage.collate,
+        seed=0,
+        rank=0,
+        world_size=1,
+        start_step=0,
         lengths=[stage.item_length(row) for row in rows] if run.data.group_by_length else None,
     )
     tokens = slots = 0
@@ -125,12 +131,18 @@ def run_causal_bench(overrides: list[str], steps: int, warmup: int, profile: int
     config = model.hf.config
     lengths = [len(document) for row in rows for document in row]
     context = sum(length**2 for length in lengths) / sum(lengths)  # the document length an average token sits in
-    per_token = flops_per_token(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size, context)
+    per_token = flops_per_token(
+        sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size, context
+    )
     peak = matmul_peak_flops(dtype, device)
     return CausalBench(
         device=f"{device} ({torch.get_num_threads()} threads), dtype {dtype}, attention {config._attn_implementation}",
-        parameters=sum(p.numel() for p in model.parameters()), row_length=run.data.max_length, tokens_per_s=throughput,
-        fill_ratio=fill, peak_flops=peak, mfu=throughput * per_token / peak,
+        parameters=sum(p.numel() for p in model.parameters()),
+        row_length=run.data.max_length,
+        tokens_per_s=throughput,
+        fill_ratio=fill,
+        peak_flops=peak,
+        mfu=throughput * per_token / peak,
     )
 
 
@@ -138,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N operators of one more step")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N operators of one more step"
+    )
     args, overrides = parser.parse_known_args()
     bench = run_causal_bench(overrides, args.steps, args.warmup, args.profile)
     print(f"device            {bench.device}")

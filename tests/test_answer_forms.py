@@ -12,50 +12,89 @@ import pytest
 from thinkforge.rewards.math import answers_match_many, extract_answer, golds_parseable_many, math_accuracy_many
 
 PERCENT = [
-    ("28 %", "28\\%", True), ("28 percent", "28\\%", True), ("28 pct", "28\\%", True), ("28 percentage", "28\\%", True),
-    ("28\\%", "28", True), ("12.5 percent", "12.5\\%", True), ("28 percent", "29\\%", False), ("2.8 %", "28\\%", False),
+    ("28 %", "28\\%", True),
+    ("28 percent", "28\\%", True),
+    ("28 pct", "28\\%", True),
+    ("28 percentage", "28\\%", True),
+    ("28\\%", "28", True),
+    ("12.5 percent", "12.5\\%", True),
+    ("28 percent", "29\\%", False),
+    ("2.8 %", "28\\%", False),
 ]
 RELATIONS = [
-    ("x \\geq 5", "x >= 5", True), ("x \\lt 3", "x < 3", True), ("x \\gt -1", "x > -1", True),
-    ("x \\neq 3", "x != 3", True), ("x \\le 2", "x \\leq 2", True), ("x \\geq 5", "x \\leq 5", False),
-    ("x < 3", "x \\leq 3", False), ("2x+4y-3=0", "y=-\\frac12 x+\\frac34", True),
-    ("2x+4y-3=0", "y=-\\frac12 x+\\frac35", False), ("x + y = 1", "2x + 2y = 2", True), ("x + y = 1", "x - y = 1", False),
-    ("-2 \\le x \\le 7", "x \\in [-2,7]", True), ("-2 < x \\le 7", "(-2, 7]", True), ("7 \\geq x > -2", "(-2, 7]", True),
-    ("-2 \\le x \\le 7", "x \\in (-2,7)", False), ("0 < x < 1", "[0, 1]", False),
+    ("x \\geq 5", "x >= 5", True),
+    ("x \\lt 3", "x < 3", True),
+    ("x \\gt -1", "x > -1", True),
+    ("x \\neq 3", "x != 3", True),
+    ("x \\le 2", "x \\leq 2", True),
+    ("x \\geq 5", "x \\leq 5", False),
+    ("x < 3", "x \\leq 3", False),
+    ("2x+4y-3=0", "y=-\\frac12 x+\\frac34", True),
+    ("2x+4y-3=0", "y=-\\frac12 x+\\frac35", False),
+    ("x + y = 1", "2x + 2y = 2", True),
+    ("x + y = 1", "x - y = 1", False),
+    ("-2 \\le x \\le 7", "x \\in [-2,7]", True),
+    ("-2 < x \\le 7", "(-2, 7]", True),
+    ("7 \\geq x > -2", "(-2, 7]", True),
+    ("-2 \\le x \\le 7", "x \\in (-2,7)", False),
+    ("0 < x < 1", "[0, 1]", False),
 ]
 MATRICES = [
-    ("The identity matrix is $\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}$", "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}", True),
+    (
+        "The identity matrix is $\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}$",
+        "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}",
+        True,
+    ),
     ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
     ("\\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
     ("\\begin{pmatrix}0.5\\\\0.25\\end{pmatrix}", "\\begin{pmatrix}\\frac12\\\\\\frac14\\end{pmatrix}", True),
     ("\\begin{pmatrix}0.33\\\\0.2\\end{pmatrix}", "\\begin{pmatrix}\\frac13\\\\\\frac15\\end{pmatrix}", False),
     ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}", False),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\\\0\\end{pmatrix}", False),
-    ("[0.5, 2)", "[\\frac12, 2)", True), ("(0.6, 2.6667]", "(\\frac35, \\frac83]", False),
+    ("[0.5, 2)", "[\\frac12, 2)", True),
+    ("(0.6, 2.6667]", "(\\frac35, \\frac83]", False),
 ]
 SEVERAL_ANSWERS = [
-    ("6 \\text{ and } 8", "6,8", True), ("6 and 8", "8, 6", True), ("6 \\text{ and } 8", "6", False),
+    ("6 \\text{ and } 8", "6,8", True),
+    ("6 and 8", "8, 6", True),
+    ("6 \\text{ and } 8", "6", False),
     ("p=-1, p=\\frac{15}{8}", "p = -1 \\text{ and } p = \\dfrac{15}{8}", True),
-    ("p=-1, p=\\frac{15}{8}", "-1, \\frac{15}{8}", True), ("p=-1, p=\\frac{15}{7}", "-1, \\frac{15}{8}", False),
+    ("p=-1, p=\\frac{15}{8}", "-1, \\frac{15}{8}", True),
+    ("p=-1, p=\\frac{15}{7}", "-1, \\frac{15}{8}", False),
     ("(x, y) = (5, 8) \\quad\\text{and}\\quad (8, 5)", "(5, 8), (8, 5)", True),
     ("(x, y) = (5, 8) \\quad\\text{and}\\quad (8, 6)", "(5, 8), (8, 5)", False),
-    ("1, 2", "\\{1, 2\\}", True), ("1, 2, 3", "\\{1, 2\\}", False),
+    ("1, 2", "\\{1, 2\\}", True),
+    ("1, 2, 3", "\\{1, 2\\}", False),
 ]
 NUMBER_FORMATS = [
-    ("1000,99", "1000.99", True), ("0,111", "0.111", True), ("2,74", "2.74", True), ("1,000.99€", "1000.99", True),
-    ("2,74 $", "2.74", True), ("\\$1,000.99", "1000.99", True), ("12{,}000", "12000", True),
-    ("32,\\! 349", "32349", True), ("32, 349", "32349", False), ("1,000", "1", False), ("1,2", "1.2", False),
-    ("0,111", "111", False), ("1,000.99€", "1000.9", False),
+    ("1000,99", "1000.99", True),
+    ("0,111", "0.111", True),
+    ("2,74", "2.74", True),
+    ("1,000.99€", "1000.99", True),
+    ("2,74 $", "2.74", True),
+    ("\\$1,000.99", "1000.99", True),
+    ("12{,}000", "12000", True),
+    ("32,\\! 349", "32349", True),
+    ("32, 349", "32349", False),
+    ("1,000", "1", False),
+    ("1,2", "1.2", False),
+    ("0,111", "111", False),
+    ("1,000.99€", "1000.9", False),
 ]
 REORDERED_SUMS = [
     ("\\frac{\\sqrt{3}}{15+2\\sqrt{33}}", "\\frac{\\sqrt{3}}{2\\sqrt{33}+15}", True),
-    ("\\sqrt{2}+\\sqrt{5}", "\\sqrt 5 + \\sqrt 2", True), ("3 + 2\\sqrt{2}", "2\\sqrt{2} + 3", True),
+    ("\\sqrt{2}+\\sqrt{5}", "\\sqrt 5 + \\sqrt 2", True),
+    ("3 + 2\\sqrt{2}", "2\\sqrt{2} + 3", True),
     ("\\frac{\\sqrt{3}}{15+2\\sqrt{33}}", "\\frac{\\sqrt{3}}{2\\sqrt{33}-15}", False),
     ("3 + 2\\sqrt{2}", "2 + 3\\sqrt{2}", False),
 ]
 FORMS = {
-    "percent": PERCENT, "relations": RELATIONS, "matrices": MATRICES, "several answers": SEVERAL_ANSWERS,
-    "number formats": NUMBER_FORMATS, "reordered sums": REORDERED_SUMS,
+    "percent": PERCENT,
+    "relations": RELATIONS,
+    "matrices": MATRICES,
+    "several answers": SEVERAL_ANSWERS,
+    "number formats": NUMBER_FORMATS,
+    "reordered sums": REORDERED_SUMS,
 }
 
 
@@ -100,7 +139,10 @@ def test_strict_grading_the_reward_needs_think_and_a_box():
 
 
 def test_the_gold_check_accepts_every_gold_of_these_forms():
-    golds = sorted({gold for cases in FORMS.values() for _, gold, _ in cases} | {"6 \\text{ and } 8", "28 percent", "-2 \\le x \\le 7"})
+    golds = sorted(
+        {gold for cases in FORMS.values() for _, gold, _ in cases}
+        | {"6 \\text{ and } 8", "28 percent", "-2 \\le x \\le 7"}
+    )
     assert [gold for gold, ok in zip(golds, golds_parseable_many(golds)) if not ok] == []
 
 
@@ -141,11 +183,17 @@ def test_lenient_reads_stated_answers_and_not_times_or_equations(completion, gol
     assert math_accuracy_many([completion], [gold], lenient=True) == [expected]
 
 
-@pytest.mark.parametrize("completion,gold", [
-    ("I think 3, 4 or 5.", "5"), ("It is 3, 4, 5", "4"), ("Maybe 41. Or maybe 42", "42"),
-    ("Therefore, Janet makes 624 dollars per day.", "624"),  # a reward needs a stated answer, not a guess
-    ("<think>\nThe answer is: 42\n</think>\nNo idea.", "42"), ("<think>\nThe answer is: 42", "42"),
-])
+@pytest.mark.parametrize(
+    "completion,gold",
+    [
+        ("I think 3, 4 or 5.", "5"),
+        ("It is 3, 4, 5", "4"),
+        ("Maybe 41. Or maybe 42", "42"),
+        ("Therefore, Janet makes 624 dollars per day.", "624"),  # a reward needs a stated answer, not a guess
+        ("<think>\nThe answer is: 42\n</think>\nNo idea.", "42"),
+        ("<think>\nThe answer is: 42", "42"),
+    ],
+)
 def test_the_lenient_reward_cannot_be_won_by_a_guess_or_a_hedge(completion, gold):
     assert math_accuracy_many([completion], [gold], lenient=True, guess=False) == [0.0]
     assert math_accuracy_many(["The answer is: 42"], ["42"], lenient=True, guess=False) == [1.0]

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST, compose_config, run_cli, run_cli_command
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from conftest import FAST, compose_config, run_cli, run_cli_command
 from thinkforge.cli import config_dir
 from thinkforge.config import ConfigError, validate
 
@@ -93,7 +93,9 @@ def test_missing_required_data_path_is_reported():
 
 
 def test_unknown_stage_argument_is_reported(tmp_path):
-    with pytest.raises(ConfigError, match="^stage.no_such_option: not a knob of MidTrainingConfig; its knobs: documents"):
+    with pytest.raises(
+        ConfigError, match="^stage.no_such_option: not a knob of MidTrainingConfig; its knobs: documents"
+    ):
         validate(compose_config("+stage.no_such_option=1", output_dir=tmp_path))
 
 
@@ -164,37 +166,64 @@ def test_dry_runs_reject_a_bad_stage_value_in_one_line_before_any_stage_runs(pro
     started = time.perf_counter()
     result = run_cli(*override, "dry_run=true", cwd=tmp_path, program=program)
     assert time.perf_counter() - started < 30
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1, result.stderr
-    assert not [path for path in tmp_path.glob("logs/pipeline/*/*") if path.is_dir() and path.name != ".hydra"], "no stage ran"
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+    assert not [path for path in tmp_path.glob("logs/pipeline/*/*") if path.is_dir() and path.name != ".hydra"], (
+        "no stage ran"
+    )
 
 
 def test_user_errors_are_one_line_with_exit_2_and_hydra_full_error_shows_the_traceback(tmp_path):
     malformed = tmp_path / "chats.jsonl"
     malformed.write_text('{"prompt": "2+2?", "completion": "4"}\n{"prompt": "3+3?"\n')
     cases = {
-        "malformed row": (["data=jsonl", f"data.train={malformed}", "data.val=null", *FAST],
-                          f"error: {malformed}: row 2: invalid JSON: Expecting ',' delimiter at column 18"),
-        "missing data file": (["data=jsonl", f"data.train={tmp_path}/missing.jsonl"], f"error: data.train: {tmp_path}/missing.jsonl: no such file"),
-        "missing model directory": (["model=pretrained", f"model.name_or_path={tmp_path}/export"],
-                                    f"error: model.name_or_path: {tmp_path}/export: no such directory"),
-        "missing checkpoint": ([f"ckpt_path={tmp_path}/last.ckpt"], f"error: ckpt_path: {tmp_path}/last.ckpt: no such checkpoint"),
+        "malformed row": (
+            ["data=jsonl", f"data.train={malformed}", "data.val=null", *FAST],
+            f"error: {malformed}: row 2: invalid JSON: Expecting ',' delimiter at column 18",
+        ),
+        "missing data file": (
+            ["data=jsonl", f"data.train={tmp_path}/missing.jsonl"],
+            f"error: data.train: {tmp_path}/missing.jsonl: no such file",
+        ),
+        "missing model directory": (
+            ["model=pretrained", f"model.name_or_path={tmp_path}/export"],
+            f"error: model.name_or_path: {tmp_path}/export: no such directory",
+        ),
+        "missing checkpoint": (
+            [f"ckpt_path={tmp_path}/last.ckpt"],
+            f"error: ckpt_path: {tmp_path}/last.ckpt: no such checkpoint",
+        ),
     }
     for case, (overrides, message) in cases.items():
         result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
         assert result.returncode == 2, (case, result.stderr[-2000:])
         assert result.stderr.strip().splitlines()[-1].startswith(message), (case, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr, case
-    traced = subprocess.run([*run_cli_command("thinkforge-train"), "data=jsonl", f"data.train={tmp_path}/missing.jsonl"],
-                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    traced = subprocess.run(
+        [*run_cli_command("thinkforge-train"), "data=jsonl", f"data.train={tmp_path}/missing.jsonl"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
     assert traced.returncode == 1 and "Traceback" in traced.stderr
 
 
 def test_a_recipe_whose_data_files_are_missing_fails_its_dry_run_naming_them(tmp_path):
     result = run_cli("recipe=r1_zero", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
-    assert result.returncode == 2 and result.stderr.startswith("error: stages.grpo: data.train: data/r1_zero/train.jsonl: no such file")
+    assert result.returncode == 2 and result.stderr.startswith(
+        "error: stages.grpo: data.train: data/r1_zero/train.jsonl: no such file"
+    )
     (tmp_path / "data" / "r1_zero").mkdir(parents=True)
     (tmp_path / "data" / "r1_zero" / "train.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n')
     local_model = tmp_path / "base"
     local_model.mkdir()
-    ok = run_cli("recipe=r1_zero", f"model.name_or_path={local_model}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    ok = run_cli(
+        "recipe=r1_zero",
+        f"model.name_or_path={local_model}",
+        "dry_run=true",
+        cwd=tmp_path,
+        program="thinkforge-pipeline",
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -44,14 +44,24 @@ def test_dedup_drops_exact_and_near_duplicates(tmp_path, capsys):
     assert dropped[2] == "exact duplicate (of row 1)"
     assert dropped[3].startswith("near duplicate (of row 1, cosine 0.9")
     printed = capsys.readouterr().out
-    assert "kept 3, dropped 2" in printed and "dropped 1: exact duplicate" in printed and "dropped 1: near duplicate" in printed
+    assert (
+        "kept 3, dropped 2" in printed
+        and "dropped 1: exact duplicate" in printed
+        and "dropped 1: near duplicate" in printed
+    )
 
 
 def test_decontaminate_drops_rows_sharing_an_ngram_with_a_benchmark(tmp_path, capsys):
-    bench = write_jsonl(tmp_path / "bench.jsonl", [
-        {"problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates. Enter your answer."},
-        {"problem": "What is 1+1?"},
-    ])
+    bench = write_jsonl(
+        tmp_path / "bench.jsonl",
+        [
+            {
+                "problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates. "
+                "Enter your answer."
+            },
+            {"problem": "What is 1+1?"},
+        ],
+    )
     rows = [
         {"prompt": "Please solve: convert the point (0,3) in rectangular coordinates to polar coordinates carefully."},
         {"prompt": "Convert the point (1,1) to polar form."},
@@ -59,10 +69,24 @@ def test_decontaminate_drops_rows_sharing_an_ngram_with_a_benchmark(tmp_path, ca
         {"prompt": "What is 1+1+1?"},
     ]
     out = tmp_path / "clean.jsonl"
-    cli.main(["decontaminate", write_jsonl(tmp_path / "in.jsonl", rows), "--against", bench, "--ngram", "8", "--out", str(out)])
+    cli.main(
+        [
+            "decontaminate",
+            write_jsonl(tmp_path / "in.jsonl", rows),
+            "--against",
+            bench,
+            "--ngram",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert [r["prompt"] for r in read_jsonl(out)] == [rows[1]["prompt"], rows[3]["prompt"]]
     reasons = [r["reason"] for r in read_jsonl(tmp_path / "clean.dropped.jsonl")]
-    assert reasons[0] == "contaminated (shares the 8-gram 'convert the point 0 3 in rectangular coordinates' with bench.jsonl row 1)"
+    assert (
+        reasons[0]
+        == "contaminated (shares the 8-gram 'convert the point 0 3 in rectangular coordinates' with bench.jsonl row 1)"
+    )
     assert reasons[1] == "contaminated (equals bench.jsonl row 2)"
     printed = capsys.readouterr().out
     assert "kept 2, dropped 2" in printed and "dropped 2: contaminated" in printed
@@ -120,9 +144,25 @@ def test_pass_rate_keeps_the_edge_of_ability(scripted, tmp_path, capsys):
 
 def test_rejection_sample_keeps_distinct_verified_traces(scripted, tmp_path, capsys):
     out = tmp_path / "traces.jsonl"
-    cli.main(["rejection-sample", scripted, "--model", "scripted", "--num-samples", "4", "--keep-per-prompt", "2", "--out", str(out)])
+    cli.main(
+        [
+            "rejection-sample",
+            scripted,
+            "--model",
+            "scripted",
+            "--num-samples",
+            "4",
+            "--keep-per-prompt",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     kept = read_jsonl(out)
-    assert [(r["prompt"], r["completion"]) for r in kept] == [("p1", "<think>1</think> \\boxed{1}"), ("p2", "<think>2</think> \\boxed{2}")]
+    assert [(r["prompt"], r["completion"]) for r in kept] == [
+        ("p1", "<think>1</think> \\boxed{1}"),
+        ("p2", "<think>2</think> \\boxed{2}"),
+    ]
     assert "dropped 6 incorrect samples and 4 correct ones" in capsys.readouterr().out
 
 
@@ -136,9 +176,13 @@ def test_rollout_pairs_pair_correct_with_incorrect(scripted, tmp_path, capsys):
 
 def test_decontaminate_ignores_a_benchmark_stock_phrase_but_not_a_copied_problem(tmp_path):
     stock = "The probability can be written as m/n, where m and n are relatively prime positive integers. Find m+n."
-    bench = write_jsonl(tmp_path / "aime.jsonl", [
-        {"problem": f"A fair coin is tossed {k} times and a die is rolled {k + 1} times in a row. {stock}"} for k in range(3, 7)
-    ])
+    bench = write_jsonl(
+        tmp_path / "aime.jsonl",
+        [
+            {"problem": f"A fair coin is tossed {k} times and a die is rolled {k + 1} times in a row. {stock}"}
+            for k in range(3, 7)
+        ],
+    )
     rows = [
         {"prompt": f"Two cards are drawn from a deck without replacement, both red. {stock}"},
         {"prompt": "A fair coin is tossed 5 times and a die is rolled 6 times in a row. " + stock},

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from thinkforge import losses
 from thinkforge.cli import config_dir
 from thinkforge.config import (
-    DataConfig, EvalConfig, HardwareConfig, HeldOutConfig, ModelConfig, PipelineConfig, RolloutConfig, TrainConfig,
+    DataConfig,
+    EvalConfig,
+    HardwareConfig,
+    HeldOutConfig,
+    ModelConfig,
+    PipelineConfig,
+    RolloutConfig,
+    TrainConfig,
 )
 from thinkforge.stage_configs import STAGE_SCHEMAS, DPOConfig, GRPOConfig
 
@@ -22,8 +30,13 @@ CONF = Path(config_dir())
 #: the schema of each group's options (a `# @package _global_` stage option maps its top-level keys instead)
 GROUP_SCHEMAS = {"data": DataConfig, "model": ModelConfig, "hardware": HardwareConfig, "rollout": RolloutConfig}
 #: the schema of each top-level key of a global-package option or an entry point's own YAML
-KEY_SCHEMAS = {"data": DataConfig, "model": ModelConfig, "hardware": HardwareConfig, "rollout": RolloutConfig,
-               "heldout": HeldOutConfig}
+KEY_SCHEMAS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "hardware": HardwareConfig,
+    "rollout": RolloutConfig,
+    "heldout": HeldOutConfig,
+}
 ENTRY_SCHEMAS = {"train": TrainConfig, "pipeline": PipelineConfig, "eval": EvalConfig, "doctor": TrainConfig}
 
 
@@ -37,7 +50,11 @@ def restated(node: Any, defaults: DictConfig, path: str) -> Iterator[str]:
         if key in ("defaults", "hydra") or key not in defaults:
             continue
         default = defaults._get_node(key)
-        if isinstance(value, dict) and isinstance(default, DictConfig) and OmegaConf.get_type(default) not in (dict, None):
+        if (
+            isinstance(value, dict)
+            and isinstance(default, DictConfig)
+            and OmegaConf.get_type(default) not in (dict, None)
+        ):
             yield from restated(value, default, f"{path}.{key}")
         elif not OmegaConf.is_missing(defaults, key) and value == OmegaConf.to_container(defaults, resolve=False)[key]:
             yield f"{path}.{key}: {value!r}"
@@ -58,24 +75,35 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
 
 
-@pytest.mark.parametrize("name,path,defaults", list(option_cases()), ids=lambda case: case if isinstance(case, str) else "")
+@pytest.mark.parametrize(
+    "name,path,defaults", list(option_cases()), ids=lambda case: case if isinstance(case, str) else ""
+)
 def test_no_yaml_restates_a_schema_default(name, path, defaults):
     node = load_yaml(path)
     if defaults is not None:
         found = list(restated(node, defaults, name))
     elif path.read_text().startswith("# @package _global_"):
         schemas = {**KEY_SCHEMAS, "stage": STAGE_SCHEMAS[path.stem]}
-        found = [line for key, value in node.items() if key in schemas
-                 for line in restated(value, schema_defaults(schemas[key]), f"{name}:{key}")]
+        found = [
+            line
+            for key, value in node.items()
+            if key in schemas
+            for line in restated(value, schema_defaults(schemas[key]), f"{name}:{key}")
+        ]
     else:
         found = list(restated(node, schema_defaults(STAGE_SCHEMAS[path.stem]), name))
-    assert not found, "these restate the schema's default (delete them, or change the default in the schema):\n" + "\n".join(found)
+    assert not found, (
+        "these restate the schema's default (delete them, or change the default in the schema):\n" + "\n".join(found)
+    )
 
 
 def test_restated_defaults_are_found():
     """The check itself: a YAML restating a default (nested too) is reported, one that differs is not."""
     node = {"max_length": 512, "batch_size": 32, "synthetic": {"num_train": 4000, "max_level": 2}, "defaults": ["x"]}
-    assert sorted(restated(node, schema_defaults(DataConfig), "data")) == ["data.max_length: 512", "data.synthetic.num_train: 4000"]
+    assert sorted(restated(node, schema_defaults(DataConfig), "data")) == [
+        "data.max_length: 512",
+        "data.synthetic.num_train: 4000",
+    ]
 
 
 #: functions that take schema knobs as keywords, with the schema and the names they take them under
@@ -98,5 +126,8 @@ def test_keyword_defaults_agree_with_the_schema(function):
         if parameter.default is inspect.Parameter.empty or knob not in fields:
             continue
         if parameter.default != fields[knob].default:
-            wrong.append(f"{function.__name__}({parameter.name}={parameter.default!r}) but {schema.__name__}.{knob} = {fields[knob].default!r}")
+            wrong.append(
+                f"{function.__name__}({parameter.name}={parameter.default!r}) "
+                f"but {schema.__name__}.{knob} = {fields[knob].default!r}"
+            )
     assert not wrong, "\n".join(wrong)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import FAST, logged, read_metrics, run_cli
+from safetensors.torch import load_file
 
 
 def test_fsdp_two_processes_match_one_process(tmp_path):
@@ -23,7 +22,9 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
 
 def load_init(tmp_path):
     """The untrained weights, to make sure the runs above actually moved them."""
-    result = run_cli(*FAST, "trainer.max_steps=1", "optim.lr=1e-12", "logger=csv", f"hydra.run.dir={tmp_path / 'init'}", cwd=tmp_path)
+    result = run_cli(
+        *FAST, "trainer.max_steps=1", "optim.lr=1e-12", "logger=csv", f"hydra.run.dir={tmp_path / 'init'}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(tmp_path / "init" / "export" / "model.safetensors")
 
@@ -34,7 +35,10 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed = run_cli(
-        *common, f"hydra.run.dir={tmp_path / 'killed'}", "+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=3",
+        *common,
+        f"hydra.run.dir={tmp_path / 'killed'}",
+        "+callbacks.kill._target_=faults.KillAtStep",
+        "+callbacks.kill.step=3",
         cwd=tmp_path,
     )
     assert killed.returncode == -9, "the fault callback should have SIGKILLed the run"
@@ -64,5 +68,7 @@ def test_multirun_sweep_gives_one_run_directory_per_job_named_by_its_overrides_a
         assert (sweep / job / "export" / "model.safetensors").exists()
         assert logged(sweep / job, "train/loss")
     summary = (sweep / "sweep_summary.md").read_text()
-    assert summary.count("optim.lr=0.001") == 1 and summary.count("optim.lr=0.003") == 1 and "held-out accuracy" in summary
+    assert (
+        summary.count("optim.lr=0.001") == 1 and summary.count("optim.lr=0.003") == 1 and "held-out accuracy" in summary
+    )
     assert "[sweep]" in result.stdout

@@ -4,8 +4,8 @@ property it guards is broken on purpose."""
 from __future__ import annotations
 
 import torch
-
 from conftest import FAST, compose_config, run_cli
+
 from thinkforge import doctor
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import validate
@@ -19,8 +19,14 @@ from thinkforge.stages.sft import SFT
 def test_doctor_passes_on_the_default_config(tmp_path):
     result = run_cli(cwd=tmp_path, program="thinkforge-doctor")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("check "):]
-    for check in ("template and mask", "split: micro-batches", "split: packed vs unpacked", "resume equivalence", "budget"):
+    table = result.stdout[result.stdout.index("check ") :]
+    for check in (
+        "template and mask",
+        "split: micro-batches",
+        "split: packed vs unpacked",
+        "resume equivalence",
+        "budget",
+    ):
         assert any(line.startswith(check) and " pass " in line for line in table.splitlines()), (check, table)
     assert " fail " not in table
     [report] = (tmp_path / "logs" / "doctor" / "midtrain").glob("*/doctor.json")
@@ -31,8 +37,10 @@ def test_template_check_fails_when_the_end_token_is_not_a_target(tmp_path, token
     assert doctor.check_template(SFT(run, tokenizer).probe()).status == "pass"
     # a template that closes no reply with a special token: the reply's end is never trained
     tokenizer = tokenizer.__class__.from_pretrained(_saved(tokenizer, tmp_path))
-    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
-                               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     finding = doctor.check_template(SFT(run, tokenizer).probe())
     assert finding.status == "fail" and "never learns to stop" in finding.measured
 
@@ -46,7 +54,9 @@ def test_split_check_fails_for_a_loss_averaged_per_micro_batch(tmp_path, monkeyp
     cfg = compose_config(*FAST, "data.synthetic.num_train=64", output_dir=tmp_path)
     assert doctor.check_micro_batches(cfg, tmp_path / "right").status == "pass"
     token_mean = CausalLMStage.loss_sum
-    monkeypatch.setattr(CausalLMStage, "loss_sum", lambda self, batch: LossSum(token_mean(self, batch).mean(), torch.tensor(1), {}))
+    monkeypatch.setattr(
+        CausalLMStage, "loss_sum", lambda self, batch: LossSum(token_mean(self, batch).mean(), torch.tensor(1), {})
+    )
     monkeypatch.setattr(CausalLMStage, "count_units", lambda self, batch: torch.tensor(1))
     finding = doctor.check_micro_batches(cfg, tmp_path / "broken")
     assert finding.status == "fail" and "gradient accumulation" in finding.advice

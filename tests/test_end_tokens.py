@@ -4,9 +4,9 @@ trains, where generation stops, what counts as finished and how DPO ends a reply
 from __future__ import annotations
 
 import pytest
+from conftest import FAST, compose_config
 from transformers import AutoTokenizer
 
-from conftest import FAST, compose_config
 from thinkforge.backbone import CausalLM, load_hf_model, load_tokenizer
 from thinkforge.config import validate
 from thinkforge.data.packing import IGNORE_INDEX
@@ -44,9 +44,13 @@ def test_sft_targets_generation_stop_and_finished_agree(qwen_base_like, tmp_path
     tokenizer = load_tokenizer(run.model)
     turn_end, eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
 
-    sequence = SFT(run, tokenizer).assistant_only([{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}])
+    sequence = SFT(run, tokenizer).assistant_only(
+        [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    )
     targets = [label for label in sequence.labels if label != IGNORE_INDEX]
-    assert targets == tokenizer.encode("4", add_special_tokens=False) + [turn_end], "the reply and its turn end, no more"
+    assert targets == tokenizer.encode("4", add_special_tokens=False) + [turn_end], (
+        "the reply and its turn end, no more"
+    )
 
     model = CausalLM(load_hf_model(run.model, tokenizer))
     assert model.generation_config.eos_token_id == [turn_end, eos], "exported generation_config stops at both"
@@ -54,7 +58,9 @@ def test_sft_targets_generation_stop_and_finished_agree(qwen_base_like, tmp_path
     asked = {}
     generate = model.generate
     monkeypatch.setattr(model, "generate", lambda **kwargs: asked.update(kwargs) or generate(**kwargs))
-    engine.generate(["<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"], SamplingConfig(1, 0.0, 1.0, 4), seed=0)
+    engine.generate(
+        ["<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"], SamplingConfig(1, 0.0, 1.0, 4), seed=0
+    )
     assert asked["eos_token_id"] == [turn_end, eos]
 
     reply = tokenizer.encode("4", add_special_tokens=False)

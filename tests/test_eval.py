@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import BENCHMARKS, run_cli
+
 from thinkforge.config import BudgetForcingConfig
 from thinkforge.eval import generate_with_budget
 from thinkforge.metrics import pass_at_k
@@ -24,30 +24,46 @@ def test_pass_at_k_by_hand():
 
 
 def answer(value: str | None) -> str:
-    return "<think>working</think> I am not sure." if value is None else f"<think>working</think> So \\boxed{{{value}}}."
+    return (
+        "<think>working</think> I am not sure." if value is None else f"<think>working</think> So \\boxed{{{value}}}."
+    )
 
 
 # problem -> (gold, the four sampled answers); by hand, with ties going to the earliest answer:
 #   p0: correct 0111 -> pass@1 .75, pass@2 1,   maj@1 0 (7), maj@2 0 (7 vs 10 tie -> 7), maj@4 1 (10 x3)
 #   p1: correct 0100 -> pass@1 .25, pass@2 1/2, maj@1 0, maj@2 0 (5 vs 3 tie -> 5), maj@4 0 (5 x2; no answer abstains)
-#   p2: correct 1100 -> pass@1 .5,  pass@2 5/6, maj@1 1, maj@2 1, maj@4 1 (\frac{1}{2} = \dfrac{1}{2} x2 vs 1/3 x2 -> earliest)
+#   p2: correct 1100 -> pass@1 .5,  pass@2 5/6, maj@1 1, maj@2 1,
+#       maj@4 1 (\frac{1}{2} = \dfrac{1}{2} x2 vs 1/3 x2 -> earliest)
 SAMPLES = {
     "p0": ("10", ["7", "10", "10", "10"]),
     "p1": ("3", ["5", "3", "5", None]),
     "p2": ("\\frac{1}{2}", ["\\frac{1}{2}", "\\dfrac{1}{2}", "1/3", "1/3"]),
 }
 EXPECTED = {
-    "problems": 3, "samples": 12,
-    "pass@1": (0.75 + 0.25 + 0.5) / 3, "pass@2": (1 + 0.5 + 5 / 6) / 3, "pass@4": 1.0,
-    "maj@1": 1 / 3, "maj@2": 1 / 3, "maj@4": 2 / 3,
+    "problems": 3,
+    "samples": 12,
+    "pass@1": (0.75 + 0.25 + 0.5) / 3,
+    "pass@2": (1 + 0.5 + 5 / 6) / 3,
+    "pass@4": 1.0,
+    "maj@1": 1 / 3,
+    "maj@2": 1 / 3,
+    "maj@4": 2 / 3,
 }
 
 
 def test_eval_reproduces_hand_computed_pass_and_majority(tmp_path):
-    rows = [{"problem": p, "gold": gold, "completion": answer(a)} for p, (gold, answers) in SAMPLES.items() for a in answers]
+    rows = [
+        {"problem": p, "gold": gold, "completion": answer(a)} for p, (gold, answers) in SAMPLES.items() for a in answers
+    ]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = run_cli(f"samples_file={samples}", "ks=[1,2,4]", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, program="thinkforge-eval")
+    result = run_cli(
+        f"samples_file={samples}",
+        "ks=[1,2,4]",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+        program="thinkforge-eval",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: summary[k] for k in EXPECTED} == pytest.approx(EXPECTED)
@@ -58,8 +74,15 @@ def test_eval_reproduces_hand_computed_pass_and_majority(tmp_path):
 
 def test_samples_file_errors_name_the_row(tmp_path):
     samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"problem": 1, "gold": "2", "completion": "x"}) + "\n" + json.dumps({"problem": 1, "gold": "2"}) + "\n")
-    result = run_cli(f"samples_file={samples}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, program="thinkforge-eval")
+    samples.write_text(
+        json.dumps({"problem": 1, "gold": "2", "completion": "x"})
+        + "\n"
+        + json.dumps({"problem": 1, "gold": "2"})
+        + "\n"
+    )
+    result = run_cli(
+        f"samples_file={samples}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, program="thinkforge-eval"
+    )
     assert result.returncode != 0 and "samples.jsonl: row 2: field 'completion' is missing" in result.stderr
 
 
@@ -72,7 +95,7 @@ class ThinkingEngine:
     def generate(self, prompts, sampling, *, seed):
         self.calls.append(sampling)
         out = []
-        for index, prompt in enumerate(prompts):
+        for index, _ in enumerate(prompts):
             if "</think>" in sampling.stop_strings:
                 thinking = " step" * min(self.steps, sampling.max_new_tokens // 3)
                 closes = self.steps * 3 <= sampling.max_new_tokens
@@ -102,10 +125,15 @@ def test_budget_forcing_caps_thinking():
 
 def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
     engine = HFEngine(model=None, tokenizer=tokenizer)
-    row = tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False) + [tokenizer.pad_token_id] * 3
+    row = (
+        tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False)
+        + [tokenizer.pad_token_id] * 3
+    )
     rollout = rollout_of(tokenizer, 0, row, [], engine.end_ids, ("</think>",))
     assert rollout.text == "<think>\n3 + 4 = 7\n</think>" and rollout.stopped_by == "</think>" and not rollout.finished
-    plain = rollout_of(tokenizer, 0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], engine.end_ids, ())
+    plain = rollout_of(
+        tokenizer, 0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], engine.end_ids, ()
+    )
     assert plain.text == "7" and plain.finished and plain.stopped_by is None
 
 
@@ -113,17 +141,34 @@ def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
 def test_benchmark_configs_compose(name, tmp_path):
     for file in ("aime24", "amc23", "gsm8k_test", "math500"):  # the dry run checks that they exist
         (tmp_path / f"{file}.jsonl").touch()
-    result = run_cli(f"benchmark={name}", "model=pretrained", f"model.name_or_path={tmp_path}", f"benchmarks_dir={tmp_path}",
-                     "dry_run=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
+    result = run_cli(
+        f"benchmark={name}",
+        "model=pretrained",
+        f"model.name_or_path={tmp_path}",
+        f"benchmarks_dir={tmp_path}",
+        "dry_run=true",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        program="thinkforge-eval",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"name: {name}" in result.stdout
 
 
 def test_a_missing_benchmark_file_is_one_line_naming_where_benchmarks_are_read_from(tmp_path):
-    result = run_cli("benchmark=math500", "model=pretrained", f"model.name_or_path={tmp_path}", f"benchmarks_dir={tmp_path}/none",
-                     cwd=tmp_path, program="thinkforge-eval")
+    result = run_cli(
+        "benchmark=math500",
+        "model=pretrained",
+        f"model.name_or_path={tmp_path}",
+        f"benchmarks_dir={tmp_path}/none",
+        cwd=tmp_path,
+        program="thinkforge-eval",
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert result.stderr.startswith(f"error: benchmark.path: {tmp_path}/none/math500.jsonl: no such file") and "THINKFORGE_BENCHMARKS" in result.stderr
+    assert (
+        result.stderr.startswith(f"error: benchmark.path: {tmp_path}/none/math500.jsonl: no such file")
+        and "THINKFORGE_BENCHMARKS" in result.stderr
+    )
 
 
 @pytest.mark.skipif(not BENCHMARKS.exists(), reason="shared benchmarks not present")
@@ -136,7 +181,9 @@ def test_gsm8k_gold_answers_are_the_numbers_after_the_marker(monkeypatch):
 
     monkeypatch.setenv("THINKFORGE_BENCHMARKS", str(BENCHMARKS))
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("eval", overrides=["benchmark=gsm8k", "benchmark.limit=3", "samples_file=unused", "output_dir=unused"])
+        cfg = compose(
+            "eval", overrides=["benchmark=gsm8k", "benchmark.limit=3", "samples_file=unused", "output_dir=unused"]
+        )
     problems, golds = load_benchmark(validate(cfg))
     assert len(problems) == 3 and golds[0] == "18" and all(g.replace(",", "").isdigit() for g in golds)
 
@@ -159,7 +206,9 @@ def test_demo_benchmark_is_the_demo_pipelines_held_out_set():
 
 
 def test_regrading_writes_under_the_samples_benchmark_and_rejects_a_k_beyond_the_samples(tmp_path):
-    rows = [{"benchmark": "gsm8k", "problem": p, "gold": "1", "completion": answer(a)} for p in range(2) for a in ("1", "2")]
+    rows = [
+        {"benchmark": "gsm8k", "problem": p, "gold": "1", "completion": answer(a)} for p in range(2) for a in ("1", "2")
+    ]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = run_cli(f"samples_file={samples}", "ks=[1,2]", cwd=tmp_path, program="thinkforge-eval")
@@ -171,13 +220,22 @@ def test_regrading_writes_under_the_samples_benchmark_and_rejects_a_k_beyond_the
 
 
 def test_lenient_grading_is_chosen_by_config_and_strict_stays_the_default(tmp_path):
-    rows = [{"problem": 0, "gold": "34", "completion": "Final Answer: The largest $n$ is 34."},
-            {"problem": 0, "gold": "34", "completion": "<think>\n</think>\n\\boxed{34}"}]
+    rows = [
+        {"problem": 0, "gold": "34", "completion": "Final Answer: The largest $n$ is 34."},
+        {"problem": 0, "gold": "34", "completion": "<think>\n</think>\n\\boxed{34}"},
+    ]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
     for grading, expected in (("strict", [False, True]), ("lenient", [True, True])):
         out = tmp_path / grading
-        result = run_cli(f"samples_file={samples}", "ks=[1]", f"grading={grading}", f"hydra.run.dir={out}", cwd=tmp_path, program="thinkforge-eval")
+        result = run_cli(
+            f"samples_file={samples}",
+            "ks=[1]",
+            f"grading={grading}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+            program="thinkforge-eval",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert [json.loads(line)["correct"] for line in (out / "samples.jsonl").read_text().splitlines()] == expected
     wrong = run_cli(f"samples_file={samples}", "grading=loose", cwd=tmp_path, program="thinkforge-eval")

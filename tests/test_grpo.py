@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import FAST, compose_config, logged, run_cli
+
 from thinkforge.config import ConfigError
 from thinkforge.rewards.shaping import (
     RewardModel,
@@ -24,8 +24,14 @@ RIGHT = "<think>\n2 + 2 = 4\n</think>\nThe answer is \\boxed{4}."
 WRONG = "<think>\n2 + 2 = 5\n</think>\nThe answer is \\boxed{5}."
 
 GRPO_FAST = [
-    *FAST, "experiment=demo_grpo", "stage.group_size=4", "stage.max_completion_length=24", "data.batch_size=4",
-    "data.micro_batch_size=2", "heldout.num_prompts=4", "heldout.max_new_tokens=24",
+    *FAST,
+    "experiment=demo_grpo",
+    "stage.group_size=4",
+    "stage.max_completion_length=24",
+    "data.batch_size=4",
+    "data.micro_batch_size=2",
+    "heldout.num_prompts=4",
+    "heldout.max_new_tokens=24",
 ]
 
 
@@ -54,7 +60,9 @@ def test_format_overlong_and_repetition_by_hand():
     # 30 words "a b c a b c ...": 26 five-grams, 3 distinct, each seen 8 or 9 times (> 5)
     looping = Sample(" ".join(["a", "b", "c"] * 10), "", 30, False, False, 100)
     assert repetition_reward(looping) == pytest.approx(-max(26 / 26, 9 / (30 / 5)))
-    assert repetition_reward(Sample("one two three four five six seven", "", 7, False, False, 100)) == pytest.approx(-1 / (7 / 5))
+    assert repetition_reward(Sample("one two three four five six seven", "", 7, False, False, 100)) == pytest.approx(
+        -1 / (7 / 5)
+    )
 
 
 def test_reward_model_weights_and_errors():
@@ -79,14 +87,34 @@ def test_schedules_are_piecewise_constant():
 
 
 def test_grpo_runs_and_logs_what_matters(tmp_path):
-    result = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=4", "stage.num_iterations=2", "stage.beta=0.05",
-                                      "stage.loss_type=grpo", output_dir=tmp_path))
+    result = run_stage(
+        compose_config(
+            *GRPO_FAST,
+            "trainer.max_steps=4",
+            "stage.num_iterations=2",
+            "stage.beta=0.05",
+            "stage.loss_type=grpo",
+            output_dir=tmp_path,
+        )
+    )
     assert (result.export_dir / "model.safetensors").exists()
-    for name in ("train/reward/mean", "train/reward/std", "train/reward/math_accuracy", "train/completion/mean_length",
-                 "train/completion/max_length", "train/completion/truncation_rate", "train/groups/zero_variance_fraction",
-                 "train/groups/dropped_fraction", "train/clip_fraction/low", "train/kl", "train/entropy", "train/reward/accuracy",
-                 "train/reward/verifier_timeouts",
-                 "train/generation_s", "train/training_s"):
+    for name in (
+        "train/reward/mean",
+        "train/reward/std",
+        "train/reward/math_accuracy",
+        "train/completion/mean_length",
+        "train/completion/max_length",
+        "train/completion/truncation_rate",
+        "train/groups/zero_variance_fraction",
+        "train/groups/dropped_fraction",
+        "train/clip_fraction/low",
+        "train/kl",
+        "train/entropy",
+        "train/reward/accuracy",
+        "train/reward/verifier_timeouts",
+        "train/generation_s",
+        "train/training_s",
+    ):
         assert logged(tmp_path, name), name
     # max_steps counts optimizer steps: 4 steps with num_iterations=2 are two rollout batches, logged once each
     assert len(logged(tmp_path, "train/loss")) == 2
@@ -96,14 +124,24 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
     assert logged(tmp_path, "train/completion/truncation_rate")[0] > 0.5
 
 
-@pytest.mark.parametrize("settings", [
-    # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint
-    ["stage.loss_type=dapo", "stage.advantage_scale=batch", "stage.beta=0.04"],
-    ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint
+        ["stage.loss_type=dapo", "stage.advantage_scale=batch", "stage.beta=0.04"],
+        ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
+    ],
+)
 def test_grpo_with_fsdp(tmp_path, settings):
-    result = run_cli(*GRPO_FAST, "trainer.max_steps=2", *settings, "hardware=cpu_fsdp", "logger=csv",
-                     f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = run_cli(
+        *GRPO_FAST,
+        "trainer.max_steps=2",
+        *settings,
+        "hardware=cpu_fsdp",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert not math.isnan(logged(tmp_path, "train/loss")[1])
@@ -112,8 +150,16 @@ def test_grpo_with_fsdp(tmp_path, settings):
 @pytest.mark.parametrize("temperature", [0.6, 1.0])
 def test_trainer_scores_rollouts_under_the_sampling_distribution(tmp_path, temperature):
     """The trainer's log-probs are the sampler's (logits / T): ratio exactly 1 on the first iteration."""
-    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.num_iterations=2", "stage.dynamic_sampling=false",
-                             f"stage.temperature={temperature}", output_dir=tmp_path))
+    run_stage(
+        compose_config(
+            *GRPO_FAST,
+            "trainer.max_steps=2",
+            "stage.num_iterations=2",
+            "stage.dynamic_sampling=false",
+            f"stage.temperature={temperature}",
+            output_dir=tmp_path,
+        )
+    )
     diff = logged(tmp_path, "train/rollout_logprob_diff")
     assert diff and max(diff.values()) < 1e-4, diff
     assert all(value == pytest.approx(1.0, abs=1e-6) for value in logged(tmp_path, "train/ratio/mean").values())
@@ -123,8 +169,15 @@ def test_trainer_scores_rollouts_under_the_sampling_distribution(tmp_path, tempe
 
 
 def test_a_temperature_schedule_scores_each_step_at_its_own_temperature(tmp_path):
-    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.dynamic_sampling=false",
-                             "stage.temperature={0: 1.0, 1: 0.5}", output_dir=tmp_path))
+    run_stage(
+        compose_config(
+            *GRPO_FAST,
+            "trainer.max_steps=2",
+            "stage.dynamic_sampling=false",
+            "stage.temperature={0: 1.0, 1: 0.5}",
+            output_dir=tmp_path,
+        )
+    )
     diff = logged(tmp_path, "train/rollout_logprob_diff")
     assert len(diff) == 2 and max(diff.values()) < 1e-4, diff
 
@@ -159,11 +212,24 @@ def test_a_step_whose_rollouts_are_all_truncated_trains_on_nothing_without_crash
     from thinkforge.stages.grpo import GRPO
 
     generate = GRPO.generate
-    monkeypatch.setattr(GRPO, "generate", lambda self, *args, **kwargs: [
-        [dataclasses.replace(rollout, finished=False) for rollout in group] for group in generate(self, *args, **kwargs)
-    ])
-    run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "stage.mask_truncated=true", "stage.dynamic_sampling=false",
-                             "stage.loss_type=dapo", output_dir=tmp_path))
+    monkeypatch.setattr(
+        GRPO,
+        "generate",
+        lambda self, *args, **kwargs: [
+            [dataclasses.replace(rollout, finished=False) for rollout in group]
+            for group in generate(self, *args, **kwargs)
+        ],
+    )
+    run_stage(
+        compose_config(
+            *GRPO_FAST,
+            "trainer.max_steps=2",
+            "stage.mask_truncated=true",
+            "stage.dynamic_sampling=false",
+            "stage.loss_type=dapo",
+            output_dir=tmp_path,
+        )
+    )
     assert logged(tmp_path, "train/completion/truncation_rate") == {0: 1.0, 1: 1.0}
     assert logged(tmp_path, "train/loss") == {0: 0.0, 1: 0.0}
 
@@ -185,8 +251,13 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
     from thinkforge.train import build_stage
 
     lengthening = "stage.max_completion_length={0: 8192, 10: 16384}"
-    stage = build_stage(validate(compose_config(*GRPO_FAST, "heldout.max_new_tokens=null", lengthening, "trainer.max_steps=20",
-                                                output_dir=tmp_path)))
+    stage = build_stage(
+        validate(
+            compose_config(
+                *GRPO_FAST, "heldout.max_new_tokens=null", lengthening, "trainer.max_steps=20", output_dir=tmp_path
+            )
+        )
+    )
     assert stage.heldout.max_new_tokens(stage.completion_length()) == 16384, "the length of the last steps"
     fixed = build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path)))
     assert fixed.heldout.max_new_tokens(fixed.completion_length()) == 24
@@ -197,8 +268,16 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
 def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):
     """A random model never writes a gradable answer: every group has zero spread. The first step warns with the
     cause, and the run stops after stage.max_steps_without_signal such steps with one line naming the knob."""
-    result = run_cli(*GRPO_FAST, "trainer.max_steps=8", "stage.max_completion_length=8", "stage.dynamic_sampling=false",
-                     "stage.max_steps_without_signal=3", "heldout.num_prompts=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli(
+        *GRPO_FAST,
+        "trainer.max_steps=8",
+        "stage.max_completion_length=8",
+        "stage.dynamic_sampling=false",
+        "stage.max_steps_without_signal=3",
+        "heldout.num_prompts=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "step 0: no group has a reward spread, so this step trains on nothing: every completion was wrong" in output
@@ -209,13 +288,16 @@ def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):
     assert sorted(logged(tmp_path / "run", "train/loss")) == [0, 1]  # the steps before the stop were logged
 
 
-@pytest.mark.parametrize("accuracy, answered, truncated, what, knob", [
-    (0.0, 0.0, 0.1, "every completion was wrong", "stage.answer_extraction=lenient"),
-    (0.0, 0.9, 0.8, "every completion was wrong", "stage.max_completion_length=96"),
-    (0.0, 0.9, 0.1, "every completion was wrong", "pass-rate"),
-    (1.0, 1.0, 0.0, "every completion was right", "too easy"),
-    (0.5, 1.0, 0.0, "every group's completions scored alike", "pass-rate"),
-])
+@pytest.mark.parametrize(
+    "accuracy, answered, truncated, what, knob",
+    [
+        (0.0, 0.0, 0.1, "every completion was wrong", "stage.answer_extraction=lenient"),
+        (0.0, 0.9, 0.8, "every completion was wrong", "stage.max_completion_length=96"),
+        (0.0, 0.9, 0.1, "every completion was wrong", "pass-rate"),
+        (1.0, 1.0, 0.0, "every completion was right", "too easy"),
+        (0.5, 1.0, 0.0, "every group's completions scored alike", "pass-rate"),
+    ],
+)
 def test_no_signal_names_the_likely_cause(accuracy, answered, truncated, what, knob):
     from thinkforge.stages.grpo import no_signal_cause
 
@@ -229,7 +311,9 @@ def test_the_lenient_reward_reads_stated_answers_and_logs_what_was_answered():
     scored = model.score(texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100)
     assert [total for total, _ in scored] == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert [parts["answered"] for _, parts in scored] == [1.0, 1.0, 0.0, 1.0, 1.0]
-    strict = RewardModel({"math_accuracy": {"weight": 1.0}}).score(texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100)
+    strict = RewardModel({"math_accuracy": {"weight": 1.0}}).score(
+        texts, ["4"] * len(texts), [5] * len(texts), [False] * len(texts), 100
+    )
     assert [total for total, _ in strict] == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
@@ -239,7 +323,9 @@ def test_heldout_scores_read_answers_as_the_reward_does(tmp_path, extraction, ex
     from thinkforge.config import validate
     from thinkforge.train import build_stage
 
-    stage = build_stage(validate(compose_config(*GRPO_FAST, f"stage.answer_extraction={extraction}", output_dir=tmp_path)))
+    stage = build_stage(
+        validate(compose_config(*GRPO_FAST, f"stage.answer_extraction={extraction}", output_dir=tmp_path))
+    )
     texts = ["2 + 2 = 4.\nThe answer is: 4", "The answer is 4 or 5.", RIGHT]
     assert stage.heldout.verify(texts, ["4"] * 3) == expected
 
@@ -250,13 +336,32 @@ def test_heldout_without_a_val_file_holds_out_training_rows(tmp_path):
     rows = tmp_path / "prompts.jsonl"
     rows.write_text("".join(f'{{"prompt": "What is {i} + 1?", "answer": "{i + 1}"}}\n' for i in range(24)))
     run_dir = tmp_path / "run"
-    result = run_cli(*GRPO_FAST, "data=jsonl", f"data.train={rows}", "data.val=null", "heldout.num_prompts=8",
-                     "trainer.max_steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_cli(
+        *GRPO_FAST,
+        "data=jsonl",
+        f"data.train={rows}",
+        "data.val=null",
+        "heldout.num_prompts=8",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"held-out prompts: the last 8 rows of {rows} (data.val is null), not trained on" in result.stdout + result.stderr
+    assert (
+        f"held-out prompts: the last 8 rows of {rows} (data.val is null), not trained on"
+        in result.stdout + result.stderr
+    )
     heldout = __import__("json").loads((run_dir / "heldout.json").read_text())
     assert heldout["samples"] == 8
     assert logged(run_dir, "heldout_start/accuracy")
-    too_many = run_cli(*GRPO_FAST, "data=jsonl", f"data.train={rows}", "data.val=null", "heldout.num_prompts=24",
-                       "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'all'}", cwd=tmp_path)
+    too_many = run_cli(
+        *GRPO_FAST,
+        "data=jsonl",
+        f"data.train={rows}",
+        "data.val=null",
+        "heldout.num_prompts=24",
+        "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path / 'all'}",
+        cwd=tmp_path,
+    )
     assert too_many.returncode == 2 and "heldout.num_prompts=24 would hold out all 24 rows" in too_many.stderr

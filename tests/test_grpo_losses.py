@@ -18,7 +18,9 @@ def test_group_advantages_by_hand():
     assert group_advantages(rewards, 3, "group").tolist() == pytest.approx(expected, abs=1e-6)
     assert group_advantages(rewards, 3, "none").tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], abs=1e-6)
     batch_std = rewards.std().item()
-    assert group_advantages(rewards, 3, "batch").tolist() == pytest.approx([a / (batch_std + 1e-4) for a in [2 / 3, -1 / 3, -1 / 3, 0, 0, 0]], abs=1e-6)
+    assert group_advantages(rewards, 3, "batch").tolist() == pytest.approx(
+        [a / (batch_std + 1e-4) for a in [2 / 3, -1 / 3, -1 / 3, 0, 0, 0]], abs=1e-6
+    )
     with pytest.raises(ValueError):
         group_advantages(rewards, 4)
 
@@ -56,7 +58,16 @@ def test_aggregation_types_by_hand():
 def test_clipping_on_both_sides_with_asymmetric_epsilons():
     logps, old, mask = setup_case()
     # positive advantage: ρ=2 is clipped at 1+ε_high=1.28; negative advantage: ρ=0.5 is clipped at 1-ε_low=0.8
-    loss, metrics = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, max_completion_length=4)
+    loss, metrics = grpo_loss(
+        logps,
+        old,
+        torch.tensor([1.0, -1.0]),
+        mask,
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        max_completion_length=4,
+    )
     seq0 = [-1.0, -1.28, -1.0]
     seq1 = [1.0, 0.8]  # -min(ρA, clip(ρ)A) = -min(-0.5, -0.8) = 0.8
     assert loss.item() == pytest.approx((sum(seq0) + sum(seq1)) / 5)
@@ -64,7 +75,9 @@ def test_clipping_on_both_sides_with_asymmetric_epsilons():
     assert metrics["clip_fraction/low"].item() == pytest.approx(1 / 5)
     # the clipped side passes no gradient
     logps = logps.clone().requires_grad_(True)
-    loss, _ = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_high=0.28, max_completion_length=4)
+    loss, _ = grpo_loss(
+        logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dapo", epsilon_high=0.28, max_completion_length=4
+    )
     loss.backward()
     assert logps.grad[0, 1].item() == 0.0 and logps.grad[1, 1].item() == 0.0
     assert logps.grad[0, 0].item() != 0.0
@@ -74,7 +87,9 @@ def test_k3_kl_by_hand_and_zero_at_reference():
     logps = torch.log(torch.tensor([[0.5, 0.25]]))
     ref = torch.log(torch.tensor([[0.25, 0.25]]))
     mask = torch.ones(1, 2)
-    loss, metrics = grpo_loss(logps, logps.detach(), torch.zeros(1), mask, beta=0.5, ref_logps=ref, max_completion_length=4)
+    loss, metrics = grpo_loss(
+        logps, logps.detach(), torch.zeros(1), mask, beta=0.5, ref_logps=ref, max_completion_length=4
+    )
     # token 0: ref−logp = log 0.5 → k3 = 0.5 − log 0.5 − 1; token 1: 0
     k3 = 0.5 - math.log(0.5) - 1
     assert metrics["kl"].item() == pytest.approx(k3 / 2)
@@ -91,4 +106,6 @@ def test_the_sum_form_is_the_mean_times_units_counted_before_the_forward_pass():
         summed = grpo_loss_sum(logps, old, advantages, mask, loss_type=loss_type, max_completion_length=4)
         assert int(summed.units) == units == int(grpo_loss_units(mask.bool(), loss_type, 4))
         assert summed.total.item() == pytest.approx(mean.item() * units)
-        assert {k: v.item() / units for k, v in summed.metrics.items()} == pytest.approx({k: v.item() for k, v in metrics.items()})
+        assert {k: v.item() / units for k, v in summed.metrics.items()} == pytest.approx(
+            {k: v.item() for k, v in metrics.items()}
+        )

@@ -44,7 +44,9 @@ def imports(path: Path) -> set[str]:
                 candidate = f"{base}.{alias.name}" if base else alias.name
                 found.add(candidate if (PACKAGE / candidate.replace(".", "/")).with_suffix(".py").exists() else base)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.removeprefix("thinkforge.") for alias in node.names if alias.name.startswith("thinkforge.")}
+            found |= {
+                alias.name.removeprefix("thinkforge.") for alias in node.names if alias.name.startswith("thinkforge.")
+            }
     return {name for name in found if name}
 
 
@@ -58,8 +60,10 @@ def test_every_module_has_a_layer():
 def test_imports_point_down():
     upward = [
         f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
-        for module, targets in GRAPH.items() if module
-        for target in targets if layer(target) > layer(module)
+        for module, targets in GRAPH.items()
+        if module
+        for target in targets
+        if layer(target) > layer(module)
     ]
     assert upward == []
 
@@ -72,7 +76,9 @@ def test_no_import_cycle():
 
 
 def test_the_backbone_imports_no_loss_and_no_dataset():
-    assert not {target for target in GRAPH["backbone"] if target.startswith(("losses", "data.synthetic", "data.records"))}
+    assert not {
+        target for target in GRAPH["backbone"] if target.startswith(("losses", "data.synthetic", "data.records"))
+    }
 
 
 def test_the_command_line_composes_configs_without_torch():
@@ -80,6 +86,15 @@ def test_the_command_line_composes_configs_without_torch():
     import subprocess
     import sys
 
-    loaded = subprocess.run([sys.executable, "-c", "import sys, thinkforge.cli; print(sorted({m.split('.')[0] for m in sys.modules} & "
-                             "{'torch', 'transformers', 'lightning', 'sympy'}))"], capture_output=True, text=True, check=True)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, thinkforge.cli; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'transformers', 'lightning', 'sympy'}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert loaded.stdout.strip() == "[]"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAST, compose_config, logged
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAST, compose_config, logged
 from thinkforge.train import run_stage
 
 
@@ -31,7 +31,9 @@ def test_loss_falls_and_metrics_are_logged(midtrain_run):
 def test_export_loads_with_auto_classes_and_generates(midtrain_run):
     model = AutoModelForCausalLM.from_pretrained(midtrain_run.export_dir)
     tokenizer = AutoTokenizer.from_pretrained(midtrain_run.export_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Ava has 3 apples."}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Ava has 3 apples."}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
@@ -43,7 +45,11 @@ def test_loss_is_the_global_token_mean_whatever_the_micro_batch(tmp_path):
     """Accumulating 4+4 sequences must give the same update as one micro-batch of 8."""
     exports, runs = [], []
     for micro in (4, 8):
-        result = run_stage(compose_config(*FAST, "trainer.max_steps=2", f"data.micro_batch_size={micro}", output_dir=tmp_path / str(micro)))
+        result = run_stage(
+            compose_config(
+                *FAST, "trainer.max_steps=2", f"data.micro_batch_size={micro}", output_dir=tmp_path / str(micro)
+            )
+        )
         exports.append(load_file(result.export_dir / "model.safetensors"))
         runs.append(result.output_dir)
     for metric in ("train/loss", "train/grad_norm"):
@@ -62,8 +68,14 @@ def test_a_short_run_prints_a_quiet_console(tmp_path):
 
     from conftest import logged, run_cli
 
-    result = run_cli("trainer.max_steps=20", "data.synthetic.num_train=256", "data.max_length=128", "heldout.num_prompts=8",
-                     "heldout.max_new_tokens=32", cwd=tmp_path)
+    result = run_cli(
+        "trainer.max_steps=20",
+        "data.synthetic.num_train=256",
+        "data.max_length=128",
+        "heldout.num_prompts=8",
+        "heldout.max_new_tokens=32",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip() and "━" not in line]
     assert not [line for line in lines if "Tip" in line or "/-2" in line or "eval mode" in line], lines

@@ -15,21 +15,36 @@ from thinkforge.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss_sum, grp
 from thinkforge.stages.completions import completion_scores
 
 LAYOUTS = {"padded": (False, False), "packed": (True, False), "shared_prompt": (True, True)}
-MODEL = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> CausalLM:
     # dropout off and fp32: the layouts must agree to rounding, not to a noise level
-    hf = load_hf_model(ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer, param_dtype=torch.float32)
+    hf = load_hf_model(
+        ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"),
+        tokenizer,
+        param_dtype=torch.float32,
+    )
     return CausalLM(hf).eval()
 
 
 def groups_of(rng: random.Random, prompts: int, per_prompt: int, vocab: int) -> list[tuple[list[int], list[list[int]]]]:
     """Prompts of 1-40 tokens with completions of 1-30 tokens: lengths vary as sampled rollouts do."""
     return [
-        ([rng.randrange(vocab) for _ in range(rng.randint(1, 40))], [[rng.randrange(vocab) for _ in range(rng.randint(1, 30))] for _ in range(per_prompt)])
+        (
+            [rng.randrange(vocab) for _ in range(rng.randint(1, 40))],
+            [[rng.randrange(vocab) for _ in range(rng.randint(1, 30))] for _ in range(per_prompt)],
+        )
         for _ in range(prompts)
     ]
 
@@ -41,7 +56,9 @@ def scored_batch(groups, layout: str, trainable=lambda member: True) -> dict[str
         document
         for g, (prompt, completions) in enumerate(groups)
         for document in completion_documents(
-            prompt, [(g * per_prompt + k, c, trainable(g * per_prompt + k)) for k, c in enumerate(completions)], share_prompt=share
+            prompt,
+            [(g * per_prompt + k, c, trainable(g * per_prompt + k)) for k, c in enumerate(completions)],
+            share_prompt=share,
         )
     ]
     capacity = max(len(d) for d in documents)
@@ -54,7 +71,9 @@ def gradients(model: CausalLM) -> list[torch.Tensor]:
     return grads
 
 
-def assert_same(first: tuple[torch.Tensor, list[torch.Tensor]], second: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+def assert_same(
+    first: tuple[torch.Tensor, list[torch.Tensor]], second: tuple[torch.Tensor, list[torch.Tensor]]
+) -> None:
     torch.testing.assert_close(first[0], second[0], atol=1e-5, rtol=1e-5)
     for a, b in zip(first[1], second[1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -95,8 +114,16 @@ def test_grpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_ty
         reference = logps.detach() - 0.1
         mask = batch["targets"] != IGNORE_INDEX
         result = grpo_loss_sum(
-            logps, old * mask, advantages[batch["members"]], mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28,
-            beta=0.04, ref_logps=reference * mask, max_completion_length=30,
+            logps,
+            old * mask,
+            advantages[batch["members"]],
+            mask,
+            loss_type=loss_type,
+            epsilon_low=0.2,
+            epsilon_high=0.28,
+            beta=0.04,
+            ref_logps=reference * mask,
+            max_completion_length=30,
         )
         result.total.backward()
         return torch.stack([result.total, result.units.float(), (entropy * mask).sum()]), gradients(model)
@@ -116,8 +143,15 @@ def test_dpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_typ
         sides = logps.sum(-1).view(-1, 2)
         chosen_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).view(-1, 2)[:, 0]
         result = dpo_loss_sum(
-            sides[:, 0], sides[:, 1], sides[:, 0].detach() - 0.3, sides[:, 1].detach() + 0.2, beta=0.1, loss_type=loss_type,
-            label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, rpo_alpha=0.5, chosen_tokens=chosen_tokens,
+            sides[:, 0],
+            sides[:, 1],
+            sides[:, 0].detach() - 0.3,
+            sides[:, 1].detach() + 0.2,
+            beta=0.1,
+            loss_type=loss_type,
+            label_smoothing=0.1 if loss_type == "sigmoid" else 0.0,
+            rpo_alpha=0.5,
+            chosen_tokens=chosen_tokens,
         )
         result.total.backward()
         return result.total.detach().reshape(1), gradients(model)

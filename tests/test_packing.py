@@ -67,8 +67,13 @@ def test_collate_restarts_positions_and_never_labels_across_documents():
 def test_packed_rows_equal_documents_run_alone():
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     model = CausalLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"), logprob_chunk_size=7).eval()
     documents = [TokenSequence.causal(torch.randint(0, 97, (n,)).tolist()) for n in (9, 17, 5, 30, 12, 21)]
@@ -81,5 +86,7 @@ def test_packed_rows_equal_documents_run_alone():
             cursor = 0
             for document in row:
                 alone, _ = model(torch.tensor([document.input_ids]), torch.tensor([document.labels]))
-                torch.testing.assert_close(packed[row_index, cursor : cursor + len(document)], alone[0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    packed[row_index, cursor : cursor + len(document)], alone[0], atol=1e-5, rtol=0
+                )
                 cursor += len(document)

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST, run_cli
 from hydra import compose, initialize_config_dir
 
-from conftest import FAST, run_cli
 from thinkforge.cli import OPEN_KEY_OVERRIDE, config_dir
 from thinkforge.config import ConfigError
 from thinkforge.pipeline import plan
@@ -56,7 +56,9 @@ def test_pipeline_seed_moves_init_data_order_and_sampling_in_every_stage(tmp_pat
     for stage in plan_recipe(tmp_path, "recipe=demo", "seed=7"):
         assert stage.config.seed == stage.config.data.seed == stage.config.model.init_seed == 7
     default = plan_recipe(tmp_path, "recipe=demo")
-    assert {s.fingerprint for s in default}.isdisjoint(s.fingerprint for s in plan_recipe(tmp_path, "recipe=demo", "seed=7"))
+    assert {s.fingerprint for s in default}.isdisjoint(
+        s.fingerprint for s in plan_recipe(tmp_path, "recipe=demo", "seed=7")
+    )
 
 
 def test_real_recipes_keep_their_structure(tmp_path):
@@ -90,20 +92,42 @@ def test_bad_stage_value_is_named(tmp_path):
 def with_deepscaler_inputs(tmp_path: Path) -> str:
     """What a dry run checks exists: the recipe's data file, and a local model in place of its hub model."""
     (tmp_path / "data" / "deepscaler").mkdir(parents=True)
-    (tmp_path / "data" / "deepscaler" / "train.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n")
+    (tmp_path / "data" / "deepscaler" / "train.jsonl").write_text(
+        json.dumps({"prompt": "1 + 1?", "answer": "2"}) + "\n"
+    )
     (tmp_path / "base").mkdir()
     return f"model.name_or_path={tmp_path / 'base'}"
 
 
 def test_dry_run_from_the_command_line(tmp_path):
     model = with_deepscaler_inputs(tmp_path)
-    brief = run_cli("recipe=deepscaler", model, "dry_run=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
-                    cwd=tmp_path, program="thinkforge-pipeline")
+    brief = run_cli(
+        "recipe=deepscaler",
+        model,
+        "dry_run=true",
+        "stages.grpo_16k.optim.lr=2e-6",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        program="thinkforge-pipeline",
+    )
     assert brief.returncode == 0, brief.stderr[-3000:]
-    assert "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | max_length 1024, completions 16384 |" in brief.stdout
-    assert len(brief.stdout.splitlines()) < 10 and "# ---- stage" not in brief.stdout, "one screen; the YAML with verbose"
-    result = run_cli("recipe=deepscaler", model, "dry_run=true", "verbose=true", "stages.grpo_16k.optim.lr=2e-6", f"hydra.run.dir={tmp_path}",
-                     cwd=tmp_path, program="thinkforge-pipeline")
+    assert (
+        "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | max_length 1024, completions 16384 |"
+        in brief.stdout
+    )
+    assert len(brief.stdout.splitlines()) < 10 and "# ---- stage" not in brief.stdout, (
+        "one screen; the YAML with verbose"
+    )
+    result = run_cli(
+        "recipe=deepscaler",
+        model,
+        "dry_run=true",
+        "verbose=true",
+        "stages.grpo_16k.optim.lr=2e-6",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        program="thinkforge-pipeline",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("# ---- stage") == 3
     assert "lr: 2.0e-06" in result.stdout.split("stage grpo_16k")[1].split("stage grpo_24k")[0]
@@ -117,13 +141,21 @@ def per_stage(stage: str, *overrides: str) -> list[str]:
 def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
     run_dir = tmp_path / "pipeline"
     args = [
-        "~stages.dpo", "~stages.grpo", f"hydra.run.dir={run_dir}",
+        "~stages.dpo",
+        "~stages.grpo",
+        f"hydra.run.dir={run_dir}",
         *per_stage("midtrain", *FAST, "heldout.num_prompts=8"),
         *per_stage("sft", *FAST, "trainer.max_steps=8", "heldout.num_prompts=8"),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("thinkforge-pipeline")), *args], cwd=tmp_path, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("thinkforge-pipeline")), *args],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     sft_checkpoint = run_dir / "sft" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not sft_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -148,20 +180,36 @@ def test_killed_pipeline_resumes_without_redoing_the_first_stage(tmp_path):
     changed = run_cli(*args, "stages.sft.optim.lr=1e-5", cwd=tmp_path, program="thinkforge-pipeline")
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "midtrain: already done" in changed.stdout
-    assert any(path.name.startswith("sft.stale-") for path in run_dir.iterdir()), "the old sft run is kept, not overwritten"
+    assert any(path.name.startswith("sft.stale-") for path in run_dir.iterdir()), (
+        "the old sft run is kept, not overwritten"
+    )
 
 
 def test_pipeline_and_eval_sweep_with_multirun(tmp_path):
-    pipeline = run_cli("-m", "dry_run=true", "verbose=true", "stages.grpo.optim.lr=1e-4,2e-4", f"hydra.sweep.dir={tmp_path / 'p'}",
-                       cwd=tmp_path, program="thinkforge-pipeline")
+    pipeline = run_cli(
+        "-m",
+        "dry_run=true",
+        "verbose=true",
+        "stages.grpo.optim.lr=1e-4,2e-4",
+        f"hydra.sweep.dir={tmp_path / 'p'}",
+        cwd=tmp_path,
+        program="thinkforge-pipeline",
+    )
     assert pipeline.returncode == 0, pipeline.stderr[-3000:]
     assert pipeline.stdout.count("# ---- stage grpo") == 2
     assert "lr: 0.0001" in pipeline.stdout and "lr: 0.0002" in pipeline.stdout
 
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"problem": 0, "gold": "1", "completion": "<think></think>\\boxed{1}"}) + "\n")
-    evaluation = run_cli("-m", f"samples_file={samples}", "ks=[1]", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'e'}",
-                         cwd=tmp_path, program="thinkforge-eval")
+    evaluation = run_cli(
+        "-m",
+        f"samples_file={samples}",
+        "ks=[1]",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        program="thinkforge-eval",
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert sorted(p.parent.name for p in (tmp_path / "e").glob("*/summary.json")) == ["0", "1"]
 
@@ -172,19 +220,34 @@ def test_a_pipeline_wide_data_file_reaches_every_stage_and_a_misspelled_stage_na
     stages = plan_recipe(tmp_path, "recipe=deepscaler", f"+data.train={prompts}")
     assert [s.config.data.train for s in stages] == [str(prompts)] * 3
     model = with_deepscaler_inputs(tmp_path)
-    dry = run_cli("recipe=deepscaler", model, f"data.train={prompts}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline")
+    dry = run_cli(
+        "recipe=deepscaler", model, f"data.train={prompts}", "dry_run=true", cwd=tmp_path, program="thinkforge-pipeline"
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert [line.split(" | ")[3] for line in dry.stdout.splitlines() if line.startswith("| grpo_")] == [str(prompts)] * 3
-    result = run_cli("recipe=deepscaler", f"data.train={prompts}", "stages.grpo8k.optim.lr=1e-6", "dry_run=true",
-                     cwd=tmp_path, program="thinkforge-pipeline")
+    assert [line.split(" | ")[3] for line in dry.stdout.splitlines() if line.startswith("| grpo_")] == [
+        str(prompts)
+    ] * 3
+    result = run_cli(
+        "recipe=deepscaler",
+        f"data.train={prompts}",
+        "stages.grpo8k.optim.lr=1e-6",
+        "dry_run=true",
+        cwd=tmp_path,
+        program="thinkforge-pipeline",
+    )
     assert result.returncode != 0
-    assert "stages.grpo8k: not a stage of this recipe; its stages are grpo_8k, grpo_16k, grpo_24k" in result.stderr + result.stdout
+    assert (
+        "stages.grpo8k: not a stage of this recipe; its stages are grpo_8k, grpo_16k, grpo_24k"
+        in result.stderr + result.stdout
+    )
 
 
 def test_the_table_says_where_a_stage_started_unless_it_is_a_plain_chain():
     from thinkforge.pipeline import format_table
 
     rows = [("midtrain", None), ("sft", "midtrain"), ("dpo", "sft"), ("grpo", "sft")]
-    records = [{"stage": name, "from": start, "heldout": {"accuracy": 0.5}, "export": f"{name}/export"} for name, start in rows]
+    records = [
+        {"stage": name, "from": start, "heldout": {"accuracy": 0.5}, "export": f"{name}/export"} for name, start in rows
+    ]
     labels = [line.split("|")[1].strip() for line in format_table(records).splitlines()[2:]]
     assert labels == ["midtrain", "sft", "dpo (from sft)", "grpo (from sft)"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import FAST, compose_config
 from lightning.pytorch.callbacks import Callback
-
 from safetensors import safe_open
 
-from conftest import FAST, compose_config
 from thinkforge.backbone import load_hf_model
 from thinkforge.config import ModelConfig, validate
 from thinkforge.train import build_stage, build_trainer
@@ -24,8 +23,18 @@ class Snapshot(Callback):
 
 
 def test_bf16_compute_keeps_fp32_weights_and_optimizer_state_and_a_1e6_update_moves_every_weight(tmp_path):
-    run = validate(compose_config(*FAST, "model.dtype=bfloat16", "trainer.max_steps=1", "optim.lr=1e-6",
-                                  "optim.warmup_steps=0", "data.val=null", "heldout.num_prompts=0", output_dir=tmp_path))
+    run = validate(
+        compose_config(
+            *FAST,
+            "model.dtype=bfloat16",
+            "trainer.max_steps=1",
+            "optim.lr=1e-6",
+            "optim.warmup_steps=0",
+            "data.val=null",
+            "heldout.num_prompts=0",
+            output_dir=tmp_path,
+        )
+    )
     stage, trainer, snapshot = build_stage(run), build_trainer(run), Snapshot()
     trainer.callbacks.append(snapshot)
     trainer.fit(stage, datamodule=stage.datamodule())
@@ -45,13 +54,33 @@ def test_bf16_compute_keeps_fp32_weights_and_optimizer_state_and_a_1e6_update_mo
 
 
 def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, tokenizer):
-    model = load_hf_model(ModelConfig(config={"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
-                                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}),
-                          tokenizer, param_dtype=torch.bfloat16)
+    model = load_hf_model(
+        ModelConfig(
+            config={
+                "model_type": "qwen2",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            }
+        ),
+        tokenizer,
+        param_dtype=torch.bfloat16,
+    )
     model.save_pretrained(tmp_path / "bf16")
     tokenizer.save_pretrained(tmp_path / "bf16")
-    run = validate(compose_config(*FAST, "model=pretrained", f"model.name_or_path={tmp_path / 'bf16'}", "trainer.max_steps=1",
-                                  "data.val=null", "heldout.num_prompts=0", output_dir=tmp_path / "run"))
+    run = validate(
+        compose_config(
+            *FAST,
+            "model=pretrained",
+            f"model.name_or_path={tmp_path / 'bf16'}",
+            "trainer.max_steps=1",
+            "data.val=null",
+            "heldout.num_prompts=0",
+            output_dir=tmp_path / "run",
+        )
+    )
     stage, trainer = build_stage(run), build_trainer(run)
     trainer.fit(stage, datamodule=stage.datamodule())
     assert {p.dtype for p in stage.policy.parameters()} == {torch.float32}, "trained in fp32 master weights"
@@ -60,8 +89,21 @@ def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, tokenizer):
 
 
 def test_attention_auto_falls_back_to_eager_for_architectures_without_sdpa(tokenizer):
-    bloom = load_hf_model(ModelConfig(config={"model_type": "bloom", "hidden_size": 32, "n_layer": 1, "n_head": 2}), tokenizer)
+    bloom = load_hf_model(
+        ModelConfig(config={"model_type": "bloom", "hidden_size": 32, "n_layer": 1, "n_head": 2}), tokenizer
+    )
     assert bloom.config._attn_implementation == "eager"
-    qwen = load_hf_model(ModelConfig(config={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-                                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}), tokenizer)
+    qwen = load_hf_model(
+        ModelConfig(
+            config={
+                "model_type": "qwen2",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            }
+        ),
+        tokenizer,
+    )
     assert qwen.config._attn_implementation == "sdpa"

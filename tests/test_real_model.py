@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import BENCHMARKS, compose_config, logged, run_cli
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import BENCHMARKS, compose_config, logged, run_cli
 from thinkforge import doctor
 from thinkforge.backbone import load_tokenizer
 from thinkforge.config import validate
@@ -36,14 +36,32 @@ def word_problems(tmp_path_factory):
 
     rows = synthetic.generate("train", 48, min_level=1, max_level=1, seed=3)
     path = tmp_path_factory.mktemp("words") / "rows.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p.prompt, "completion": f"{p.completion}", "answer": p.answer}) + "\n" for p in rows))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "completion": f"{p.completion}", "answer": p.answer}) + "\n" for p in rows
+        )
+    )
     return path
 
 
 def small_run(smollm2, data, *overrides):
-    return ["model=pretrained", f"model.name_or_path={smollm2}", "data=jsonl", f"data.train={data}", "data.val=null",
-            "data.max_length=256", "data.batch_size=4", "data.micro_batch_size=2", "trainer.max_steps=3", "trainer.ckpt_every=100",
-            "optim.lr=2e-5", "optim.weight_decay=0.0", "optim.warmup_steps=0", "heldout.num_prompts=0", *overrides]
+    return [
+        "model=pretrained",
+        f"model.name_or_path={smollm2}",
+        "data=jsonl",
+        f"data.train={data}",
+        "data.val=null",
+        "data.max_length=256",
+        "data.batch_size=4",
+        "data.micro_batch_size=2",
+        "trainer.max_steps=3",
+        "trainer.ckpt_every=100",
+        "optim.lr=2e-5",
+        "optim.weight_decay=0.0",
+        "optim.warmup_steps=0",
+        "heldout.num_prompts=0",
+        *overrides,
+    ]
 
 
 def test_the_conversion_from_the_wheel_gives_a_chat_model(tmp_path):
@@ -66,7 +84,10 @@ def test_sft_mask_on_the_real_chatml_template(smollm2, word_problems, tmp_path):
     run = validate(compose_config(*small_run(smollm2, word_problems, "stage=sft"), output_dir=tmp_path))
     tokenizer = load_tokenizer(run.model)
     assert turn_end_token(tokenizer) == "<|im_end|>" and end_token_ids(tokenizer) == [TURN_END]
-    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "The answer is \\boxed{4}."}]
+    messages = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "The answer is \\boxed{4}."},
+    ]
     sequence = SFT(run, tokenizer).assistant_only(messages)
     targets = [sequence.input_ids[i + 1] for i, label in enumerate(sequence.labels) if label != -100]
     assert tokenizer.decode(targets) == "The answer is \\boxed{4}.<|im_end|>"
@@ -78,11 +99,23 @@ def test_sft_mask_on_the_real_chatml_template(smollm2, word_problems, tmp_path):
 def test_a_few_steps_of_each_stage_move_the_loss(smollm2, word_problems, tmp_path, stage):
     extra = {
         "sft": ["stage=sft"],
-        "dpo": ["experiment=demo_dpo", "stage.pairs=file", f"data.train={pairs_of(word_problems, tmp_path)}", "data.batch_size=2",
-                "data.micro_batch_size=1"],
+        "dpo": [
+            "experiment=demo_dpo",
+            "stage.pairs=file",
+            f"data.train={pairs_of(word_problems, tmp_path)}",
+            "data.batch_size=2",
+            "data.micro_batch_size=1",
+        ],
         # SmolLM2 rarely solves these in 32 tokens: Phi-4's repetition reward gives every group a spread to learn from
-        "grpo": ["experiment=demo_grpo", "stage.group_size=4", "stage.max_completion_length=32", "stage.dynamic_sampling=false",
-                 "data.batch_size=2", "data.micro_batch_size=1", "optim.lr=2e-5"],
+        "grpo": [
+            "experiment=demo_grpo",
+            "stage.group_size=4",
+            "stage.max_completion_length=32",
+            "stage.dynamic_sampling=false",
+            "data.batch_size=2",
+            "data.micro_batch_size=1",
+            "optim.lr=2e-5",
+        ],
     }[stage]
     cfg = compose_config(*small_run(smollm2, word_problems, *extra), output_dir=tmp_path)
     if stage == "grpo":
@@ -96,10 +129,12 @@ def test_a_few_steps_of_each_stage_move_the_loss(smollm2, word_problems, tmp_pat
     # the export is an ordinary HF checkpoint that chats
     tokenizer = AutoTokenizer.from_pretrained(result.export_dir)
     model = AutoModelForCausalLM.from_pretrained(result.export_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     with torch.no_grad():
-        reply = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
+        reply = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :]
     assert tokenizer.decode(reply, skip_special_tokens=True).strip()
 
 
@@ -107,17 +142,41 @@ def pairs_of(word_problems, tmp_path):
     """Preference pairs: each row's worked solution over the same solution with a wrong final answer."""
     rows = [json.loads(line) for line in word_problems.read_text().splitlines()]
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": row["prompt"], "chosen": row["completion"],
-                                        "rejected": row["completion"].replace(f"\\boxed{{{row['answer']}}}", f"\\boxed{{{int(row['answer']) + 1}}}")}) + "\n"
-                            for row in rows))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": row["completion"],
+                    "rejected": row["completion"].replace(
+                        f"\\boxed{{{row['answer']}}}", f"\\boxed{{{int(row['answer']) + 1}}}"
+                    ),
+                }
+            )
+            + "\n"
+            for row in rows
+        )
+    )
     return path
 
 
 @pytest.mark.skipif(not BENCHMARKS.exists(), reason="shared benchmarks absent")
 def test_eval_on_eight_gsm8k_problems(smollm2, tmp_path):
-    result = run_cli("model=pretrained", f"model.name_or_path={smollm2}", "benchmark=gsm8k", "benchmark.limit=8", "num_samples=1",
-                     "ks=[1]", "temperature=0", "grading=lenient", "max_new_tokens=128", f"benchmarks_dir={BENCHMARKS}",
-                     f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-eval")
+    result = run_cli(
+        "model=pretrained",
+        f"model.name_or_path={smollm2}",
+        "benchmark=gsm8k",
+        "benchmark.limit=8",
+        "num_samples=1",
+        "ks=[1]",
+        "temperature=0",
+        "grading=lenient",
+        "max_new_tokens=128",
+        f"benchmarks_dir={BENCHMARKS}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        program="thinkforge-eval",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(row["rendered_prompt"].startswith("<|im_start|>system") for row in rows)
@@ -126,9 +185,19 @@ def test_eval_on_eight_gsm8k_problems(smollm2, tmp_path):
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_the_doctor_passes_on_this_model(smollm2, word_problems, tmp_path, stage):
-    extra = ["stage=sft"] if stage == "sft" else [
-        "experiment=demo_grpo", "stage.group_size=4", "stage.max_completion_length=32", "data.batch_size=2",
-        "data.micro_batch_size=1", "stage.dynamic_sampling=false", "optim.lr=2e-5"]
+    extra = (
+        ["stage=sft"]
+        if stage == "sft"
+        else [
+            "experiment=demo_grpo",
+            "stage.group_size=4",
+            "stage.max_completion_length=32",
+            "data.batch_size=2",
+            "data.micro_batch_size=1",
+            "stage.dynamic_sampling=false",
+            "optim.lr=2e-5",
+        ]
+    )
     cfg = compose_config(*small_run(smollm2, word_problems, *extra), output_dir=tmp_path)
     if stage == "grpo":
         cfg.stage.reward = OmegaConf.create({"repetition": {"weight": 1.0}})

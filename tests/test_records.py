@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import compose_config
+
 from thinkforge.config import validate
 from thinkforge.data.records import DataError, load_records
 
@@ -31,7 +31,10 @@ def test_field_mapping_and_numeric_answers(tmp_path):
     "bad_row,expected",
     [
         ({"prompt": "q"}, "row 2: field 'completion' (column 'completion'): missing"),
-        ({"prompt": "q", "completion": 3}, "row 2: field 'completion' (column 'completion'): must be a non-empty string"),
+        (
+            {"prompt": "q", "completion": 3},
+            "row 2: field 'completion' (column 'completion'): must be a non-empty string",
+        ),
         ('{"prompt": "q", ', "row 2: invalid JSON"),
         ([1, 2], "row 2: not an object"),
     ],
@@ -72,5 +75,7 @@ def test_parquet_and_missing_files(tmp_path):
 
 
 def test_synthetic_source_gives_canonical_records():
-    records = load_records("synthetic", "val", data_config("data.synthetic.num_val=5"), required=("prompt", "completion", "answer"))
+    records = load_records(
+        "synthetic", "val", data_config("data.synthetic.num_val=5"), required=("prompt", "completion", "answer")
+    )
     assert len(records) == 5 and all("\\boxed{" in r["completion"] for r in records.rows)

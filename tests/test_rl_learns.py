@@ -11,17 +11,20 @@ import json
 from statistics import mean
 
 import pytest
+from conftest import compose_config, logged
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import compose_config, logged
 from thinkforge.rewards.shaping import REWARD_FUNCTIONS, Sample
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.train import run_stage
 
 SMALL_MODEL = [
-    "model.config.hidden_size=64", "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
-    "model.config.num_attention_heads=4", "model.config.num_key_value_heads=2",
+    "model.config.hidden_size=64",
+    "model.config.intermediate_size=128",
+    "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=2",
 ]
 
 
@@ -44,10 +47,23 @@ def test_grpo_raises_the_sampled_reward(tmp_path, monkeypatch, case):
     monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
     steps = 60
     cfg = compose_config(
-        *SMALL_MODEL, "stage=grpo", "data.synthetic.num_train=64", "data.batch_size=8", "data.micro_batch_size=8",
-        "stage.group_size=8", "stage.max_completion_length=4", "stage.dynamic_sampling=false", "optim.lr=3e-3",
-        "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", f"trainer.max_steps={steps}", "trainer.ckpt_every=1000", "heldout.num_prompts=0",
-        *GRPO_CASES[case], output_dir=tmp_path,
+        *SMALL_MODEL,
+        "stage=grpo",
+        "data.synthetic.num_train=64",
+        "data.batch_size=8",
+        "data.micro_batch_size=8",
+        "stage.group_size=8",
+        "stage.max_completion_length=4",
+        "stage.dynamic_sampling=false",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1.0",
+        "optim.weight_decay=0.0",
+        f"trainer.max_steps={steps}",
+        "trainer.ckpt_every=1000",
+        "heldout.num_prompts=0",
+        *GRPO_CASES[case],
+        output_dir=tmp_path,
     )
     cfg.stage.reward = OmegaConf.create({"leading_space": {"weight": 1.0}})
     run_stage(cfg)
@@ -59,7 +75,11 @@ def test_grpo_raises_the_sampled_reward(tmp_path, monkeypatch, case):
 
 def _parity_pairs(path, numbers):
     rows = [
-        {"prompt": f"Is {n} even or odd?", "chosen": "even" if n % 2 == 0 else "odd", "rejected": "odd" if n % 2 == 0 else "even"}
+        {
+            "prompt": f"Is {n} even or odd?",
+            "chosen": "even" if n % 2 == 0 else "odd",
+            "rejected": "odd" if n % 2 == 0 else "even",
+        }
         for n in numbers
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -68,7 +88,12 @@ def _parity_pairs(path, numbers):
 
 def _greedy_prefers_chosen(export, rows) -> float:
     tokenizer, model = AutoTokenizer.from_pretrained(export), AutoModelForCausalLM.from_pretrained(export)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True) for r in rows]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        for r in rows
+    ]
     groups = HFEngine(model, tokenizer).generate(prompts, SamplingConfig(1, 0.0, 1.0, 4), seed=0)
     return mean(float(group[0].text == row["chosen"]) for group, row in zip(groups, rows))
 
@@ -80,10 +105,24 @@ def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
     steps = 60
     run_dir = tmp_path / "run"
     cfg = compose_config(
-        *SMALL_MODEL, "stage=dpo", "stage.pairs=file", "stage.rpo_alpha=1.0", f"data.train={tmp_path / 'train.jsonl'}", f"data.val={tmp_path / 'val.jsonl'}",
-        "data.max_length=64", "data.batch_size=16", "data.micro_batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
-        f"trainer.max_steps={steps}", "trainer.val_every=30", "trainer.ckpt_every=1000", "trainer.num_sanity_val_steps=1",
-        "heldout.num_prompts=0", output_dir=run_dir,
+        *SMALL_MODEL,
+        "stage=dpo",
+        "stage.pairs=file",
+        "stage.rpo_alpha=1.0",
+        f"data.train={tmp_path / 'train.jsonl'}",
+        f"data.val={tmp_path / 'val.jsonl'}",
+        "data.max_length=64",
+        "data.batch_size=16",
+        "data.micro_batch_size=16",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1.0",
+        f"trainer.max_steps={steps}",
+        "trainer.val_every=30",
+        "trainer.ckpt_every=1000",
+        "trainer.num_sanity_val_steps=1",
+        "heldout.num_prompts=0",
+        output_dir=run_dir,
     )
     result = run_stage(cfg)
     accuracy = logged(run_dir, "val/rewards/accuracies")

@@ -16,14 +16,17 @@ SAMPLER = torch.tensor([[-1.0, -2.0, -0.5], [-1.2, -0.7, -3.0]])
 TRAINER = SAMPLER + RATIOS.log()
 
 
-@pytest.mark.parametrize("mode, expected, masked", [
-    ("none", [[1, 1, 1], [1, 1, 0]], 0.0),
-    ("token_truncate", [[2.0, 0.5, 3.0], [1.0, 1.5, 0]], 0.0),
-    ("token_mask", [[2.0, 0.5, 0.0], [1.0, 1.5, 0]], 1 / 5),
-    # sequence ratios: 2 * 0.5 * 4 = 4 (over the cap), 1 * 1.5 = 1.5
-    ("sequence_truncate", [[3.0, 3.0, 3.0], [1.5, 1.5, 0]], 0.0),
-    ("sequence_mask", [[0.0, 0.0, 0.0], [1.5, 1.5, 0]], 3 / 5),
-])
+@pytest.mark.parametrize(
+    "mode, expected, masked",
+    [
+        ("none", [[1, 1, 1], [1, 1, 0]], 0.0),
+        ("token_truncate", [[2.0, 0.5, 3.0], [1.0, 1.5, 0]], 0.0),
+        ("token_mask", [[2.0, 0.5, 0.0], [1.0, 1.5, 0]], 1 / 5),
+        # sequence ratios: 2 * 0.5 * 4 = 4 (over the cap), 1 * 1.5 = 1.5
+        ("sequence_truncate", [[3.0, 3.0, 3.0], [1.5, 1.5, 0]], 0.0),
+        ("sequence_mask", [[0.0, 0.0, 0.0], [1.5, 1.5, 0]], 3 / 5),
+    ],
+)
 def test_each_mode_by_hand(mode, expected, masked):
     weights, metrics = rollout_correction(TRAINER, SAMPLER, MASK, mode=mode, cap=3.0)
     torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
@@ -39,7 +42,9 @@ def test_weights_scale_each_tokens_surrogate_and_not_its_gradient_path():
     advantages = torch.tensor([1.0, -1.0])
     weights, _ = rollout_correction(TRAINER, SAMPLER, MASK, mode="token_truncate", cap=3.0)
     plain, _ = grpo_loss(logps, logps.detach(), advantages, MASK, max_completion_length=4)
-    corrected, _ = grpo_loss(logps, logps.detach(), advantages, MASK, correction_weights=weights, max_completion_length=4)
+    corrected, _ = grpo_loss(
+        logps, logps.detach(), advantages, MASK, correction_weights=weights, max_completion_length=4
+    )
     # at ratio 1 the surrogate per token is -A; each is scaled by its weight, then summed over the 5 tokens
     assert plain.item() == pytest.approx(-(3 * 1.0 - 2 * 1.0) / 5)
     assert corrected.item() == pytest.approx(-((2.0 + 0.5 + 3.0) - (1.0 + 1.5)) / 5, rel=1e-5)

@@ -10,13 +10,23 @@ from thinkforge.config import ModelConfig
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.tokenizer import render_prompt
 
-MODEL = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_shared_prefill_gives_the_same_tokens_and_logprobs(tokenizer, temperature):
-    model = load_hf_model(ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer).eval()
+    model = load_hf_model(
+        ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer
+    ).eval()
     # prompts of very different lengths: the short ones sit behind a lot of left padding
     prompts = [render_prompt(tokenizer, text) for text in ("1+1", "What is 12*7 - 3*(4+5)? " * 6, "2*3")]
     sampling = SamplingConfig(num_samples=3, temperature=temperature, max_new_tokens=12)

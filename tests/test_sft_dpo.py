@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAST, compose_config, logged, run_cli
+
 from thinkforge.config import validate
 from thinkforge.data import synthetic
 from thinkforge.losses import dpo_loss, dpo_loss_sum
@@ -71,8 +71,13 @@ def test_sft_refuses_to_split_conversations(tokenizer):
 )
 def test_dpo_loss_by_hand(loss_type, smoothing, expected):
     loss, metrics = dpo_loss(
-        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
-        beta=0.5, loss_type=loss_type, label_smoothing=smoothing,
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.0]),
+        beta=0.5,
+        loss_type=loss_type,
+        label_smoothing=smoothing,
     )
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.5)
@@ -82,13 +87,24 @@ def test_dpo_loss_by_hand(loss_type, smoothing, expected):
 
 
 def test_dpo_hinge_with_small_margin_by_hand():
-    loss, _ = dpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, -1.0]), torch.tensor([-1.2, -1.0]),
-                       torch.tensor([-1.0, -1.0]), beta=1.0, loss_type="hinge")
+    loss, _ = dpo_loss(
+        torch.tensor([-1.0, -1.0]),
+        torch.tensor([-1.0, -1.0]),
+        torch.tensor([-1.2, -1.0]),
+        torch.tensor([-1.0, -1.0]),
+        beta=1.0,
+        loss_type="hinge",
+    )
     assert loss.item() == pytest.approx(((1 - 0.2) + 1) / 2)
 
 
 def test_rpo_adds_the_chosen_per_token_nll_by_hand():
-    args = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0]), torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -6.0])
+    args = (
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([-5.0, -6.0]),
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([-5.0, -6.0]),
+    )
     plain, _ = dpo_loss(*args, beta=0.1)
     rpo, metrics = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
     # zero margins: log 2 each; NLL per token: 4/2 = 2 and 6/3 = 2
@@ -100,24 +116,45 @@ def test_rpo_adds_the_chosen_per_token_nll_by_hand():
 
 
 def test_dpo_loss_sum_is_the_mean_times_the_pairs_and_sums_the_metrics():
-    args = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -7.0]), torch.tensor([-4.5, -6.0]), torch.tensor([-5.0, -6.5])
+    args = (
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([-5.0, -7.0]),
+        torch.tensor([-4.5, -6.0]),
+        torch.tensor([-5.0, -6.5]),
+    )
     mean, per_pair = dpo_loss(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
     summed = dpo_loss_sum(*args, beta=0.1, rpo_alpha=0.5, chosen_tokens=torch.tensor([2, 3]))
     assert int(summed.units) == 2 and summed.total.item() == pytest.approx(2 * mean.item())
-    assert {k: v.item() for k, v in summed.metrics.items()} == pytest.approx({k: v.sum().item() for k, v in per_pair.items()})
+    assert {k: v.item() for k, v in summed.metrics.items()} == pytest.approx(
+        {k: v.sum().item() for k, v in per_pair.items()}
+    )
 
 
 def test_rollout_pairs_take_correct_over_incorrect_and_count_the_rest():
     right, wrong = "<think>\nx\n</think>\n\\boxed{7}", "<think>\nx\n</think>\n\\boxed{8}"
     texts = [[wrong, right, wrong], [right, right], [wrong, "no think \\boxed{7}"]]
-    groups = [[Rollout(i, text, (1, 2), finished=j != 2) for j, text in enumerate(group)] for i, group in enumerate(texts)]
-    pairs, counts = pair_rollouts(groups, ["p0", "p1", "p2"], ["7", "7", "7"], math_accuracy, prompt_indices=[4, 6, 8],
-                                  provenance={"source_model": "m"})
+    groups = [
+        [Rollout(i, text, (1, 2), finished=j != 2) for j, text in enumerate(group)] for i, group in enumerate(texts)
+    ]
+    pairs, counts = pair_rollouts(
+        groups,
+        ["p0", "p1", "p2"],
+        ["7", "7", "7"],
+        math_accuracy,
+        prompt_indices=[4, 6, 8],
+        provenance={"source_model": "m"},
+    )
     assert counts == {"pairs": 1, "no_incorrect": 1, "no_correct": 1}
     assert pairs[0]["chosen"] == right and pairs[0]["rejected"] == wrong
     assert pairs[0]["chosen_finished"] and pairs[0]["rejected_finished"]
-    assert pairs[0]["provenance"] == {"source_model": "m", "prompt_index": 4, "chosen_sample": 1, "rejected_sample": 0,
-                                      "num_correct": 1, "num_samples": 3}
+    assert pairs[0]["provenance"] == {
+        "source_model": "m",
+        "prompt_index": 4,
+        "chosen_sample": 1,
+        "rejected_sample": 0,
+        "num_correct": 1,
+        "num_samples": 3,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +166,28 @@ def pairs_file(tmp_path_factory):
 
 
 def dpo_overrides(pairs_file):
-    return [*FAST, "experiment=demo_dpo", "stage.pairs=file", f"data.train={pairs_file}", "data.val=null", "heldout.num_prompts=0"]
+    return [
+        *FAST,
+        "experiment=demo_dpo",
+        "stage.pairs=file",
+        f"data.train={pairs_file}",
+        "data.val=null",
+        "heldout.num_prompts=0",
+    ]
 
 
 def test_dpo_starts_at_log2_and_precomputed_reference_gives_the_same_losses(tmp_path, pairs_file):
     losses = {}
     for precompute in (False, True):
-        result = run_stage(compose_config(*dpo_overrides(pairs_file), "trainer.max_steps=3", "optim.lr=2e-3",
-                                          f"stage.precompute_ref_logps={precompute}", output_dir=tmp_path / str(precompute)))
+        result = run_stage(
+            compose_config(
+                *dpo_overrides(pairs_file),
+                "trainer.max_steps=3",
+                "optim.lr=2e-3",
+                f"stage.precompute_ref_logps={precompute}",
+                output_dir=tmp_path / str(precompute),
+            )
+        )
         losses[precompute] = logged(result.output_dir, "train/loss")
         accuracies = logged(result.output_dir, "train/rewards/accuracies")
     assert losses[False][0] == pytest.approx(math.log(2), abs=1e-6)
@@ -147,8 +198,16 @@ def test_dpo_starts_at_log2_and_precomputed_reference_gives_the_same_losses(tmp_
 
 
 def test_sft_runs_and_teaches_the_answer_format(tmp_path):
-    result = run_stage(compose_config(*FAST, "stage=sft", "trainer.max_steps=6", "heldout.num_prompts=8",
-                                      "heldout.max_new_tokens=48", output_dir=tmp_path))
+    result = run_stage(
+        compose_config(
+            *FAST,
+            "stage=sft",
+            "trainer.max_steps=6",
+            "heldout.num_prompts=8",
+            "heldout.max_new_tokens=48",
+            output_dir=tmp_path,
+        )
+    )
     assert (result.export_dir / "model.safetensors").exists()
     losses = logged(result.output_dir, "train/loss")
     assert losses[5] < losses[0]
@@ -162,7 +221,9 @@ def test_stage_runs_with_fsdp(tmp_path, stage, pairs_file):
         "dpo": dpo_overrides(pairs_file),
         "dpo_precomputed": [*dpo_overrides(pairs_file), "stage.precompute_ref_logps=true"],
     }[stage]
-    result = run_cli(*overrides, "trainer.max_steps=2", "hardware=cpu_fsdp", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = run_cli(
+        *overrides, "trainer.max_steps=2", "hardware=cpu_fsdp", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").exists()
     assert logged(tmp_path, "train/loss")

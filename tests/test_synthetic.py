@@ -12,7 +12,12 @@ def evaluate_trace(completion: str) -> int:
     for line in lines:
         left, op, right, _, result = line.split()
         assert value is None or int(left) == value, "trace steps must chain"
-        expected = {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right), "/": int(left) // int(right)}[op]
+        expected = {
+            "+": int(left) + int(right),
+            "-": int(left) - int(right),
+            "*": int(left) * int(right),
+            "/": int(left) // int(right),
+        }[op]
         assert op != "/" or int(left) % int(right) == 0
         assert int(result) == expected
         value = expected
@@ -54,7 +59,9 @@ def test_max_number_bounds_the_start_and_every_amount_added():
 def test_answer_only_solutions_skip_the_work_and_leave_the_rest_unchanged():
     worked = synthetic.generate("train", 400, min_level=2, max_level=2, max_number=9, seed=0)
     mixed = synthetic.generate("train", 400, min_level=2, max_level=2, max_number=9, answer_only_fraction=0.7, seed=0)
-    assert [p.prompt for p in worked] == [p.prompt for p in mixed] and [p.answer for p in worked] == [p.answer for p in mixed]
+    assert [p.prompt for p in worked] == [p.prompt for p in mixed] and [p.answer for p in worked] == [
+        p.answer for p in mixed
+    ]
     terse = [m for m in mixed if m.completion.startswith("<think>\n</think>\n")]
     assert 0.6 < len(terse) / len(mixed) < 0.8
     assert all(m.completion == w.completion for w, m in zip(worked, mixed) if m not in terse)

@@ -7,9 +7,8 @@ import json
 import random
 
 import pytest
-import torch
-
 from conftest import compose_config, logged, run_cli
+
 from thinkforge.config import validate
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import TokenSequence, collate_rows
@@ -23,7 +22,9 @@ def mixed_length_chats(path, count=96, seed=0):
         for _ in range(count):
             steps = rng.randint(2, 60)
             reply = " ".join(f"{rng.randint(1, 9)} + {rng.randint(1, 9)}" for _ in range(steps))
-            handle.write(json.dumps({"prompt": f"Add {steps} pairs.", "completion": f"{reply} \\boxed{{{steps}}}"}) + "\n")
+            handle.write(
+                json.dumps({"prompt": f"Add {steps} pairs.", "completion": f"{reply} \\boxed{{{steps}}}"}) + "\n"
+            )
     return path
 
 
@@ -37,13 +38,36 @@ def test_unpacked_rows_pad_to_the_longest_rounded_up():
 
 def sft_batches(tmp_path, *overrides, world_size=1, rank=0):
     data = mixed_length_chats(tmp_path / "chats.jsonl")
-    run = validate(compose_config("stage=sft", "data=jsonl", f"data.train={data}", "data.max_length=1024",
-                                  "data.batch_size=16", "data.micro_batch_size=4", *overrides, output_dir=tmp_path))
+    run = validate(
+        compose_config(
+            "stage=sft",
+            "data=jsonl",
+            f"data.train={data}",
+            "data.max_length=1024",
+            "data.batch_size=16",
+            "data.micro_batch_size=4",
+            *overrides,
+            output_dir=tmp_path,
+        )
+    )
     stage = SFT(run, build_tokenizer())
     items = stage.build_items("train")
     lengths = [stage.item_length(item) for item in items] if run.data.group_by_length else None
-    return stage, items, StepBatches(items, batch_size=16, micro_batch_size=4, collate=stage.collate, seed=0, rank=rank,
-                                     world_size=world_size, start_step=0, lengths=lengths)
+    return (
+        stage,
+        items,
+        StepBatches(
+            items,
+            batch_size=16,
+            micro_batch_size=4,
+            collate=stage.collate,
+            seed=0,
+            rank=rank,
+            world_size=world_size,
+            start_step=0,
+            lengths=lengths,
+        ),
+    )
 
 
 def build_tokenizer():
@@ -80,8 +104,17 @@ def test_grouping_keeps_each_step_and_balances_the_ranks(tmp_path):
 
 def test_the_documented_sft_command_logs_a_fill_ratio_above_half(tmp_path):
     data = mixed_length_chats(tmp_path / "chats.jsonl")
-    result = run_cli("stage=sft", "data=jsonl", f"data.train={data}", "data.batch_size=16", "data.micro_batch_size=4",
-                     "trainer.max_steps=3", "heldout.num_prompts=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli(
+        "stage=sft",
+        "data=jsonl",
+        f"data.train={data}",
+        "data.batch_size=16",
+        "data.micro_batch_size=4",
+        "trainer.max_steps=3",
+        "heldout.num_prompts=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fill = logged(tmp_path / "run", "train/fill_ratio")
     assert len(fill) == 3 and min(fill.values()) >= 0.5, fill

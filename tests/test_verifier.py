@@ -7,28 +7,75 @@ import os
 import time
 
 import pytest
-
 from conftest import BENCHMARKS
+
 from thinkforge.rewards.math import VerifierPool, answers_match_many, extract_answer, gold_is_parseable, math_accuracy
 
 EQUIVALENT = [
-    ("27", "27"), ("27.0", "27"), ("27", "27.0"), ("-3", "-3"), ("0.5", "\\frac{1}{2}"), ("\\frac{1}{2}", "1/2"),
-    ("\\dfrac{3}{4}", "\\frac34"), ("\\tfrac{3}{4}", "0.75"), ("\\frac{6}{8}", "\\frac{3}{4}"), ("1,000", "1000"),
-    ("1{,}000", "1000"), ("12,345,678", "12345678"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("2\\sqrt{3}", "\\sqrt{12}"),
-    ("\\sqrt[3]{8}", "2"), ("2\\pi", "2\\pi"), ("\\pi/2", "\\frac{\\pi}{2}"), ("50\\%", "50"), ("12.5\\%", "12.5"),
-    ("10\\text{ cm}", "10"), ("5 \\text{ dollars}", "5"), ("90^\\circ", "90"), ("x = 3", "3"), ("y=-2", "-2"),
-    ("(1, 2)", "(1,2)"), ("(3,-1)", "\\left(3, -1\\right)"), ("[0, 1)", "[0,1)"), ("(-\\infty, 2]", "(-\\infty,2]"),
-    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}"), ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
-    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}"), ("$\\frac{1}{2}$", "\\frac{1}{2}"), ("2^{10}", "1024"),
-    ("x^2 + 2x + 1", "(x+1)^2"), ("\\boxed{7}", "7"), ("0.25", "\\frac{1}{4}"), ("3.0", "3"), ("-\\frac{1}{2}", "-0.5"),
+    ("27", "27"),
+    ("27.0", "27"),
+    ("27", "27.0"),
+    ("-3", "-3"),
+    ("0.5", "\\frac{1}{2}"),
+    ("\\frac{1}{2}", "1/2"),
+    ("\\dfrac{3}{4}", "\\frac34"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("\\frac{6}{8}", "\\frac{3}{4}"),
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    ("12,345,678", "12345678"),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+    ("2\\sqrt{3}", "\\sqrt{12}"),
+    ("\\sqrt[3]{8}", "2"),
+    ("2\\pi", "2\\pi"),
+    ("\\pi/2", "\\frac{\\pi}{2}"),
+    ("50\\%", "50"),
+    ("12.5\\%", "12.5"),
+    ("10\\text{ cm}", "10"),
+    ("5 \\text{ dollars}", "5"),
+    ("90^\\circ", "90"),
+    ("x = 3", "3"),
+    ("y=-2", "-2"),
+    ("(1, 2)", "(1,2)"),
+    ("(3,-1)", "\\left(3, -1\\right)"),
+    ("[0, 1)", "[0,1)"),
+    ("(-\\infty, 2]", "(-\\infty,2]"),
+    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}"),
+    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}"),
+    ("$\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("2^{10}", "1024"),
+    ("x^2 + 2x + 1", "(x+1)^2"),
+    ("\\boxed{7}", "7"),
+    ("0.25", "\\frac{1}{4}"),
+    ("3.0", "3"),
+    ("-\\frac{1}{2}", "-0.5"),
 ]
 DIFFERENT = [
-    ("27", "28"), ("0.5", "\\frac{1}{3}"), ("1/2^{99}", "1/2^{98}"), ("3.14", "\\pi"), ("6.28", "2\\pi"),
-    ("\\sqrt{2}", "1.414"), ("(2, 1)", "(1, 2)"), ("(0, 1)", "[0, 1]"), ("[0, 1)", "[0, 1]"), ("\\{1, 2\\}", "\\{1, 2, 3\\}"),
-    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}"), ("x = 4", "3"),
-    ("1000", "100"), ("-3", "3"), ("\\frac{2}{3}", "0.666"), ("1000001", "1000000"), ("10^{-12}", "0"),
-    ("x^2 + 1", "(x+1)^2"), ("2\\sqrt{3}", "3\\sqrt{2}"), ("\\{41, 42\\}", "42"), ("41", "\\{41, 42\\}"),
-    ("", "3"), ("banana", "3"), ("12", "1, 2"),
+    ("27", "28"),
+    ("0.5", "\\frac{1}{3}"),
+    ("1/2^{99}", "1/2^{98}"),
+    ("3.14", "\\pi"),
+    ("6.28", "2\\pi"),
+    ("\\sqrt{2}", "1.414"),
+    ("(2, 1)", "(1, 2)"),
+    ("(0, 1)", "[0, 1]"),
+    ("[0, 1)", "[0, 1]"),
+    ("\\{1, 2\\}", "\\{1, 2, 3\\}"),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}"),
+    ("x = 4", "3"),
+    ("1000", "100"),
+    ("-3", "3"),
+    ("\\frac{2}{3}", "0.666"),
+    ("1000001", "1000000"),
+    ("10^{-12}", "0"),
+    ("x^2 + 1", "(x+1)^2"),
+    ("2\\sqrt{3}", "3\\sqrt{2}"),
+    ("\\{41, 42\\}", "42"),
+    ("41", "\\{41, 42\\}"),
+    ("", "3"),
+    ("banana", "3"),
+    ("12", "1, 2"),
 ]
 
 
@@ -78,7 +125,10 @@ def test_unparseable_gold_is_detected():
 
 
 def test_the_gold_check_accepts_matrices_and_short_text_answers_that_the_grader_grades():
-    vector, matrix = "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"
+    vector, matrix = (
+        "\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}",
+        "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
+    )
     for gold in (vector, matrix, "\\text{Evelyn}", "east", "\\text{ellipse}"):
         assert gold_is_parseable(gold), gold
         assert math_accuracy(f"<think>\n</think>\n\\boxed{{{gold}}}", gold) == 1.0, gold
@@ -98,7 +148,10 @@ def test_honest_answers_still_score_1_while_other_processes_saturate_the_cpus():
     """Busy cores slow the checks down; they must not turn right answers into timeouts (a wrong reward)."""
     import multiprocessing
 
-    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(2 * (os.cpu_count() or 2))]
+    spinners = [
+        multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+        for _ in range(2 * (os.cpu_count() or 2))
+    ]
     for spinner in spinners:
         spinner.start()
     try:
@@ -188,5 +241,7 @@ def test_every_math500_gold_passes_the_gold_check():
     """Matrices, vectors and text answers included: GRPO and filter-verifiable skip none of them."""
     from thinkforge.rewards.math import golds_parseable_many
 
-    golds = [json.loads(line)["answer"] for line in (BENCHMARKS / "math500.jsonl").read_text().splitlines() if line.strip()]
+    golds = [
+        json.loads(line)["answer"] for line in (BENCHMARKS / "math500.jsonl").read_text().splitlines() if line.strip()
+    ]
     assert sum(golds_parseable_many(golds)) == len(golds) == 500

@@ -10,9 +10,9 @@ from statistics import mean
 
 import pytest
 import torch
+from conftest import compose_config, logged
 from omegaconf import OmegaConf
 
-from conftest import compose_config, logged
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ModelConfig, RolloutConfig
 from thinkforge.doctor import sampler_trainer_gap
@@ -25,8 +25,16 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
 # vLLM's CPU attention needs a head size it has kernels for (64 here), which the 16 of test_rl_learns' model is not
-MODEL = {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 1, "max_position_embeddings": 512, "tie_word_embeddings": True}
+MODEL = {
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 SMALL_MODEL = [f"model.config.{key}={value}" for key, value in MODEL.items() if key != "model_type"]
 
 
@@ -36,7 +44,9 @@ def tiny(tmp_path_factory, request):
     from thinkforge.tokenizer import build_synthetic_tokenizer
 
     tokenizer = build_synthetic_tokenizer()
-    model = load_hf_model(ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer).eval()
+    model = load_hf_model(
+        ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer
+    ).eval()
     directory = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -53,7 +63,10 @@ def prompts_of(tokenizer):
 def test_greedy_tokens_and_end_rules_match_the_hf_engine(tiny):
     model, tokenizer, engine = tiny
     sampling = SamplingConfig(2, 0.0, 1.0, 24)
-    ours, theirs = engine.generate(prompts_of(tokenizer), sampling, seed=0), HFEngine(model, tokenizer).generate(prompts_of(tokenizer), sampling, seed=0)
+    ours, theirs = (
+        engine.generate(prompts_of(tokenizer), sampling, seed=0),
+        HFEngine(model, tokenizer).generate(prompts_of(tokenizer), sampling, seed=0),
+    )
     for our_group, their_group in zip(ours, theirs, strict=True):
         for a, b in zip(our_group, their_group, strict=True):
             assert (a.token_ids, a.text, a.finished, a.stopped_by) == (b.token_ids, b.text, b.finished, b.stopped_by)
@@ -64,7 +77,9 @@ def test_stop_strings_end_a_sample_at_the_shortest_prefix_that_holds_them(tiny):
     _, tokenizer, engine = tiny
     [[free]] = engine.generate(prompts_of(tokenizer)[:1], SamplingConfig(1, 1.0, 1.0, 24), seed=0)
     stop = tokenizer.decode(list(free.token_ids[5:7]))  # a string this sampled reply is known to contain
-    [[stopped]] = engine.generate(prompts_of(tokenizer)[:1], SamplingConfig(1, 1.0, 1.0, 24, stop_strings=(stop,)), seed=0)
+    [[stopped]] = engine.generate(
+        prompts_of(tokenizer)[:1], SamplingConfig(1, 1.0, 1.0, 24, stop_strings=(stop,)), seed=0
+    )
     shortest = next(n for n in range(1, len(free.token_ids) + 1) if stop in tokenizer.decode(list(free.token_ids[:n])))
     assert stopped.token_ids == free.token_ids[:shortest] and stopped.stopped_by == stop and not stopped.finished
     assert stop in stopped.text and len(stopped.logprobs) == shortest
@@ -81,7 +96,9 @@ def test_seeded_sampling_is_reproducible(tiny):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0)])
 def test_sampler_logprobs_match_the_trainer_in_fp32(tiny, temperature, top_p):
     model, tokenizer, engine = tiny
-    gap = sampler_trainer_gap(CausalLM(model), tokenizer, prompts_of(tokenizer), SamplingConfig(4, temperature, top_p, 24), engine=engine)
+    gap = sampler_trainer_gap(
+        CausalLM(model), tokenizer, prompts_of(tokenizer), SamplingConfig(4, temperature, top_p, 24), engine=engine
+    )
     assert gap < 1e-5, gap
 
 
@@ -100,7 +117,9 @@ def test_weight_sync_makes_the_engine_sample_the_new_weights(tiny):
     optimizer.step()
     stale = sampler_trainer_gap(policy, tokenizer, prompts, sampling, engine=engine)
     # every name, the tied LM head's too: vLLM on CPU packs its copy of the embedding apart
-    engine.update_weights((name, parameter.detach()) for name, parameter in policy.hf.named_parameters(remove_duplicate=False))
+    engine.update_weights(
+        (name, parameter.detach()) for name, parameter in policy.hf.named_parameters(remove_duplicate=False)
+    )
     fresh = sampler_trainer_gap(policy, tokenizer, prompts, sampling, engine=engine)
     assert stale > 1e-2 and fresh < 1e-5, (stale, fresh)
     engine.update_weights(model.named_parameters(remove_duplicate=False))  # back to the fixture's weights
@@ -113,10 +132,23 @@ def leading_space(sample) -> float:
 
 def grpo_config(tmp_path, steps, *overrides):
     cfg = compose_config(
-        *SMALL_MODEL, "stage=grpo", "rollout=vllm", "data.synthetic.num_train=64", "data.batch_size=8", "data.micro_batch_size=8",
-        "stage.group_size=8", "stage.max_completion_length=4", "stage.dynamic_sampling=false", "optim.lr=3e-3",
-        "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0", f"trainer.max_steps={steps}",
-        "heldout.num_prompts=0", *overrides, output_dir=tmp_path,
+        *SMALL_MODEL,
+        "stage=grpo",
+        "rollout=vllm",
+        "data.synthetic.num_train=64",
+        "data.batch_size=8",
+        "data.micro_batch_size=8",
+        "stage.group_size=8",
+        "stage.max_completion_length=4",
+        "stage.dynamic_sampling=false",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=0",
+        "optim.min_lr_ratio=1.0",
+        "optim.weight_decay=0.0",
+        f"trainer.max_steps={steps}",
+        "heldout.num_prompts=0",
+        *overrides,
+        output_dir=tmp_path,
     )
     cfg.stage.reward = OmegaConf.create({"leading_space": {"weight": 1.0}})
     return cfg
@@ -135,7 +167,7 @@ def test_grpo_with_vllm_learns_the_learnable_reward(tmp_path, monkeypatch):
 
 
 def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
-    from thinkforge.doctor import Interrupted, InterruptAt
+    from thinkforge.doctor import InterruptAt, Interrupted
 
     monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
     run_stage(grpo_config(tmp_path / "full", 4, "trainer.ckpt_every=2"))
@@ -146,8 +178,16 @@ def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
     assert sorted(resumed) == [0, 1, 2, 3] and resumed == full
     # and a plain Lightning fit still trains in this process, after three engines were made in it
     assert os.environ.get("LD_PRELOAD") == ENVIRONMENT.get("LD_PRELOAD") and torch.get_num_threads() == THREADS
-    result = run_stage(compose_config("trainer.max_steps=2", "data.synthetic.num_train=64", "data.batch_size=8",
-                                      "data.micro_batch_size=4", "heldout.num_prompts=0", output_dir=tmp_path / "fit"))
+    result = run_stage(
+        compose_config(
+            "trainer.max_steps=2",
+            "data.synthetic.num_train=64",
+            "data.batch_size=8",
+            "data.micro_batch_size=4",
+            "heldout.num_prompts=0",
+            output_dir=tmp_path / "fit",
+        )
+    )
     assert (result.export_dir / "model.safetensors").exists()
 
 
@@ -160,9 +200,22 @@ def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path):
     from conftest import run_cli
 
     result = run_cli(
-        *SMALL_MODEL, "stage=grpo", "rollout=vllm", "hardware=cpu_fsdp", "data.synthetic.num_train=64", "data.batch_size=8",
-        "data.micro_batch_size=4", "stage.group_size=4", "stage.max_completion_length=16", "reward@stage.reward=phi4_plus",
-        "optim.lr=1e-2", "trainer.max_steps=4", "heldout.num_prompts=0", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path,
+        *SMALL_MODEL,
+        "stage=grpo",
+        "rollout=vllm",
+        "hardware=cpu_fsdp",
+        "data.synthetic.num_train=64",
+        "data.batch_size=8",
+        "data.micro_batch_size=4",
+        "stage.group_size=4",
+        "stage.max_completion_length=16",
+        "reward@stage.reward=phi4_plus",
+        "optim.lr=1e-2",
+        "trainer.max_steps=4",
+        "heldout.num_prompts=0",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert min(logged(tmp_path, "train/grad_norm").values()) > 0  # the weights moved every step

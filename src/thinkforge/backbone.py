@@ -117,8 +117,13 @@ def load_hf_model(
     hf_model.generation_config.eos_token_id = end_token_ids(tokenizer, hf_model.generation_config)
     if model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("model: %s, %.2fM parameters, attention=%s, dtype=%s", model.name_or_path or "from config",
-             sum(p.numel() for p in hf_model.parameters()) / 1e6, attn, dtype)
+    log.info(
+        "model: %s, %.2fM parameters, attention=%s, dtype=%s",
+        model.name_or_path or "from config",
+        sum(p.numel() for p in hf_model.parameters()) / 1e6,
+        attn,
+        dtype,
+    )
     return hf_model
 
 
@@ -160,7 +165,9 @@ class _ChunkScores(torch.autograd.Function):
     def backward(ctx, grad_picked, _grad_entropy):
         hidden, weight, targets, normalizer = ctx.saved_tensors
         scaled, matrix = (hidden / ctx.temperature).to(ctx.dtype), weight.to(ctx.dtype)
-        grad_logits = F.linear(scaled, matrix).float().sub_(normalizer.unsqueeze(-1)).exp_().mul_(-grad_picked.unsqueeze(-1))
+        grad_logits = (
+            F.linear(scaled, matrix).float().sub_(normalizer.unsqueeze(-1)).exp_().mul_(-grad_picked.unsqueeze(-1))
+        )
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))
         grad_logits = grad_logits.to(ctx.dtype)
         grad_hidden = (grad_logits @ matrix).to(hidden.dtype) / ctx.temperature if ctx.needs_input_grad[0] else None
@@ -194,7 +201,11 @@ def token_logprobs(
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, scored.numel(), chunk_size):
         chunk_logprobs, chunk_entropy = _ChunkScores.apply(
-            scored_hidden[start : start + chunk_size], lm_head_weight, scored_targets[start : start + chunk_size], temperature, with_entropy
+            scored_hidden[start : start + chunk_size],
+            lm_head_weight,
+            scored_targets[start : start + chunk_size],
+            temperature,
+            with_entropy,
         )
         logprob_chunks.append(chunk_logprobs)
         if with_entropy:
@@ -235,7 +246,12 @@ class CausalLM(nn.Module):
         ).last_hidden_state
         head = self.hf.get_output_embeddings()
         return token_logprobs(
-            hidden, head.weight, labels, chunk_size=self.logprob_chunk_size, with_entropy=with_entropy, temperature=temperature
+            hidden,
+            head.weight,
+            labels,
+            chunk_size=self.logprob_chunk_size,
+            with_entropy=with_entropy,
+            temperature=temperature,
         )
 
     @property
@@ -293,7 +309,12 @@ def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig, compute: t
 
 
 def build_backbone(
-    model_cfg: ModelConfig, hardware: HardwareConfig, tokenizer: PreTrainedTokenizerBase, mesh: Any, *, frozen: bool = False
+    model_cfg: ModelConfig,
+    hardware: HardwareConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    mesh: Any,
+    *,
+    frozen: bool = False,
 ) -> CausalLM:
     """The starting checkpoint as every stage holds it: fp32 parameters, `parallelize`d over `mesh` (None: one
     process). The policy trains (from_pretrained returns eval mode; dropout on, where a model has any); `frozen`

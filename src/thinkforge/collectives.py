@@ -42,7 +42,9 @@ class Collectives:
 
     def std(self, values: torch.Tensor) -> float:
         """The unbiased std of `values` over all ranks together."""
-        total, squares, count = self.sum([values.sum().item(), (values**2).sum().item(), float(values.numel())]).tolist()
+        total, squares, count = self.sum(
+            [values.sum().item(), (values**2).sum().item(), float(values.numel())]
+        ).tolist()
         return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
 
     def share(self, count: int) -> list[int]:

@@ -126,7 +126,11 @@ class DataConfig:
         one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
         require(self.max_length > 1, "data.max_length", "must be at least 2")
         require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
-        require(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0, "data.pad_to_multiple_of", "must be positive (or null)")
+        require(
+            self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0,
+            "data.pad_to_multiple_of",
+            "must be positive (or null)",
+        )
         unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
         require(not unknown, "data.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
         require(
@@ -214,8 +218,14 @@ class HeldOutConfig:
     def __post_init__(self) -> None:
         require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
         require(self.num_samples > 0, "heldout.num_samples", "must be positive")
-        require(self.max_new_tokens is None or self.max_new_tokens > 0, "heldout.max_new_tokens", "must be positive (or null)")
-        require(self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0")
+        require(
+            self.max_new_tokens is None or self.max_new_tokens > 0,
+            "heldout.max_new_tokens",
+            "must be positive (or null)",
+        )
+        require(
+            self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0"
+        )
         require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
 
 
@@ -249,7 +259,11 @@ class RolloutConfig:
         one_of(self.dtype, DTYPES, "rollout.dtype")
         require(self.max_model_len is None or self.max_model_len > 1, "rollout.max_model_len", "must be > 1 (or null)")
         require(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
-        require(self.cpu_kv_cache_gib > 0 and self.max_num_batched_tokens > 0, "rollout", "cpu_kv_cache_gib and max_num_batched_tokens must be positive")
+        require(
+            self.cpu_kv_cache_gib > 0 and self.max_num_batched_tokens > 0,
+            "rollout",
+            "cpu_kv_cache_gib and max_num_batched_tokens must be positive",
+        )
 
 
 @dataclass
@@ -301,7 +315,8 @@ class TrainConfig:
         require(
             self.data.batch_size % (world * self.data.micro_batch_size) == 0,
             "data.batch_size",
-            f"{self.data.batch_size} must split evenly into {world} processes x micro batches of {self.data.micro_batch_size}",
+            f"{self.data.batch_size} must split evenly into {world} processes x micro batches of "
+            f"{self.data.micro_batch_size}",
         )
         require(
             isinstance(self.stage, StageSchema),
@@ -379,7 +394,9 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
-        require(not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}")
+        require(
+            not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}"
+        )
         require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
 
 
@@ -395,8 +412,12 @@ def shared_benchmarks() -> dict[str, BenchmarkConfig]:
         # MATH-500; never train on it.
         "math500": BenchmarkConfig("math500", "${benchmarks_dir}/math500.jsonl", fields=problem),
         # GSM8K test: the gold answer is the number after "####" at the end of the worked solution.
-        "gsm8k": BenchmarkConfig("gsm8k", "${benchmarks_dir}/gsm8k_test.jsonl", fields={"prompt": "question", "answer": "answer"},
-                                 answer_after="####"),
+        "gsm8k": BenchmarkConfig(
+            "gsm8k",
+            "${benchmarks_dir}/gsm8k_test.jsonl",
+            fields={"prompt": "question", "answer": "answer"},
+            answer_after="####",
+        ),
     }
 
 
@@ -415,8 +436,14 @@ class BudgetForcingConfig:
         return self.max_thinking_tokens is not None or self.num_waits > 0
 
     def __post_init__(self) -> None:
-        require(self.max_thinking_tokens is None or self.max_thinking_tokens > 0, "budget.max_thinking_tokens", "must be positive")
-        require(self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0")
+        require(
+            self.max_thinking_tokens is None or self.max_thinking_tokens > 0,
+            "budget.max_thinking_tokens",
+            "must be positive",
+        )
+        require(
+            self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0"
+        )
 
 
 class Grading(str, Enum):
@@ -455,7 +482,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         require(self.num_samples > 0 and self.batch_size > 0, "eval", "num_samples and batch_size must be positive")
         require(all(k > 0 for k in self.ks), "ks", "must be positive")
-        require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1")
+        require(
+            self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1"
+        )
         require(
             self.samples_file is not None or self.model is not None,
             "model",
@@ -475,5 +504,9 @@ def validate(cfg: DictConfig) -> Any:
     if schema is not None and dataclasses.is_dataclass(schema):
         knobs = [knob.name for knob in dataclasses.fields(schema)]
         unknown = [key for key in stage if key not in knobs]  # added with `+stage.<key>=`, past the schema
-        require(not unknown, f"stage.{unknown[0] if unknown else ''}", f"not a knob of {schema.__name__}; its knobs: {', '.join(knobs[1:])}")
+        require(
+            not unknown,
+            f"stage.{unknown[0] if unknown else ''}",
+            f"not a knob of {schema.__name__}; its knobs: {', '.join(knobs[1:])}",
+        )
     return OmegaConf.to_object(cfg)

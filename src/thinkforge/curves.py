@@ -7,8 +7,9 @@ picture puts held-out accuracy after each stage first, then the RL stages' panel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from thinkforge.csv_log import read_csv_log
 

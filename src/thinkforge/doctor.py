@@ -13,9 +13,10 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -71,7 +72,10 @@ def mask_problems(tokenizer: Any, prompt_ids: Sequence[int], sequence: TokenSequ
     if not targets:
         problems.append("no token carries loss")
     elif end_id is not None and end_id not in {sequence.input_ids[position] for position in targets}:
-        problems.append(f"the reply's end token {tokenizer.convert_ids_to_tokens(end_id)!r} is not a target: the model never learns to stop")
+        problems.append(
+            f"the reply's end token {tokenizer.convert_ids_to_tokens(end_id)!r} is not a target: "
+            "the model never learns to stop"
+        )
     return problems
 
 
@@ -81,23 +85,34 @@ def check_template(probe: StageProbe, examples: int = 2) -> Finding:
     cases = probe.examples(examples)
     if not cases:
         return Finding("template and mask", "skip", "no training example to render")
-    problems = sorted({problem for case in cases for problem in mask_problems(tokenizer, case.prompt_ids, case.sequence, case.end_id)})
+    problems = sorted(
+        {problem for case in cases for problem in mask_problems(tokenizer, case.prompt_ids, case.sequence, case.end_id)}
+    )
     example = marked(tokenizer, cases[0].sequence)
     if problems:
-        return Finding("template and mask", "fail", f"{'; '.join(problems)}: {example}",
-                       "fix the chat template or data.system_prompt so each reply ends with the turn's end token")
+        return Finding(
+            "template and mask",
+            "fail",
+            f"{'; '.join(problems)}: {example}",
+            "fix the chat template or data.system_prompt so each reply ends with the turn's end token",
+        )
     return Finding("template and mask", "pass", f"{len(cases)} examples, targets in []: {example}")
 
 
 # ---- 2. split invariance ---------------------------------------------------------------------------------------
-def train_briefly(cfg: DictConfig, directory: Path, overrides: Sequence[str], *, interrupt_at: int | None = None) -> dict[int, dict[str, float]]:
+def train_briefly(
+    cfg: DictConfig, directory: Path, overrides: Sequence[str], *, interrupt_at: int | None = None
+) -> dict[int, dict[str, float]]:
     """step -> logged train metrics of a short run of `cfg` with `overrides`, trained as the real run would be:
     by `run_stage` in this process, or as its own `thinkforge-train` process for multi-process strategies (they
     relaunch their ranks from the command line). `interrupt_at` stops it before that step, as a kill would."""
     run_cfg = with_values(cfg, directory, overrides)
     if interrupt_at is not None:
         with open_dict(run_cfg):
-            run_cfg.callbacks = {**(run_cfg.callbacks or {}), "doctor_interrupt": {"_target_": "thinkforge.doctor.InterruptAt", "step": interrupt_at}}
+            run_cfg.callbacks = {
+                **(run_cfg.callbacks or {}),
+                "doctor_interrupt": {"_target_": "thinkforge.doctor.InterruptAt", "step": interrupt_at},
+            }
     if validate(run_cfg).hardware.strategy == "fsdp":
         result = subprocess.run(own_process_command(run_cfg, directory), capture_output=True, text=True)
         if result.returncode != 0 and interrupt_at is None:
@@ -132,13 +147,23 @@ def check_micro_batches(cfg: DictConfig, workdir: Path) -> Finding:
     one = first_step(cfg, workdir / "split_one", f"data.micro_batch_size={whole}")
     many = first_step(cfg, workdir / "split_many", "data.micro_batch_size=1")
     if one["grad_norm"] == 0 and many["grad_norm"] == 0:
-        return Finding("split: micro-batches", "warn", "the first step has no gradient (for RL: no group with a reward spread)",
-                       "nothing to compare; run the doctor from a checkpoint that already solves some prompts")
+        return Finding(
+            "split: micro-batches",
+            "warn",
+            "the first step has no gradient (for RL: no group with a reward spread)",
+            "nothing to compare; run the doctor from a checkpoint that already solves some prompts",
+        )
     gap = relative_gap(many, one)
-    measured = f"1 x {whole} vs {whole} x 1 per rank: loss {one['loss']:.6g} / {many['loss']:.6g}, relative gap {gap:.1e}"
+    measured = (
+        f"1 x {whole} vs {whole} x 1 per rank: loss {one['loss']:.6g} / {many['loss']:.6g}, relative gap {gap:.1e}"
+    )
     if gap > SPLIT_TOLERANCE:
-        return Finding("split: micro-batches", "fail", measured,
-                       "the loss is not the global mean: gradient accumulation weights micro-batches unequally")
+        return Finding(
+            "split: micro-batches",
+            "fail",
+            measured,
+            "the loss is not the global mean: gradient accumulation weights micro-batches unequally",
+        )
     return Finding("split: micro-batches", "pass", measured)
 
 
@@ -165,8 +190,12 @@ def check_packing(probe: StageProbe, run: TrainConfig) -> Finding:
     gap = packed_vs_unpacked(model, sequences, run.data.max_length, probe.tokenizer.pad_token_id)
     measured = f"{len(sequences)} documents: relative gap of loss and gradient norm {gap:.1e}"
     if gap > SPLIT_TOLERANCE:
-        return Finding("split: packed vs unpacked", "fail", measured,
-                       "packed documents attend to each other: the attention backend ignores position_ids")
+        return Finding(
+            "split: packed vs unpacked",
+            "fail",
+            measured,
+            "packed documents attend to each other: the attention backend ignores position_ids",
+        )
     return Finding("split: packed vs unpacked", "pass", measured)
 
 
@@ -177,17 +206,29 @@ def check_ranks(cfg: DictConfig, probe: StageProbe, workdir: Path) -> Finding:
     if probe.samples_per_rank:
         return Finding("split: ranks", "skip", "each rank samples its own rollouts: another split samples other ones")
     sharded = first_step(cfg, workdir / "ranks_all")
-    alone = first_step(cfg, workdir / "ranks_one", "hardware.strategy=single", "hardware.devices=1", "hardware.num_nodes=1")
+    alone = first_step(
+        cfg, workdir / "ranks_one", "hardware.strategy=single", "hardware.devices=1", "hardware.num_nodes=1"
+    )
     gap = relative_gap(sharded, alone)
     world = run.hardware.devices * run.hardware.num_nodes
     measured = f"{world} ranks vs 1: relative gap {gap:.1e}"
     status = "fail" if gap > SPLIT_TOLERANCE else "pass"
-    return Finding("split: ranks", status, measured, "the loss is averaged per rank, not over the global batch" if status == "fail" else "")
+    return Finding(
+        "split: ranks",
+        status,
+        measured,
+        "the loss is averaged per rank, not over the global batch" if status == "fail" else "",
+    )
 
 
 # ---- 3. sampler vs trainer log-probs -----------------------------------------------------------------------------
 def sampler_trainer_gap(
-    model: CausalLM, tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig, *, score_temperature: float | None = None,
+    model: CausalLM,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    score_temperature: float | None = None,
     engine: RolloutEngine | None = None,
 ) -> float:
     """Mean |log p_sampler − log p_trainer| per completion token: the engine's recorded log-probs (HF generate on
@@ -204,7 +245,9 @@ def sampler_trainer_gap(
                     continue
                 ids = list(prompt_ids) + list(rollout.token_ids)
                 sequence = TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * len(rollout.token_ids))
-                logps, _ = model(torch.tensor([sequence.input_ids]), torch.tensor([sequence.labels]), temperature=temperature)
+                logps, _ = model(
+                    torch.tensor([sequence.input_ids]), torch.tensor([sequence.labels]), temperature=temperature
+                )
                 trainer_side = logps[0, len(prompt_ids) - 1 : len(ids) - 1]
                 total += (trainer_side - torch.tensor(rollout.logprobs)).abs().sum().item()
                 count += len(rollout.logprobs)
@@ -220,13 +263,24 @@ def check_logprobs(probe: StageProbe, run: TrainConfig, prompts: list[str]) -> F
     if run.rollout.engine == "vllm":
         from thinkforge.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(run.model.name_or_path, probe.tokenizer, run.rollout, max_model_len=run.data.max_length + sampling.max_new_tokens, seed=0)
+        engine = VLLMEngine(
+            run.model.name_or_path,
+            probe.tokenizer,
+            run.rollout,
+            max_model_len=run.data.max_length + sampling.max_new_tokens,
+            seed=0,
+        )
     gap = sampler_trainer_gap(model, probe.tokenizer, prompts[:4], sampling, engine=engine)
-    measured = f"{run.rollout.engine} engine: mean |Δ log p| {gap:.1e} per token at T={sampling.temperature}, top_p={sampling.top_p}"
+    measured = (
+        f"{run.rollout.engine} engine: mean |Δ log p| {gap:.1e} per token "
+        f"at T={sampling.temperature}, top_p={sampling.top_p}"
+    )
     if gap < LOGPROB_WARN:
         return Finding("sampler vs trainer log-probs", "pass", measured)
-    advice = ("the trainer scores another distribution than the sampler drew from: importance ratios and clipping refer "
-              "to the wrong policy (top_p < 1 renormalises the sampler only; use top_p=1 for RL)")
+    advice = (
+        "the trainer scores another distribution than the sampler drew from: importance ratios and clipping refer "
+        "to the wrong policy (top_p < 1 renormalises the sampler only; use top_p=1 for RL)"
+    )
     return Finding("sampler vs trainer log-probs", "warn" if gap < LOGPROB_FAIL else "fail", measured, advice)
 
 
@@ -250,17 +304,30 @@ def grader_audit(golds: Sequence[str], verifier: Verifier = math_accuracy_many) 
     shapes = [(name, text, gold) for gold in parseable for name, text in gaming_shapes(gold).items()]
     gamed = verifier([text for _, text, _ in shapes], [gold for _, _, gold in shapes])
     seconds = time.perf_counter() - started
-    slowest = max((timed_check(verifier, text, gold) for text, gold in zip(formatted[:16], parseable[:16])), default=0.0)
+    slowest = max(
+        (timed_check(verifier, text, gold) for text, gold in zip(formatted[:16], parseable[:16])), default=0.0
+    )
     accepted = sum(score >= 1 for score in right) / max(len(parseable), 1)
     gamers = sorted({name for (name, _, _), score in zip(shapes, gamed) if score >= 1})
-    measured = (f"{len(golds)} golds: {skipped:.0%} unparseable (skipped), formatted gold accepted {accepted:.0%}, "
-                f"gaming shapes accepted: {', '.join(gamers) or 'none'}; {len(formatted) + len(shapes)} checks in {seconds:.1f} s, "
-                f"slowest {slowest * 1e3:.0f} ms")
+    measured = (
+        f"{len(golds)} golds: {skipped:.0%} unparseable (skipped), formatted gold accepted {accepted:.0%}, "
+        f"gaming shapes accepted: {', '.join(gamers) or 'none'}; "
+        f"{len(formatted) + len(shapes)} checks in {seconds:.1f} s, "
+        f"slowest {slowest * 1e3:.0f} ms"
+    )
     if gamers or accepted < 0.99:
-        return Finding("grader audit", "fail", measured,
-                       "the reward can be gamed" if gamers else "correct answers score 0: check data.fields.answer and the gold format")
+        return Finding(
+            "grader audit",
+            "fail",
+            measured,
+            "the reward can be gamed"
+            if gamers
+            else "correct answers score 0: check data.fields.answer and the gold format",
+        )
     if skipped > 0.05:
-        return Finding("grader audit", "warn", measured, "prompts with unparseable gold answers are skipped in training")
+        return Finding(
+            "grader audit", "warn", measured, "prompts with unparseable gold answers are skipped in training"
+        )
     return Finding("grader audit", "pass", measured)
 
 
@@ -303,8 +370,10 @@ def resume_gap(cfg: DictConfig, workdir: Path, steps: int = 4) -> tuple[float, d
 
 
 VACUOUS = "vacuous: every step's loss was 0, so this shows nothing"
-VACUOUS_ADVICE = ("nothing was trained (for RL: no group had a reward spread); run the doctor on a model that "
-                  "already solves some prompts, or fix the answer format (stage.answer_extraction=lenient)")
+VACUOUS_ADVICE = (
+    "nothing was trained (for RL: no group had a reward spread); run the doctor on a model that "
+    "already solves some prompts, or fix the answer format (stage.answer_extraction=lenient)"
+)
 
 
 def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Finding, Finding]:
@@ -312,7 +381,9 @@ def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Find
     measured = f"4 steps vs 2 + interrupt + resume + 2: largest loss difference {gap:.1e}"
     vacuous = all(row["train/loss"] == 0 for row in steps.values())
     if gap > 1e-6:
-        resume = Finding("resume equivalence", "fail", measured, "a resumed run trains on other batches or another state")
+        resume = Finding(
+            "resume equivalence", "fail", measured, "a resumed run trains on other batches or another state"
+        )
     elif vacuous:
         resume = Finding("resume equivalence", "warn", f"{VACUOUS}; {measured}", VACUOUS_ADVICE)
     else:
@@ -327,22 +398,43 @@ def check_resume(cfg: DictConfig, workdir: Path, run: TrainConfig) -> tuple[Find
         memory = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     else:
         memory = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process RSS)"
-    cost = (f"{per_step:.2f} s/step, {tokens_per_s:,.0f} tokens/s, {memory}; "
-            f"{run.trainer.max_steps} steps ≈ {per_step * run.trainer.max_steps / 3600:.2f} h at this rate")
-    budget = Finding("budget", "warn", f"{VACUOUS}; {cost}", VACUOUS_ADVICE) if vacuous else Finding("budget", "pass", cost)
+    cost = (
+        f"{per_step:.2f} s/step, {tokens_per_s:,.0f} tokens/s, {memory}; "
+        f"{run.trainer.max_steps} steps ≈ {per_step * run.trainer.max_steps / 3600:.2f} h at this rate"
+    )
+    budget = (
+        Finding("budget", "warn", f"{VACUOUS}; {cost}", VACUOUS_ADVICE) if vacuous else Finding("budget", "pass", cost)
+    )
     return resume, budget
 
 
 # ---- the doctor ---------------------------------------------------------------------------------------------------
 def with_values(cfg: DictConfig, directory: Path, overrides: Sequence[str]) -> DictConfig:
     """A copy of `cfg` with dotted overrides, writing to `directory`, without held-out evaluation or validation."""
-    updated = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
-        f"output_dir={directory}", "heldout.num_prompts=0", "trainer.val_every=100000", "trainer.log_every=1",
-        "model.dtype=float32", "ckpt_path=last", *overrides,
-    ]))
+    updated = OmegaConf.merge(
+        cfg,
+        OmegaConf.from_dotlist(
+            [
+                f"output_dir={directory}",
+                "heldout.num_prompts=0",
+                "trainer.val_every=100000",
+                "trainer.log_every=1",
+                "model.dtype=float32",
+                "ckpt_path=last",
+                *overrides,
+            ]
+        ),
+    )
     with open_dict(updated):
-        updated.logger = {"csv": {"_target_": "thinkforge.resume.ContinuingCSVLogger", "save_dir": str(directory),
-                                  "name": "csv", "version": "", "flush_logs_every_n_steps": 1}}
+        updated.logger = {
+            "csv": {
+                "_target_": "thinkforge.resume.ContinuingCSVLogger",
+                "save_dir": str(directory),
+                "name": "csv",
+                "version": "",
+                "flush_logs_every_n_steps": 1,
+            }
+        }
     return updated
 
 
@@ -382,8 +474,14 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
     peak_disk = 0
     for name, check in checks:
         if not trains and name in ("split: micro-batches", "split: ranks", "resume equivalence"):
-            findings.append(Finding(name, "skip", "samples its training data from the previous stage's export",
-                                    "run thinkforge-doctor on that export once it exists"))
+            findings.append(
+                Finding(
+                    name,
+                    "skip",
+                    "samples its training data from the previous stage's export",
+                    "run thinkforge-doctor on that export once it exists",
+                )
+            )
             continue
         try:
             result = check()
@@ -395,7 +493,10 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
         prune_runs(workdir)
     for finding in findings:
         if finding.check == "budget":
-            finding.measured += f"; the doctor's own runs took at most {peak_disk / 2**30:.2f} GiB of disk (their checkpoints and exports are deleted)"
+            finding.measured += (
+                f"; the doctor's own runs took at most {peak_disk / 2**30:.2f} GiB of disk "
+                "(their checkpoints and exports are deleted)"
+            )
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "doctor.json").write_text(json.dumps([asdict(f) for f in findings], indent=2))
     return findings

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig, Grading
 from thinkforge.metrics import summarize
@@ -63,7 +64,10 @@ def generate_with_budget(
                 _advance_thinking(states[i], rollout, budget, cap)
     answering = [i for i, state in enumerate(states) if not state.finished]
     answer_sampling = replace(sampling, num_samples=1, max_new_tokens=budget.max_answer_tokens, stop_strings=())
-    for i, [rollout] in zip(answering, engine.generate([prompts[i] + states[i].text for i in answering], answer_sampling, seed=seed + rounds)):
+    for i, [rollout] in zip(
+        answering,
+        engine.generate([prompts[i] + states[i].text for i in answering], answer_sampling, seed=seed + rounds),
+    ):
         states[i].text += rollout.text
         states[i].num_tokens += len(rollout.token_ids)
         states[i].finished = rollout.finished
@@ -76,7 +80,9 @@ def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     from thinkforge.data.records import load_records
 
     bench = cfg.benchmark
-    data = DataConfig(train=bench.path, val=None, fields={**DataConfig().fields, **bench.fields}, synthetic=bench.synthetic)
+    data = DataConfig(
+        train=bench.path, val=None, fields={**DataConfig().fields, **bench.fields}, synthetic=bench.synthetic
+    )
     rows = load_records(bench.path, bench.split, data, required=("prompt", "answer")).rows[: bench.limit]
     golds = [row["answer"] for row in rows]
     if bench.answer_after:
@@ -101,8 +107,14 @@ def build_engine(cfg: EvalConfig, prompts: Sequence[str], progress: GenerationPr
     answer = cfg.budget.max_answer_tokens + 8 if cfg.budget.enabled else 0
     if progress is not None:
         progress.close()
-    return VLLMEngine(cfg.model.name_or_path, tokenizer, cfg.rollout, max_model_len=longest + cfg.max_new_tokens + answer,
-                      seed=cfg.seed, show_progress=progress is not None)
+    return VLLMEngine(
+        cfg.model.name_or_path,
+        tokenizer,
+        cfg.rollout,
+        max_model_len=longest + cfg.max_new_tokens + answer,
+        seed=cfg.seed,
+        show_progress=progress is not None,
+    )
 
 
 def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -113,7 +125,11 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
     prompts = [render_prompt(load_tokenizer(cfg.model), problem, cfg.system_prompt) for problem in problems]
     sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     # budget forcing samples in rounds of unknown count: no bar
-    progress = None if cfg.budget.enabled else GenerationProgress(len(prompts) * cfg.num_samples, f"{cfg.benchmark.name}: samples")
+    progress = (
+        None
+        if cfg.budget.enabled
+        else GenerationProgress(len(prompts) * cfg.num_samples, f"{cfg.benchmark.name}: samples")
+    )
     engine = build_engine(cfg, prompts, progress)
     try:
         if cfg.budget.enabled:
@@ -127,9 +143,20 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
         if progress is not None:
             progress.close()
     return [
-        {"benchmark": cfg.benchmark.name, "problem": p, "sample": s, "prompt": problems[p], "rendered_prompt": prompts[p],
-         "gold": golds[p], "completion": c.text, "num_tokens": c.num_tokens, "finished": c.finished, "waits": c.waits}
-        for p, group in enumerate(completions) for s, c in enumerate(group)
+        {
+            "benchmark": cfg.benchmark.name,
+            "problem": p,
+            "sample": s,
+            "prompt": problems[p],
+            "rendered_prompt": prompts[p],
+            "gold": golds[p],
+            "completion": c.text,
+            "num_tokens": c.num_tokens,
+            "finished": c.finished,
+            "waits": c.waits,
+        }
+        for p, group in enumerate(completions)
+        for s, c in enumerate(group)
     ]
 
 
@@ -161,7 +188,9 @@ def read_samples(path: str) -> list[dict[str, Any]]:
 
 def grade(rows: list[dict[str, Any]], grading: Grading = Grading.strict) -> None:
     lenient = grading is Grading.lenient
-    scores = math_accuracy_many([row["completion"] for row in rows], [str(row["gold"]) for row in rows], lenient=lenient)
+    scores = math_accuracy_many(
+        [row["completion"] for row in rows], [str(row["gold"]) for row in rows], lenient=lenient
+    )
     for row, score in zip(rows, scores):
         row["answer"] = extract_answer(row["completion"], lenient)
         row["correct"] = bool(score)
@@ -179,5 +208,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     (output / "summary.json").write_text(json.dumps({"benchmark": name, **summary}, indent=2))
     header = " | ".join(summary)
     values = " | ".join(f"{v:.1%}" if "@" in k or k == "eos_rate" else f"{v:.4g}" for k, v in summary.items())
-    print(f"[eval] {name}\n| {header} |\n|{'---|' * len(summary)}\n| {values} |\n[eval] per-sample results: {output / 'samples.jsonl'}")
+    print(
+        f"[eval] {name}\n| {header} |\n|{'---|' * len(summary)}\n| {values} |\n"
+        f"[eval] per-sample results: {output / 'samples.jsonl'}"
+    )
     return summary

@@ -175,8 +175,6 @@ def grpo_loss(
     return total / units.clamp(min=1), token_means
 
 
-
-
 def rollout_correction(
     trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, *, mode: str, cap: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -205,8 +203,14 @@ def rollout_correction(
 
 
 def grpo_loss_sum(
-    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str,
-    max_completion_length: int, **options: Any,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    max_completion_length: int,
+    **options: Any,
 ) -> LossSum:
     """`grpo_loss` in the stages' contract: loss and metrics times its units (`grpo_loss_units`)."""
     mean, token_means = grpo_loss(

@@ -8,8 +8,9 @@ pass@k estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021), and maj@k, a vote 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from thinkforge.config import ConfigError
 from thinkforge.rewards.math import math_accuracy_many, normalize_answer
@@ -84,10 +85,14 @@ def summarize(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, fl
     summary["pass@1"] = sum(sum(s["correct"] for s in p) / len(p) for p in problems.values()) / len(problems)
     too_many = sorted(k for k in set(ks) if k > fewest)
     if too_many:
-        raise ConfigError(f"ks: pass@k and maj@k need k samples of every problem; some problem has only {fewest}, "
-                          f"so {too_many} cannot be computed (set ks=[...] to values <= {fewest})")
+        raise ConfigError(
+            f"ks: pass@k and maj@k need k samples of every problem; some problem has only {fewest}, "
+            f"so {too_many} cannot be computed (set ks=[...] to values <= {fewest})"
+        )
     for k in sorted(set(ks)):
-        summary[f"pass@{k}"] = sum(pass_at_k(len(p), sum(bool(s["correct"]) for s in p), k) for p in problems.values()) / len(problems)
+        summary[f"pass@{k}"] = sum(
+            pass_at_k(len(p), sum(bool(s["correct"]) for s in p), k) for p in problems.values()
+        ) / len(problems)
         summary[f"maj@{k}"] = sum(majority_correct(p[:k]) for p in problems.values()) / len(problems)
     if all("num_tokens" in row for row in rows):
         summary["mean_length"] = sum(row["num_tokens"] for row in rows) / len(rows)

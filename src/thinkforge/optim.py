@@ -34,7 +34,9 @@ def build_optimizer(policy: nn.Module, run: TrainConfig) -> dict[str, Any]:
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(step, warmup_steps=optim.warmup_steps, total_steps=run.trainer.max_steps, min_ratio=optim.min_lr_ratio),
+        lambda step: warmup_cosine(
+            step, warmup_steps=optim.warmup_steps, total_steps=run.trainer.max_steps, min_ratio=optim.min_lr_ratio
+        ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -45,6 +47,11 @@ def warn_of_demo_scale_settings(policy: nn.Module, run: TrainConfig) -> None:
     optim = run.optim
     parameters = sum(p.numel() for p in policy.parameters())  # a DTensor counts its global size
     if run.model.name_or_path and parameters >= 50e6 and optim.lr >= 1e-3:
-        log.warning("optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (the defaults); a pretrained "
-                    "model of %.0fM parameters is usually fine-tuned at 1e-6 to 2e-5 with weight decay 0 to 0.01: "
-                    "set optim.lr and optim.weight_decay", optim.lr, optim.weight_decay, parameters / 1e6)
+        log.warning(
+            "optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (the defaults); a pretrained "
+            "model of %.0fM parameters is usually fine-tuned at 1e-6 to 2e-5 with weight decay 0 to 0.01: "
+            "set optim.lr and optim.weight_decay",
+            optim.lr,
+            optim.weight_decay,
+            parameters / 1e6,
+        )

@@ -85,7 +85,9 @@ def compose_stage(
                 cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
             cfg.seed = cfg.data.seed = cfg.model.init_seed = pipeline.seed
             cfg.output_dir = str(directory)
-        cfg = OmegaConf.merge(cfg, values, {"data": OmegaConf.to_container(pipeline.data, resolve=True)} if pipeline.get("data") else {})
+        cfg = OmegaConf.merge(
+            cfg, values, {"data": OmegaConf.to_container(pipeline.data, resolve=True)} if pipeline.get("data") else {}
+        )
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ConfigError) as error:
         raise ConfigError(f"stages.{name}: {error}") from None
@@ -111,7 +113,9 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
     if record and record["fingerprint"] != stage.fingerprint:
         stale = stage.directory.with_name(f"{stage.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         stage.directory.rename(stale)
-        print(f"[pipeline] {stage.name}: config or an upstream stage changed; previous run moved to {stale}", flush=True)
+        print(
+            f"[pipeline] {stage.name}: config or an upstream stage changed; previous run moved to {stale}", flush=True
+        )
         record = None
     if record and record["status"] == "done" and stage.export_dir.exists():
         print(f"[pipeline] {stage.name}: already done ({stage.directory}), skipped", flush=True)
@@ -119,15 +123,26 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
     resume = record is not None and stage.last_checkpoint.exists()
     stage.directory.mkdir(parents=True, exist_ok=True)
     command = own_process_command(stage.config, stage.directory)
-    print(f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}", flush=True)
+    print(
+        f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}",
+        flush=True,
+    )
     stage.write_record(status="running")
     started = time.monotonic()
     completed = subprocess.run(command)
     if completed.returncode != 0:
-        raise StageFailed(f"stage {stage.name} failed (exit code {completed.returncode}); its output is above, logs in {stage.directory}")
+        raise StageFailed(
+            f"stage {stage.name} failed (exit code {completed.returncode}); its output is above, "
+            f"logs in {stage.directory}"
+        )
     heldout_file = stage.directory / "heldout.json"
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
-    done = {"status": "done", "seconds": round(time.monotonic() - started, 1), "heldout": heldout, "export": str(stage.export_dir)}
+    done = {
+        "status": "done",
+        "seconds": round(time.monotonic() - started, 1),
+        "heldout": heldout,
+        "export": str(stage.export_dir),
+    }
     stage.write_record(**done)
     return {"stage": stage.name, "fingerprint": stage.fingerprint, "from": stage.source, **done}
 
@@ -139,7 +154,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
     sampled = sorted({name for record in records for name in (record.get("heldout") or {}) if name.startswith("pass@")})
     columns = [("accuracy", "held-out pass@1 (greedy)"), ("eos_rate", "EOS rate"), ("mean_length", "mean length")]
     columns += [("sampled_accuracy", "sampled pass@1")] * bool(sampled) + [(name, name) for name in sampled]
-    lines = ["| after | " + " | ".join(title for _, title in columns) + " | wall (s) | export |", "|---" * (len(columns) + 3) + "|"]
+    lines = [
+        "| after | " + " | ".join(title for _, title in columns) + " | wall (s) | export |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
     starts = Counter(record.get("from") for record in records)
     for previous, record in zip([None, *records], records):
         heldout = record.get("heldout") or {}
@@ -162,7 +180,9 @@ def doctor_stages(pipeline: DictConfig, stages: list[PlannedStage]) -> bool:
     healthy = True
     for stage in stages:
         cfg = stage.config.copy()
-        stand_in = cfg.model.name_or_path is not None and Path(cfg.model.name_or_path).resolve().is_relative_to(stage.directory.parent)
+        stand_in = cfg.model.name_or_path is not None and Path(cfg.model.name_or_path).resolve().is_relative_to(
+            stage.directory.parent
+        )
         with open_dict(cfg):
             if stand_in:
                 cfg.model = OmegaConf.merge(cfg.model, OmegaConf.to_container(pipeline.model, resolve=True))
@@ -185,8 +205,10 @@ def overview(stages: list[PlannedStage]) -> str:
         if "max_completion_length" in cfg.stage:
             lengths += f", completions {OmegaConf.to_container(cfg.stage, resolve=True)['max_completion_length']}"
         data = cfg.data.train if cfg.data.train != "synthetic" else f"synthetic ({cfg.data.synthetic.num_train} rows)"
-        lines.append(f"| {stage.name} | {cfg.stage._target_.rsplit('.', 1)[1]} | {source} | {data} | {cfg.trainer.max_steps} "
-                     f"| {cfg.optim.lr:g} | {lengths} |")
+        lines.append(
+            f"| {stage.name} | {cfg.stage._target_.rsplit('.', 1)[1]} | {source} | {data} | {cfg.trainer.max_steps} "
+            f"| {cfg.optim.lr:g} | {lengths} |"
+        )
     return "\n".join(lines)
 
 
@@ -206,7 +228,10 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     stages = plan(pipeline)
     check_paths(stages)
     if pipeline.dry_run:
-        print(f"[pipeline] {pipeline.name}: {len(stages)} stages composed and validated -> {pipeline.output_dir}\n{overview(stages)}")
+        print(
+            f"[pipeline] {pipeline.name}: {len(stages)} stages composed and validated -> {pipeline.output_dir}\n"
+            f"{overview(stages)}"
+        )
         if pipeline.verbose:
             for stage in stages:
                 print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
@@ -218,7 +243,14 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
     records = [run_one(stage) for stage in stages]
     table = format_table(records)
     summary = Path(pipeline.output_dir) / "summary.md"
-    curves = pipeline_curves(records, [stage.directory for stage in stages], summary.with_name("curves.png"), title=pipeline.name)
-    summary.write_text(f"# {pipeline.name} (seed {pipeline.seed})\n\n{pipeline.description}\n\n{table}\n\n![curves]({curves.name})\n")
-    print(f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary}, {curves})\n{table}", flush=True)
+    curves = pipeline_curves(
+        records, [stage.directory for stage in stages], summary.with_name("curves.png"), title=pipeline.name
+    )
+    summary.write_text(
+        f"# {pipeline.name} (seed {pipeline.seed})\n\n{pipeline.description}\n\n{table}\n\n![curves]({curves.name})\n"
+    )
+    print(
+        f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary}, {curves})\n{table}",
+        flush=True,
+    )
     return records

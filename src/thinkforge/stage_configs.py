@@ -7,13 +7,22 @@ of a pipeline runs. These are the only checks of stage settings: the stages and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from thinkforge.config import (
-    ConfigError, DataConfig, EvalConfig, PipelineConfig, StageSchema, TrainConfig, one_of, require, shared_benchmarks,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    PipelineConfig,
+    StageSchema,
+    TrainConfig,
+    one_of,
+    require,
+    shared_benchmarks,
 )
 from thinkforge.rewards.shaping import RewardModel
 
@@ -34,8 +43,11 @@ def check_schedule(value: Any, key: str, positive: type) -> None:
         steps = sorted(int(step) for step in value)
         require(steps[0] == 0, key, f"a schedule must start at step 0; got steps {steps}")
     for setting in settings:
-        require(isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0, key,
-                 f"every value must be a positive {positive.__name__}; got {setting!r}")
+        require(
+            isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0,
+            key,
+            f"every value must be a positive {positive.__name__}; got {setting!r}",
+        )
         if positive is int:
             require(float(setting).is_integer(), key, f"every value must be a whole number of tokens; got {setting!r}")
 
@@ -73,8 +85,16 @@ class RolloutPairsConfig:
     max_new_tokens: int = 160
 
     def __post_init__(self) -> None:
-        require(self.num_samples >= 2, "stage.rollout.num_samples", f"a pair needs at least 2 samples; got {self.num_samples}")
-        require(self.temperature > 0, "stage.rollout.temperature", f"sampling needs a positive temperature; got {self.temperature}")
+        require(
+            self.num_samples >= 2,
+            "stage.rollout.num_samples",
+            f"a pair needs at least 2 samples; got {self.num_samples}",
+        )
+        require(
+            self.temperature > 0,
+            "stage.rollout.temperature",
+            f"sampling needs a positive temperature; got {self.temperature}",
+        )
         require(0 < self.top_p <= 1, "stage.rollout.top_p", f"must be in (0, 1]; got {self.top_p}")
         require(self.max_new_tokens > 0, "stage.rollout.max_new_tokens", "must be positive")
 
@@ -100,14 +120,18 @@ class DPOConfig(StageSchema):
     def __post_init__(self) -> None:
         one_of(self.loss_type, DPO_LOSS_TYPES, "stage.loss_type")
         require(self.beta > 0, "stage.beta", f"must be positive; got {self.beta}")
-        require(0 <= self.label_smoothing < 0.5, "stage.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
+        require(
+            0 <= self.label_smoothing < 0.5, "stage.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}"
+        )
         require(self.rpo_alpha >= 0, "stage.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
         one_of(self.pairs, ("file", "rollout"), "stage.pairs")
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
 
     def check_data(self, data: DataConfig) -> None:
         require(data.overflow != "split", "data.overflow", "a DPO pair's sides can be truncated or dropped, not split")
-        require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; DPO pairs are not grouped")
+        require(
+            not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; DPO pairs are not grouped"
+        )
 
     def trains_on_answers(self) -> bool:
         return self.pairs == "rollout"
@@ -163,15 +187,27 @@ class GRPOConfig(StageSchema):
     def __post_init__(self) -> None:
         one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")
         one_of(self.advantage_scale, ADVANTAGE_SCALES, "stage.advantage_scale")
-        require(self.group_size >= 2, "stage.group_size", f"advantages need at least 2 samples per prompt; got {self.group_size}")
+        require(
+            self.group_size >= 2,
+            "stage.group_size",
+            f"advantages need at least 2 samples per prompt; got {self.group_size}",
+        )
         require(self.num_iterations >= 1, "stage.num_iterations", f"must be >= 1; got {self.num_iterations}")
         require(self.max_refills >= 0, "stage.max_refills", f"must be >= 0; got {self.max_refills}")
-        require(self.epsilon_low >= 0 and self.epsilon_high >= 0, "stage.epsilon_low/epsilon_high", "clip ranges must be >= 0")
+        require(
+            self.epsilon_low >= 0 and self.epsilon_high >= 0,
+            "stage.epsilon_low/epsilon_high",
+            "clip ranges must be >= 0",
+        )
         require(self.beta >= 0, "stage.beta", f"must be >= 0 (0 switches the KL term off); got {self.beta}")
         require(0 < self.top_p <= 1, "stage.top_p", f"must be in (0, 1]; got {self.top_p}")
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
         one_of(self.rollout_correction, ROLLOUT_CORRECTIONS, "stage.rollout_correction")
-        require(self.rollout_correction_cap >= 1, "stage.rollout_correction_cap", f"must be >= 1; got {self.rollout_correction_cap}")
+        require(
+            self.rollout_correction_cap >= 1,
+            "stage.rollout_correction_cap",
+            f"must be >= 1; got {self.rollout_correction_cap}",
+        )
         require(self.max_steps_without_signal >= 0, "stage.max_steps_without_signal", "must be >= 0 (0: never stop)")
         check_schedule(self.max_completion_length, "stage.max_completion_length", int)
         check_schedule(self.temperature, "stage.temperature", float)
@@ -181,7 +217,11 @@ class GRPOConfig(StageSchema):
             raise ConfigError(str(error)) from None
 
     def check_data(self, data: DataConfig) -> None:
-        require(not data.group_by_length, "data.group_by_length", "groups midtrain and SFT rows; GRPO's prompts are not grouped")
+        require(
+            not data.group_by_length,
+            "data.group_by_length",
+            "groups midtrain and SFT rows; GRPO's prompts are not grouped",
+        )
 
     def trains_on_answers(self) -> bool:
         return True

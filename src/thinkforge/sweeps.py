@@ -27,7 +27,9 @@ def job_row(job: Path) -> dict[str, str]:
 
 
 def sweep_table(sweep_dir: Path) -> str:
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").exists()), key=lambda p: p.stat().st_mtime)
+    jobs = sorted(
+        (p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").exists()), key=lambda p: p.stat().st_mtime
+    )
     rows = [job_row(job) for job in jobs]
     if not rows:
         return ""

@@ -6,8 +6,9 @@ with `<think>` markers and `{% generation %}` blocks so SFT can mask everything 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -82,7 +83,10 @@ def build_synthetic_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, system_prompt: str | None = None,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    *,
+    system_prompt: str | None = None,
     add_generation_prompt: bool = False,
 ) -> str:
     """The chat template's text, with `system_prompt` first unless the conversation brings its own: how every
@@ -94,7 +98,9 @@ def render_chat(
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None = None) -> str:
     """A problem as the start of an assistant reply."""
-    return render_chat(tokenizer, [{"role": "user", "content": prompt}], system_prompt=system_prompt, add_generation_prompt=True)
+    return render_chat(
+        tokenizer, [{"role": "user", "content": prompt}], system_prompt=system_prompt, add_generation_prompt=True
+    )
 
 
 _REPLY_MARK = "\u00a7reply\u00a7"

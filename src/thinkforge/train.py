@@ -6,9 +6,10 @@ import logging
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -100,12 +101,16 @@ class StepProgressBar(RichProgressBar):
                     speed = task.completed / task.elapsed
                 if not speed:
                     return Text("")
-                return Text(f"{speed:.2f} steps/s" if speed >= 1 else f"{1 / speed:.1f} s/step", style="progress.data.speed")
+                return Text(
+                    f"{speed:.2f} steps/s" if speed >= 1 else f"{1 / speed:.1f} s/step", style="progress.data.speed"
+                )
 
         return [*super().configure_columns(trainer)[:-1], StepSpeed()]
 
 
-def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *, has_val: bool | None = None) -> L.Trainer:
+def build_trainer(
+    run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *, has_val: bool | None = None
+) -> L.Trainer:
     """`has_val`: whether the stage validates (GRPO never does); by default, whether the data has a val split."""
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -121,7 +126,11 @@ def build_trainer(run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *,
     ]
     has_val = run.data.val is not None if has_val is None else has_val
     if has_val and run.trainer.val_every > run.trainer.max_steps:
-        log.warning("validation never runs: trainer.val_every=%d > trainer.max_steps=%d", run.trainer.val_every, run.trainer.max_steps)
+        log.warning(
+            "validation never runs: trainer.val_every=%d > trainer.max_steps=%d",
+            run.trainer.val_every,
+            run.trainer.max_steps,
+        )
     return L.Trainer(
         accelerator=run.hardware.accelerator,
         devices=run.hardware.devices,
@@ -155,7 +164,14 @@ def own_process_command(cfg: DictConfig, directory: Path) -> list[str]:
     schema = next(name for name, node in STAGE_SCHEMAS.items() if node._target_ == cfg.stage._target_)
     defaults = f"defaults:\n  - train_schema\n  - stage_schema@stage: {schema}\n  - _self_\n\n"
     (directory / STAGE_CONFIG).write_text(defaults + OmegaConf.to_yaml(cfg))
-    return [found, "--config-dir", str(directory), "--config-name", Path(STAGE_CONFIG).stem, f"hydra.run.dir='{directory}'"]
+    return [
+        found,
+        "--config-dir",
+        str(directory),
+        "--config-name",
+        Path(STAGE_CONFIG).stem,
+        f"hydra.run.dir='{directory}'",
+    ]
 
 
 def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:

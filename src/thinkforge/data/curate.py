@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -46,7 +46,13 @@ def minilm_embeddings(texts: Sequence[str], *, batch_size: int = 128) -> torch.T
     chunks = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=256, return_tensors="pt")
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            )
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             chunks.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
@@ -65,7 +71,9 @@ def near_duplicates(embeddings: torch.Tensor, *, threshold: float, skip: Iterabl
             similarity = embeddings[kept] @ embeddings[index]
             best = int(similarity.argmax())
             if similarity[best] > threshold:
-                dropped[index] = f"near duplicate (of row {kept[best] + 1}, cosine {similarity[best]:.3f} > {threshold})"
+                dropped[index] = (
+                    f"near duplicate (of row {kept[best] + 1}, cosine {similarity[best]:.3f} > {threshold})"
+                )
                 continue
         kept.append(index)
     return dropped
@@ -96,9 +104,9 @@ def contaminated(
     owner = {gram: name for gram, name in owner.items() if owners[gram] < boilerplate}
     dropped = {}
     for index, text in enumerate(texts):
-        gram = next((g for g in word_ngrams(text, n) if g in owner), None)
-        if gram is not None:
-            dropped[index] = f"contaminated (shares the {n}-gram '{' '.join(gram)}' with {owner[gram]})"
+        shared: tuple[str, ...] | None = next((g for g in word_ngrams(text, n) if g in owner), None)
+        if shared is not None:
+            dropped[index] = f"contaminated (shares the {n}-gram '{' '.join(shared)}' with {owner[shared]})"
         elif normalize_text(text) in short:
             dropped[index] = f"contaminated (equals {short[normalize_text(text)]})"
     return dropped

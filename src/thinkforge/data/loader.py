@@ -12,8 +12,9 @@ of neighbours, dealt to the ranks in turn: each step still trains on the same it
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
 
 
-class StepBatches(IterableDataset):
+class StepBatches(IterableDataset[list[Any]]):
     def __init__(
         self,
         items: Sequence[Any],
@@ -38,7 +39,8 @@ class StepBatches(IterableDataset):
     ) -> None:
         if batch_size % (world_size * micro_batch_size):
             raise ValueError(
-                f"batch size {batch_size} must split evenly into {world_size} ranks x micro batches of {micro_batch_size}"
+                f"batch size {batch_size} must split evenly into {world_size} ranks x micro batches of "
+                f"{micro_batch_size}"
             )
         self.items, self.collate = items, collate
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
@@ -62,7 +64,8 @@ class StepBatches(IterableDataset):
             share = self.batch_size // self.world_size
             mine = indices[self.rank * share : (self.rank + 1) * share]
             return [mine[i : i + size] for i in range(0, share, size)]
-        indices = sorted(indices, key=lambda index: -self.lengths[index])
+        lengths = self.lengths
+        indices = sorted(indices, key=lambda index: -lengths[index])
         micro_batches = [indices[i : i + size] for i in range(0, len(indices), size)]
         return micro_batches[self.rank :: self.world_size]
 
@@ -76,10 +79,12 @@ class StepBatches(IterableDataset):
             step += 1
 
 
-class EvalBatches(IterableDataset):
+class EvalBatches(IterableDataset[list[Any]]):
     """Each rank takes every world_size-th item, trimmed so all ranks run the same number of batches."""
 
-    def __init__(self, items: Sequence[Any], *, micro_batch_size: int, collate: Collate, rank: int, world_size: int) -> None:
+    def __init__(
+        self, items: Sequence[Any], *, micro_batch_size: int, collate: Collate, rank: int, world_size: int
+    ) -> None:
         usable = len(items) - len(items) % world_size
         self.items = list(items[rank:usable:world_size])
         self.micro_batch_size, self.collate = micro_batch_size, collate
@@ -134,28 +139,36 @@ class StageDataModule(L.LightningDataModule):
             self.items("train")
             self.items("val")
 
-    def train_dataloader(self) -> DataLoader:
+    def ranks(self) -> tuple[int, int]:
+        """This process's rank and the world size, from the trainer the datamodule is attached to."""
+        if self.trainer is None:
+            raise RuntimeError("the datamodule builds loaders only once a Trainer holds it")
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader[list[Any]]:
+        rank, world_size = self.ranks()
         batches = StepBatches(
             self.train_items,
             batch_size=self.batch_size,
             micro_batch_size=self.micro_batch_size,
             collate=self.collate,
             seed=self.seed,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
+            rank=rank,
+            world_size=world_size,
             start_step=self.start_step(),
             lengths=None if self.item_length is None else [self.item_length(item) for item in self.train_items],
         )
         return DataLoader(batches, batch_size=None)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader[list[Any]] | list[Any]:
         if not self.val_items:
             return []
+        rank, world_size = self.ranks()
         batches = EvalBatches(
             self.val_items,
             micro_batch_size=self.micro_batch_size,
             collate=self.collate,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
+            rank=rank,
+            world_size=world_size,
         )
         return DataLoader(batches, batch_size=None)

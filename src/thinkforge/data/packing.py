@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -34,16 +34,16 @@ class TokenSequence:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
     @classmethod
-    def causal(cls, token_ids: Sequence[int], loss_mask: Sequence[bool] | None = None) -> "TokenSequence":
+    def causal(cls, token_ids: Sequence[int], loss_mask: Sequence[bool] | None = None) -> TokenSequence:
         """Next-token labels; `loss_mask[j]` says whether token j is a target (e.g. assistant tokens only)."""
         ids = tuple(token_ids)
-        labels = [
-            ids[i + 1] if loss_mask is None or loss_mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)
-        ]
+        labels = [ids[i + 1] if loss_mask is None or loss_mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)]
         return cls(ids, tuple(labels) + (IGNORE_INDEX,))
 
 
-def fit_to_length(sequences: Sequence[TokenSequence], max_length: int, overflow: str) -> tuple[list[TokenSequence], Counter[str]]:
+def fit_to_length(
+    sequences: Sequence[TokenSequence], max_length: int, overflow: str
+) -> tuple[list[TokenSequence], Counter[str]]:
     """Splits, truncates or drops sequences longer than max_length; counts what happened to them."""
     kept: list[TokenSequence] = []
     counts: Counter[str] = Counter()
@@ -56,7 +56,9 @@ def fit_to_length(sequences: Sequence[TokenSequence], max_length: int, overflow:
             continue
         starts = range(0, len(sequence), max_length) if overflow == "split" else (0,)
         for start in starts:
-            piece = TokenSequence(sequence.input_ids[start : start + max_length], sequence.labels[start : start + max_length])
+            piece = TokenSequence(
+                sequence.input_ids[start : start + max_length], sequence.labels[start : start + max_length]
+            )
             if piece.num_targets > 0:
                 kept.append(piece)
     return kept, counts
@@ -98,7 +100,12 @@ def padded_width(longest: int, multiple: int) -> int:
 
 
 def collate_rows(
-    rows: Sequence[Sequence[TokenSequence]], pad_id: int, *, row_length: int | None, flatten: bool, pad_multiple: int = 1
+    rows: Sequence[Sequence[TokenSequence]],
+    pad_id: int,
+    *,
+    row_length: int | None,
+    flatten: bool,
+    pad_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Rows of documents -> input_ids / position_ids / labels.
 
@@ -194,7 +201,9 @@ def completion_documents(
         labels += labels_of(tokens, trainable)
         position_ids += range(shared, shared + len(tokens) + 1)
         branch_ids += [branch] * (len(tokens) + 1)
-    return [Document(tuple(input_ids), tuple(labels), tuple(position_ids), tuple(branch_ids), tuple(members), tuple(spans))]
+    return [
+        Document(tuple(input_ids), tuple(labels), tuple(position_ids), tuple(branch_ids), tuple(members), tuple(spans))
+    ]
 
 
 def document_rows(documents: Sequence[Document], capacity: int, *, pack: bool) -> list[list[Document]]:
@@ -204,7 +213,9 @@ def document_rows(documents: Sequence[Document], capacity: int, *, pack: bool) -
     return [[documents[i] for i in indices] for indices in best_fit_decreasing([len(d) for d in documents], capacity)]
 
 
-def collate_documents(rows: Sequence[Sequence[Document]], pad_id: int, *, capacity: int, flatten: bool) -> dict[str, torch.Tensor]:
+def collate_documents(
+    rows: Sequence[Sequence[Document]], pad_id: int, *, capacity: int, flatten: bool
+) -> dict[str, torch.Tensor]:
     """Rows of documents -> the model's inputs, and `unpack_index`, which reads the completions back out of them.
 
     `input_ids`/`position_ids`/`labels` are [rows, width]. Documents with branches get an `attention_mask`
@@ -219,7 +230,9 @@ def collate_documents(rows: Sequence[Sequence[Document]], pad_id: int, *, capaci
         rows = [[document for row in rows for document in row]]
     branched = any(len(document.members) > 1 for row in rows for document in row)
     if branched and flatten:
-        raise ValueError("prompt-shared documents need an attention mask, which the flattened (flash-attn) layout has not")
+        raise ValueError(
+            "prompt-shared documents need an attention mask, which the flattened (flash-attn) layout has not"
+        )
     width = max(sum(len(document) for document in row) for row in rows)
     members = sorted(member for row in rows for document in row for member in document.members)
     local = {member: index for index, member in enumerate(members)}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from thinkforge.config import DataConfig, UserError
 from thinkforge.data import synthetic
@@ -70,7 +71,9 @@ class Records:
 
     def summary(self) -> str:
         lost = ", ".join(f"{reason}: {count}" for reason, count in self.skipped.items())
-        return f"{self.source}: {len(self.rows)} rows" + (f" ({sum(self.skipped.values())} skipped: {lost})" if lost else "")
+        return f"{self.source}: {len(self.rows)} rows" + (
+            f" ({sum(self.skipped.values())} skipped: {lost})" if lost else ""
+        )
 
 
 def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, Any]]:
@@ -112,12 +115,16 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
 
 
 def load_split(data: DataConfig, split: str, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
-    """The records of a stage's `train` or `val` split: `data.train`/`data.train_split` or `data.val`/`data.val_split`."""
+    """The records of a stage's `train` or `val` split: data.train/train_split or data.val/val_split."""
     source, source_split = (data.train, data.train_split) if split == "train" else (data.val, data.val_split)
+    if source is None:
+        raise DataError(f"data.{split} is null: this stage needs {split} rows with {', '.join(required)}")
     return load_records(source, source_split, data, required, optional)
 
 
-def load_records(source: str, split: str, data: DataConfig, required: Sequence[str], optional: Sequence[str] = ()) -> Records:
+def load_records(
+    source: str, split: str, data: DataConfig, required: Sequence[str], optional: Sequence[str] = ()
+) -> Records:
     """Canonical records with every `required` field checked and every present `optional` field kept."""
     records = Records(source=source, rows=[])
     for row_number, raw in raw_rows(source, split, data):
@@ -126,7 +133,9 @@ def load_records(source: str, split: str, data: DataConfig, required: Sequence[s
         except (TypeError, KeyError) as error:
             message = error.args[0]
             if data.bad_rows == "error":
-                raise DataError(f"{source}: row {row_number}: {message} (set data.bad_rows=skip to skip such rows)") from None
+                raise DataError(
+                    f"{source}: row {row_number}: {message} (set data.bad_rows=skip to skip such rows)"
+                ) from None
             records.skipped[message.split(":")[0]] += 1
     if not records.rows:
         raise DataError(f"{source}: no usable rows ({records.summary()})")

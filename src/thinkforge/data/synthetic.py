@@ -19,7 +19,24 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-NAMES = ("Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ian", "Jo", "Kai", "Lea", "Max", "Nia", "Omar", "Pia")
+NAMES = (
+    "Ava",
+    "Ben",
+    "Cara",
+    "Dev",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ian",
+    "Jo",
+    "Kai",
+    "Lea",
+    "Max",
+    "Nia",
+    "Omar",
+    "Pia",
+)
 ITEMS = ("apples", "coins", "books", "stamps", "marbles", "shells", "cards", "pens", "eggs", "beads")
 TEST_FRACTION_PER_MILLE = 100
 MAX_LEVEL = 5
@@ -42,9 +59,13 @@ def split_of(prompt: str) -> str:
     return "test" if int.from_bytes(digest[:4], "big") % 1000 < TEST_FRACTION_PER_MILLE else "train"
 
 
-def _operation(rng: random.Random, value: int, name: str, item: str, level: int, max_number: int) -> tuple[str, str, int]:
+def _operation(
+    rng: random.Random, value: int, name: str, item: str, level: int, max_number: int
+) -> tuple[str, str, int]:
     """One story sentence, its trace line, and the new value; harder levels unlock * and /."""
-    kinds = ["add", "sub"] + (["mul"] if level >= 3 and value <= 1.5 * max_number else []) + (["div"] if level >= 4 else [])
+    kinds = (
+        ["add", "sub"] + (["mul"] if level >= 3 and value <= 1.5 * max_number else []) + (["div"] if level >= 4 else [])
+    )
     kind = rng.choice(kinds)
     if kind == "sub" and value < 2:
         kind = "add"
@@ -84,7 +105,11 @@ def solution(prompt: str, trace: list[str], answer: int, *, answer_only_fraction
 
 
 def make_problem(
-    rng: random.Random, level: int, max_number: int = DEFAULT_MAX_NUMBER, answer_only_fraction: float = 0.0, boxed_fraction: float = 1.0
+    rng: random.Random,
+    level: int,
+    max_number: int = DEFAULT_MAX_NUMBER,
+    answer_only_fraction: float = 0.0,
+    boxed_fraction: float = 1.0,
 ) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, max_number)
@@ -95,7 +120,9 @@ def make_problem(
         trace.append(step)
     story.append(f"How many {item} does {name} have now?")
     prompt = " ".join(story)
-    completion = solution(prompt, trace, value, answer_only_fraction=answer_only_fraction, boxed_fraction=boxed_fraction)
+    completion = solution(
+        prompt, trace, value, answer_only_fraction=answer_only_fraction, boxed_fraction=boxed_fraction
+    )
     return Problem(prompt, completion, str(value), level)
 
 
@@ -118,7 +145,9 @@ def generate(
     if max_number < 2:
         raise ValueError(f"max_number must be at least 2, got {max_number}")
     if not (0 <= answer_only_fraction <= 1 and 0 <= boxed_fraction <= 1):
-        raise ValueError(f"answer_only_fraction and boxed_fraction must be in [0, 1], got {answer_only_fraction}, {boxed_fraction}")
+        raise ValueError(
+            f"answer_only_fraction and boxed_fraction must be in [0, 1], got {answer_only_fraction}, {boxed_fraction}"
+        )
     rng = random.Random(f"thinkforge-synthetic-{seed}-{split}")
     levels = list(range(min_level, max_level + 1))
     problems: list[Problem] = []
@@ -128,7 +157,9 @@ def generate(
         attempts += 1
         if attempts > 200 * count + 10_000:
             raise RuntimeError(f"could not find {count} distinct {split} problems at levels {levels}")
-        problem = make_problem(rng, levels[len(problems) % len(levels)], max_number, answer_only_fraction, boxed_fraction)
+        problem = make_problem(
+            rng, levels[len(problems) % len(levels)], max_number, answer_only_fraction, boxed_fraction
+        )
         if problem.prompt in seen or split_of(problem.prompt) != split:
             continue
         seen.add(problem.prompt)
@@ -141,6 +172,8 @@ def wrong_answer_pairs(count: int, *, seed: int = 0) -> list[dict[str, str]]:
     off by one as rejected. For DPO checks that need no model to build pairs."""
     rows = []
     for problem in generate("train", count, seed=seed):
-        wrong = problem.completion.replace("\\boxed{" + problem.answer + "}", "\\boxed{" + str(int(problem.answer) + 1) + "}")
+        wrong = problem.completion.replace(
+            "\\boxed{" + problem.answer + "}", "\\boxed{" + str(int(problem.answer) + 1) + "}"
+        )
         rows.append({"prompt": problem.prompt, "chosen": problem.completion, "rejected": wrong})
     return rows

@@ -19,11 +19,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 THINK_START, THINK_END = "<think>", "</think>"
 DEFAULT_TIMEOUT_S = 5.0
@@ -72,9 +73,11 @@ def extract_answer(completion: str, lenient: bool = False, *, guess: bool = True
     return _guessed_answer(final)
 
 
-# "The answer is: 25", "the final answer is 25", "Final Answer: 25", "#### 25", "**Answer:** 25", up to the sentence's end
+# "The answer is: 25", "the final answer is 25", "Final Answer: 25", "#### 25", "**Answer:** 25", up to the
+# sentence's end
 _STATED = re.compile(
-    r"(?:(?:final answer|the answer)\s*(?:is\s*:?|:)|^[ \t]*#{2,4}|\*\*\s*(?:final\s+)?answer\s*:?\s*\*\*\s*:?|^[ \t]*(?:final\s+)?answer\s*:)"
+    r"(?:(?:final answer|the answer)\s*(?:is\s*:?|:)|^[ \t]*#{2,4}"
+    r"|\*\*\s*(?:final\s+)?answer\s*:?\s*\*\*\s*:?|^[ \t]*(?:final\s+)?answer\s*:)"
     r"[ \t]*(.+?)[ \t]*(?:\.(?=\s|$)|\n|$)",
     re.I | re.M,
 )
@@ -140,12 +143,16 @@ def normalize_answer(answer: str) -> str:
     answer = re.sub(r",\s*\\!\s*", ",", answer)  # "32,\\! 349": LaTeX's thousands spacing
     answer = re.sub(r"(?<=\d)\s*(?:\\?%|percent(?:age)?s?\b|pct\b)", r"\\%", answer)
     answer = re.sub(r"\s*(?:\\q?quad)?\s*(?:\\text\{\s*and\s*\}|\band\b)\s*(?:\\q?quad)?\s*", ",", answer)
-    answer = re.sub(r"(?<=\d)\s*\\(?:text|textnormal|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^[23])?", "", answer)  # "5 \text{ cm}"
+    answer = re.sub(
+        r"(?<=\d)\s*\\(?:text|textnormal|mathrm|mbox)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^[23])?", "", answer
+    )  # "5 \text{ cm}"
     answer = re.sub(r"\\(?:text|textbf|textnormal|mathrm|mbox)\{\s*([^}]*)\}", r"\1", answer)
     answer = re.sub(r"^(?:\\\$|[$€£¥])\s*|\s*(?:\\\$|\\euro|[$€£¥]|(?<=\d)\s*[a-zA-Z]{1,2}[²³])$", "", answer)
     answer = re.sub(r"(?<!\\)\\[,;!: ]|\\q?quad|\\left|\\right", "", answer)
     answer = re.sub(r"(?<!,)\s+|(?<=,)\s+(?!\d{3}(?!\d))", "", answer)
-    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    answer = (
+        answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    )
     answer = re.sub(r"^\([a-zA-Z](?:,[a-zA-Z])+\)=(?=\()", "", answer)  # "(x,y)=(5,8),(8,5)"
     if re.fullmatch(r"([a-zA-Z])=[^=,a-zA-Z]+(?:,\1=[^=,a-zA-Z]+)*", answer):
         answer = re.sub(r"(^|,)[a-zA-Z]=", r"\1", answer)  # "x=3" -> "3", "p=-1,p=2" -> "-1,2"
@@ -165,7 +172,7 @@ def _decimal_comma(number: re.Match) -> str:
 def _without_thousands_commas(number: re.Match) -> str:
     """`12,345,678` -> `12345678`; but `(12,102)` alone in brackets is an interval or a point."""
     text = number.string
-    before, after = text[number.start() - 1: number.start()], text[number.end(): number.end() + 1]
+    before, after = text[number.start() - 1 : number.start()], text[number.end() : number.end() + 1]
     if before and after and before in "([" and after in ")]":
         return number[0]
     return number[0].replace(",", "")
@@ -214,9 +221,8 @@ def _quiet_math_verify() -> None:
 
 
 def _parse_gold(gold: str) -> bool:
-    from math_verify import parse
-
     import sympy
+    from math_verify import parse
     from sympy.matrices import MatrixBase
 
     _quiet_math_verify()
@@ -224,7 +230,11 @@ def _parse_gold(gold: str) -> bool:
     # environment names (\begin{pmatrix}) and commands are markup, not words
     markup_free = re.sub(r"\\(?:begin|end)\{[a-zA-Z*]+\}|\\[a-zA-Z]+", " ", stripped)
     words = re.findall(r"[a-zA-Z]{3,}", markup_free)
-    if words and all(word.lower() not in MATH_WORDS for word in words) and re.fullmatch(r"[a-zA-Z]+(?: [a-zA-Z]+)?", gold_text(gold)):
+    if (
+        words
+        and all(word.lower() not in MATH_WORDS for word in words)
+        and re.fullmatch(r"[a-zA-Z]+(?: [a-zA-Z]+)?", gold_text(gold))
+    ):
         return True  # a short text answer ("Evelyn", "east", "ellipse"): the grader matches it exactly
     if any(word.lower() not in MATH_WORDS for word in words):
         return False  # prose such as "see the figure" would otherwise parse as a product of symbols
@@ -288,7 +298,10 @@ class VerifierPool:
         """The workers, started and warm: deadlines count from here, not from a worker's imports."""
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_start_worker, initargs=(os.getpid(),)
+                self.workers,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_start_worker,
+                initargs=(os.getpid(),),
             )
             for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
                 future.result(timeout=STARTUP_TIMEOUT_S)
@@ -319,8 +332,12 @@ class VerifierPool:
                 self.timeouts += failed
                 if failed and self.timeout_rate > self.warn_rate:
                     log.warning(
-                        "answer checks: %d of %d ran out of time twice (%.0f s) and score 0; %.1f%% of all checks so far",
-                        failed, len(results), 4 * self.timeout_s, 100 * self.timeout_rate,
+                        "answer checks: %d of %d ran out of time twice (%.0f s) and score 0; "
+                        "%.1f%% of all checks so far",
+                        failed,
+                        len(results),
+                        4 * self.timeout_s,
+                        100 * self.timeout_rate,
                     )
             return results
 
@@ -345,7 +362,8 @@ class VerifierPool:
             except BrokenProcessPool as error:
                 self._restart()
                 raise RuntimeError(
-                    "answer-check workers died; a script that scores answers needs an `if __name__ == '__main__':` guard"
+                    "answer-check workers died; a script that scores answers needs an "
+                    "`if __name__ == '__main__':` guard"
                 ) from error
             except Exception:
                 results.append(None)
@@ -398,7 +416,12 @@ def math_accuracy(completion: str, gold: str, lenient: bool = False, *, guess: b
 
 
 def math_accuracy_many(
-    completions: Sequence[str], golds: Sequence[str], pool: VerifierPool | None = None, lenient: bool = False, *, guess: bool = True
+    completions: Sequence[str],
+    golds: Sequence[str],
+    pool: VerifierPool | None = None,
+    lenient: bool = False,
+    *,
+    guess: bool = True,
 ) -> list[float]:
     """1.0/0.0 per completion; all answer checks of the batch run at once in the worker pool."""
     answers = [extract_answer(completion, lenient, guess=guess) for completion in completions]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
 
@@ -124,7 +125,12 @@ class RewardModel:
         return sum(self.functions[name][0] * value for name, value in parts.items()), parts
 
     def score(
-        self, completions: Sequence[str], golds: Sequence[str], lengths: Sequence[int], truncated: Sequence[bool], max_tokens: int
+        self,
+        completions: Sequence[str],
+        golds: Sequence[str],
+        lengths: Sequence[int],
+        truncated: Sequence[bool],
+        max_tokens: int,
     ) -> list[tuple[float, dict[str, float]]]:
         """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool.
 
@@ -134,6 +140,7 @@ class RewardModel:
         correct = [score == 1.0 for score in math_accuracy_many(completions, golds, lenient=self.lenient, guess=False)]
         answered = [extract_answer(text, self.lenient, guess=False) is not None for text in completions]
         scored = [self(Sample(*fields, max_tokens)) for fields in zip(completions, golds, lengths, truncated, correct)]
-        return [(total, {**parts, "accuracy": float(ok), "answered": float(found)})
-                for (total, parts), ok, found in zip(scored, correct, answered)]
-
+        return [
+            (total, {**parts, "accuracy": float(ok), "answered": float(found)})
+            for (total, parts), ok, found in zip(scored, correct, answered)
+        ]

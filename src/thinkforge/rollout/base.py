@@ -4,8 +4,9 @@ the weights, which `update_weights` replaces after the policy's optimizer steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -63,7 +64,12 @@ def end_ids_of(tokenizer: Any, generation_config: Any) -> list[int]:
 
 
 def rollout_of(
-    tokenizer: Any, index: int, row: Sequence[int], logprobs: Sequence[float], end_ids: Sequence[int], stop_strings: Sequence[str]
+    tokenizer: Any,
+    index: int,
+    row: Sequence[int],
+    logprobs: Sequence[float],
+    end_ids: Sequence[int],
+    stop_strings: Sequence[str],
 ) -> Rollout:
     """A generated row cut after its first end token, or after the first stop string (an engine may stop a row
     later than that when the string straddles tokens; the rest is padding), with the same rule for `finished`
@@ -72,7 +78,7 @@ def rollout_of(
     row = list(row)
     end = next((position for position, token in enumerate(row) if token in end_ids), None)
     finished = end is not None
-    tokens = row[: end + 1] if finished else row
+    tokens = row if end is None else row[: end + 1]
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     if any(s in text for s in stop_strings):
         low, high = 1, len(tokens)

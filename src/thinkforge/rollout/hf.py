@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
@@ -50,7 +51,7 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps[-num_new:], dim=1).tolist()
 
 
-class PreallocatedLayer(DynamicLayer):
+class PreallocatedLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """A dynamic cache layer that writes each step into a buffer sized for the whole generation.
 
     HF's `DynamicLayer` concatenates its whole cache with every new token: generation of L tokens copies O(L²)
@@ -58,16 +59,20 @@ class PreallocatedLayer(DynamicLayer):
     returns are views of the same numbers, so attention sees exactly what it saw before."""
 
     def __init__(self, capacity: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.capacity, self.length = capacity, 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.device, self.is_initialized = key_states.device, True
-            self._key_buffer = self._value_buffer = None
+            self._key_buffer: torch.Tensor | None = None
+            self._value_buffer: torch.Tensor | None = None
         end = self.length + key_states.shape[-2]
-        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+        if self._key_buffer is None or self._value_buffer is None or end > self._key_buffer.shape[-2]:
             self._grow(key_states, value_states, max(end, self.capacity))
+        assert self._key_buffer is not None and self._value_buffer is not None
         self._key_buffer[..., self.length : end, :] = key_states
         self._value_buffer[..., self.length : end, :] = value_states
         self.length = end
@@ -77,7 +82,7 @@ class PreallocatedLayer(DynamicLayer):
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
         shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
         keys, values = key_states.new_empty(shape), value_states.new_empty((*shape[:-1], value_states.shape[-1]))
-        if self.length:
+        if self.length and self._key_buffer is not None and self._value_buffer is not None:
             keys[..., : self.length, :] = self._key_buffer[..., : self.length, :]
             values[..., : self.length, :] = self._value_buffer[..., : self.length, :]
         self._key_buffer, self._value_buffer, self.capacity = keys, values, capacity
@@ -106,7 +111,13 @@ def _cache_argument(model: Any) -> str:
 
 class HFEngine:
     def __init__(
-        self, model: Any, tokenizer: Any, *, batch_size: int = 32, synced: bool = False, share_prefill: bool = True,
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        synced: bool = False,
+        share_prefill: bool = True,
         progress: GenerationProgress | None = None,
     ) -> None:
         """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
@@ -143,7 +154,9 @@ class HFEngine:
                 torch.manual_seed(seed)
                 for start in range(0, len(jobs), self.batch_size):
                     chunk = jobs[start : start + self.batch_size]
-                    inputs = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    inputs = tokenizer(
+                        [prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+                    ).to(device)
                     capacity = inputs["input_ids"].shape[1] + sampling.max_new_tokens
                     if self.share_prefill and sampling.num_samples > 1 and not self.synced:
                         cache = self._prefilled_cache([index for index, _ in chunk], inputs, capacity)
@@ -164,14 +177,20 @@ class HFEngine:
                         use_cache=True,
                         synced_gpus=self.synced,
                         logits_processor=LogitsProcessorList([recorder]),
-                        **({"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer} if sampling.stop_strings else {}),
+                        **(
+                            {"stop_strings": list(sampling.stop_strings), "tokenizer": tokenizer}
+                            if sampling.stop_strings
+                            else {}
+                        ),
                     )
                     new_tokens = output[:, inputs["input_ids"].shape[1] :]
                     logprobs = recorder.finish(output, new_tokens.shape[1])
                     if self.progress is not None:
                         self.progress.end_batch(len(chunk), int(self._generated(new_tokens)[0].sum()))
                     for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
-                        rollouts[index].append(rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings))
+                        rollouts[index].append(
+                            rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings)
+                        )
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)

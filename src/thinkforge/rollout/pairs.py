@@ -4,7 +4,8 @@ incorrect one."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from thinkforge.rollout.base import Rollout
 
@@ -26,7 +27,8 @@ def pair_rollouts(
     sampled, without an end token it never produced. `provenance` (source model, seed, ...) is copied into every
     pair beside the prompt's index and the samples chosen.
     """
-    pairs, counts = [], Counter()
+    pairs: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
     indices = range(len(prompts)) if prompt_indices is None else prompt_indices
     for index, prompt, gold, rollouts in zip(indices, prompts, golds, groups):
         scores = [verifier(rollout.text, gold) for rollout in rollouts]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -30,8 +31,16 @@ class PolicySampler:
     writes the policy as an HF directory, vLLM's source when the policy was built from a config."""
 
     def __init__(
-        self, policy: CausalLM, tokenizer: Any, run: TrainConfig, *, rank: int, world_size: int, longest_sequence: int,
-        compute_context: Callable[[], Any], export: Callable[[Path], None],
+        self,
+        policy: CausalLM,
+        tokenizer: Any,
+        run: TrainConfig,
+        *,
+        rank: int,
+        world_size: int,
+        longest_sequence: int,
+        compute_context: Callable[[], Any],
+        export: Callable[[Path], None],
     ) -> None:
         self.policy, self.tokenizer, self.run = policy, tokenizer, run
         # vLLM's context: the stage's longest prompt and completion, within what the model's positions allow
@@ -46,7 +55,9 @@ class PolicySampler:
     def holds_weights(self) -> bool:
         return self.run.rollout.engine != "hf"
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int, step: int) -> list[list[Rollout]]:
+    def generate(
+        self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int, step: int
+    ) -> list[list[Rollout]]:
         """This rank's prompts sampled from the weights of optimizer step `step`; under FSDP every rank calls it
         together."""
         engine = self.engine or self.start(step)
@@ -61,7 +72,9 @@ class PolicySampler:
 
     def start(self, step: int) -> RolloutEngine:
         if self.run.rollout.engine == "hf":
-            self.engine = HFEngine(self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.world_size > 1)
+            self.engine = HFEngine(
+                self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.world_size > 1
+            )
         else:
             self.engine = self.vllm_engine(step)
         return self.engine
@@ -71,10 +84,12 @@ class PolicySampler:
         built from a config."""
         from thinkforge.rollout.vllm import VLLMEngine
 
-        source = self.run.model.name_or_path
+        source: str | Path | None = self.run.model.name_or_path
         self.engine_step = 0
         if source is None:
             source = Path(self.run.output_dir) / "rollout_model"
             self.export(source)
             self.engine_step = step
-        return VLLMEngine(source, self.tokenizer, self.run.rollout, max_model_len=self.max_model_len, seed=self.run.seed + self.rank)
+        return VLLMEngine(
+            source, self.tokenizer, self.run.rollout, max_model_len=self.max_model_len, seed=self.run.seed + self.rank
+        )

@@ -18,8 +18,9 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -38,8 +39,10 @@ def check_version(version: str) -> None:
     major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     low, high = SUPPORTED
     if not low <= major_minor < high:
-        raise RuntimeError(f"vLLM {version} is not supported: thinkforge's vLLM engine works with "
-                           f">={low[0]}.{low[1]},<{high[0]}.{high[1]} (pip install -e '.[vllm]')")
+        raise RuntimeError(
+            f"vLLM {version} is not supported: thinkforge's vLLM engine works with "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]} (pip install -e '.[vllm]')"
+        )
 
 
 @contextlib.contextmanager
@@ -71,7 +74,14 @@ class VLLMEngine:
     holds_weights = True
 
     def __init__(
-        self, model_dir: str | Path, tokenizer: Any, config: RolloutConfig, *, max_model_len: int, seed: int, show_progress: bool = False
+        self,
+        model_dir: str | Path,
+        tokenizer: Any,
+        config: RolloutConfig,
+        *,
+        max_model_len: int,
+        seed: int,
+        show_progress: bool = False,
     ) -> None:
         """An engine serving `model_dir` (an HF directory or hub id) with `tokenizer`: prompts arrive as token ids,
         so vLLM never re-tokenizes them differently from the trainer. `show_progress`: vLLM's own bar."""
@@ -86,12 +96,25 @@ class VLLMEngine:
 
             check_version(vllm.__version__)
             dtype = {"auto": "bfloat16" if on_gpu else "float32"}.get(config.dtype, config.dtype)
-            options: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization, "enable_sleep_mode": config.sleep_while_training} if on_gpu else {}
+            options: dict[str, Any] = (
+                {
+                    "gpu_memory_utilization": config.gpu_memory_utilization,
+                    "enable_sleep_mode": config.sleep_while_training,
+                }
+                if on_gpu
+                else {}
+            )
             self.llm = vllm.LLM(
-                model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed, max_model_len=config.max_model_len or max_model_len,
+                model=str(model_dir),
+                tokenizer=str(model_dir),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=config.max_model_len or max_model_len,
                 enforce_eager=(not on_gpu) if config.enforce_eager is None else config.enforce_eager,
-                enable_prefix_caching=config.enable_prefix_caching, max_num_batched_tokens=config.max_num_batched_tokens,
-                logprobs_mode="processed_logprobs", **options,
+                enable_prefix_caching=config.enable_prefix_caching,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                logprobs_mode="processed_logprobs",
+                **options,
             )
         self.end_ids = end_ids_of(tokenizer, _generation_config(model_dir))
         self.sleeps = on_gpu and config.sleep_while_training
@@ -110,20 +133,33 @@ class VLLMEngine:
         # one seed per prompt: the same seed samples the same completions, whatever else is in the batch
         params = [
             SamplingParams(
-                n=n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-                max_tokens=sampling.max_new_tokens, logprobs=0, seed=(seed * 1_000_003 + index) % 2**31,
-                stop_token_ids=self.end_ids, stop=list(sampling.stop_strings) or None, include_stop_str_in_output=True,
+                n=n,
+                temperature=sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                seed=(seed * 1_000_003 + index) % 2**31,
+                stop_token_ids=self.end_ids,
+                stop=list(sampling.stop_strings) or None,
+                include_stop_str_in_output=True,
                 skip_special_tokens=False,
             )
             for index in owners
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[index]) for index in owners], params, use_tqdm=self.show_progress)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=encoded[index]) for index in owners], params, use_tqdm=self.show_progress
+        )
         groups: list[list[Rollout]] = [[] for _ in prompts]
         for index, output in zip(owners, outputs):
             groups[index] += [
-                rollout_of(self.tokenizer, index, completion.token_ids,
-                           [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
-                           self.end_ids, sampling.stop_strings)
+                rollout_of(
+                    self.tokenizer,
+                    index,
+                    completion.token_ids,
+                    [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+                    self.end_ids,
+                    sampling.stop_strings,
+                )
                 for completion in output.outputs
             ]
         return groups
@@ -153,4 +189,3 @@ def _generation_config(model_dir: str | Path) -> Any:
         return GenerationConfig.from_pretrained(model_dir)
     except OSError:
         return None
-

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -99,8 +100,13 @@ class Stage(L.LightningModule):
     def datamodule(self) -> StageDataModule:
         data = self.run.data
         return StageDataModule(
-            self.build_items, self.collate, batch_size=data.batch_size, micro_batch_size=data.micro_batch_size,
-            seed=data.seed, has_val=self.validates, defer=self.items_need_model,
+            self.build_items,
+            self.collate,
+            batch_size=data.batch_size,
+            micro_batch_size=data.micro_batch_size,
+            seed=data.seed,
+            has_val=self.validates,
+            defer=self.items_need_model,
             start_step=lambda: data_position(self.global_step, self.steps_per_batch),
             # only midtrain and SFT rows have a length (the other schemas refuse data.group_by_length)
             item_length=self.item_length if data.group_by_length else None,
@@ -129,7 +135,9 @@ class Stage(L.LightningModule):
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         self.optimization_step(micro_batches)
 
-    def optimization_step(self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None, prefix: str = "train/") -> None:
+    def optimization_step(
+        self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None, prefix: str = "train/"
+    ) -> None:
         """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch."""
         started = time.perf_counter()
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
@@ -137,7 +145,9 @@ class Stage(L.LightningModule):
         if units == 0:
             if not self.allows_empty_steps:
                 raise RuntimeError(f"step {self.global_step}: the global batch has no {self.loss_unit} to train on")
-            log.warning("step %d: the global batch has no %s to train on; its loss is 0", self.global_step, self.loss_unit)
+            log.warning(
+                "step %d: the global batch has no %s to train on; its loss is 0", self.global_step, self.loss_unit
+            )
         scale = self.trainer.world_size / max(units, 1.0)
         sums = StepSums()
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -170,23 +180,41 @@ class Stage(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         totals, self._val_sums = self.collectives.sums({"units": 0.0, **self._val_sums.sums}), StepSums()
         if totals["units"] > 0:
-            self.log_dict({f"val/{name}": value / totals["units"] for name, value in totals.items()
-                           if name not in ("units", "tokens", "slots")}, prog_bar=True, rank_zero_only=True)
+            self.log_dict(
+                {
+                    f"val/{name}": value / totals["units"]
+                    for name, value in totals.items()
+                    if name not in ("units", "tokens", "slots")
+                },
+                prog_bar=True,
+                rank_zero_only=True,
+            )
 
     # ---- sampling, held-out scores and handoff ----------------------------------------------------------------
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
         """This rank's prompts sampled from the policy's current weights (`rollout.*`); every rank calls it together."""
         if self.sampler is None:
-            longest = self.run.data.max_length + max(self.completion_length(), self.heldout.max_new_tokens(self.completion_length()))
+            longest = self.run.data.max_length + max(
+                self.completion_length(), self.heldout.max_new_tokens(self.completion_length())
+            )
             self.sampler = PolicySampler(
-                self.policy, self.tokenizer, self.run, rank=self.global_rank, world_size=self.trainer.world_size,
-                longest_sequence=longest, compute_context=self.trainer.precision_plugin.forward_context,
-                export=lambda directory: export_hf(self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory),
+                self.policy,
+                self.tokenizer,
+                self.run,
+                rank=self.global_rank,
+                world_size=self.trainer.world_size,
+                longest_sequence=longest,
+                compute_context=self.trainer.precision_plugin.forward_context,
+                export=lambda directory: export_hf(
+                    self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory
+                ),
             )
         return self.sampler.generate(prompts, sampling, seed=seed, step=self.global_step)
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
-        return self.heldout.evaluate(self.generate, self.collectives, self.heldout.max_new_tokens(self.completion_length()), filename=filename)
+        return self.heldout.evaluate(
+            self.generate, self.collectives, self.heldout.max_new_tokens(self.completion_length()), filename=filename
+        )
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

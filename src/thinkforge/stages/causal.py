@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -52,14 +53,28 @@ class CausalLMStage(Stage):
         overflowed = "".join(f", {count} {what}" for what, count in overflow.items())
         if data.pack:
             rows = pack(sequences, data.max_length)
-            log.info("%s: %d sequences -> %d rows of %d tokens, fill ratio %.3f%s",
-                     split, len(sequences), len(rows), data.max_length, fill_ratio(rows, data.max_length), overflowed)
+            log.info(
+                "%s: %d sequences -> %d rows of %d tokens, fill ratio %.3f%s",
+                split,
+                len(sequences),
+                len(rows),
+                data.max_length,
+                fill_ratio(rows, data.max_length),
+                overflowed,
+            )
             return rows
         lengths = sorted(len(sequence) for sequence in sequences)
-        log.info("%s: %d sequences, one per row, padded to each micro-batch's longest (multiple of %d%s); "
-                 "lengths: median %d, longest %d%s", split, len(sequences), self.pad_multiple,
-                 ", grouped by length" if data.group_by_length else "", lengths[len(lengths) // 2] if lengths else 0,
-                 lengths[-1] if lengths else 0, overflowed)
+        log.info(
+            "%s: %d sequences, one per row, padded to each micro-batch's longest (multiple of %d%s); "
+            "lengths: median %d, longest %d%s",
+            split,
+            len(sequences),
+            self.pad_multiple,
+            ", grouped by length" if data.group_by_length else "",
+            lengths[len(lengths) // 2] if lengths else 0,
+            lengths[-1] if lengths else 0,
+            overflowed,
+        )
         return [[sequence] for sequence in sequences]
 
     def probe(self) -> StageProbe:
@@ -70,7 +85,13 @@ class CausalLMStage(Stage):
 
     def collate(self, items: Sequence[Any]) -> Batch:
         row_length = self.run.data.max_length if self.run.data.pack else None
-        return collate_rows(items, self.tokenizer.pad_token_id, row_length=row_length, flatten=self.flatten_rows, pad_multiple=self.pad_multiple)
+        return collate_rows(
+            items,
+            self.tokenizer.pad_token_id,
+            row_length=row_length,
+            flatten=self.flatten_rows,
+            pad_multiple=self.pad_multiple,
+        )
 
     def loss_sum(self, batch: Batch) -> LossSum:
         logprobs, _ = self.policy(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])

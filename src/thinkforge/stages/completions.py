@@ -6,8 +6,8 @@ stays small enough for a dense one; they are packed into rows (`data.pack`) or o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -58,8 +58,12 @@ def completion_scores(
     """Per-token log-probs (and entropy) of the batch's completions, [completions, longest], 0 past each end:
     one forward over the packed rows, read back out through `unpack_index`."""
     logprobs, entropy = model(
-        batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], attention_mask=batch.get("attention_mask"),
-        with_entropy=with_entropy, temperature=temperature,
+        batch["input_ids"],
+        batch["labels"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        with_entropy=with_entropy,
+        temperature=temperature,
     )
     index = batch["unpack_index"]
     return unpack(logprobs, index), None if entropy is None else unpack(entropy, index)

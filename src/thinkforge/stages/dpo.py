@@ -6,21 +6,22 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from thinkforge.backbone import CausalLM
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence
-from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.data.records import load_split
 from thinkforge.losses import LossSum, dpo_loss_sum
+from thinkforge.resume import pairs_path, read_pairs, write_pairs
 from thinkforge.rewards.math import math_accuracy
 from thinkforge.rollout import SamplingConfig
+from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.stage_configs import DPOConfig
-from thinkforge.resume import pairs_path, read_pairs, write_pairs
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
@@ -53,7 +54,9 @@ class DPOProbe(StageProbe):
             prompt_ids = self.tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
             completion = list(stage.completion_ids(prompt_ids, reply, True) or ())
             mask = [False] * len(prompt_ids) + [True] * len(completion)
-            examples.append(TrainingExample(prompt_ids, TokenSequence.causal(prompt_ids + completion, mask), self.turn_end_id))
+            examples.append(
+                TrainingExample(prompt_ids, TokenSequence.causal(prompt_ids + completion, mask), self.turn_end_id)
+            )
         return examples
 
     def sampling(self) -> SamplingConfig | None:
@@ -90,21 +93,40 @@ class DPO(Stage):
         rank 0 writes all pairs to the run directory, where a resumed run reads them back."""
         share = self.collectives.share(len(records))
         rank = self.trainer.global_rank
-        groups = self.generate([self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank)
-        provenance = {"source_model": self.run.model.name_or_path or "model.config", "temperature": self.rollout.temperature,
-                      "seed": self.run.seed + rank, "rank": rank}
+        groups = self.generate(
+            [self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank
+        )
+        provenance = {
+            "source_model": self.run.model.name_or_path or "model.config",
+            "temperature": self.rollout.temperature,
+            "seed": self.run.seed + rank,
+            "rank": rank,
+        }
         verify = functools.partial(math_accuracy, lenient=self.settings.reads_stated_answers(), guess=False)
         pairs, counts = pair_rollouts(
-            groups, [records[i]["prompt"] for i in share], [records[i]["answer"] for i in share], verify,
-            prompt_indices=share, provenance=provenance,
+            groups,
+            [records[i]["prompt"] for i in share],
+            [records[i]["answer"] for i in share],
+            verify,
+            prompt_indices=share,
+            provenance=provenance,
         )
         gathered = self.collectives.gather((pairs, counts))
-        pairs = sorted((pair for rank_pairs, _ in gathered for pair in rank_pairs), key=lambda pair: pair["provenance"]["prompt_index"])
+        pairs = sorted(
+            (pair for rank_pairs, _ in gathered for pair in rank_pairs),
+            key=lambda pair: pair["provenance"]["prompt_index"],
+        )
         counts = sum((rank_counts for _, rank_counts in gathered), Counter())
         if not pairs:
             raise RuntimeError(f"{path.stem}: no prompt had both a correct and an incorrect rollout ({dict(counts)})")
         if self.trainer.is_global_zero:
-            log.info("%s: %d prompts sampled on %d ranks -> %s", path.name, len(share) * len(gathered), len(gathered), dict(counts))
+            log.info(
+                "%s: %d prompts sampled on %d ranks -> %s",
+                path.name,
+                len(share) * len(gathered),
+                len(gathered),
+                dict(counts),
+            )
             write_pairs(path, pairs)
         self.trainer.strategy.barrier("rollout pairs")
         return pairs
@@ -119,7 +141,10 @@ class DPO(Stage):
         items, dropped = [], 0
         for record in self.pair_records(split):
             prompt_ids = self.tokenizer(self.render_prompt(record["prompt"]), add_special_tokens=False)["input_ids"]
-            sides = [self.completion_ids(prompt_ids, record[side], record.get(f"{side}_finished", True)) for side in ("chosen", "rejected")]
+            sides = [
+                self.completion_ids(prompt_ids, record[side], record.get(f"{side}_finished", True))
+                for side in ("chosen", "rejected")
+            ]
             if any(side is None for side in sides):
                 dropped += 1
                 continue
@@ -130,7 +155,9 @@ class DPO(Stage):
     def completion_ids(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
         """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at; the
         prompt and reply together fit data.max_length (truncated or dropped)."""
-        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + ([self.turn_end_id] if finished else [])
+        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + (
+            [self.turn_end_id] if finished else []
+        )
         room = self.run.data.max_length - len(prompt_ids)
         if len(completion_ids) > room:
             if self.run.data.overflow == "drop" or room <= 0:
@@ -144,10 +171,14 @@ class DPO(Stage):
             document
             for i, item in enumerate(items)
             for document in self.batcher.layout(
-                item.prompt_ids, [(2 * i, item.chosen_ids, True), (2 * i + 1, item.rejected_ids, True)], self.settings.share_prompt
+                item.prompt_ids,
+                [(2 * i, item.chosen_ids, True), (2 * i + 1, item.rejected_ids, True)],
+                self.settings.share_prompt,
             )
         ]
-        batch = self.batcher.collate(documents, max(self.run.data.max_length, *(len(document) for document in documents)))
+        batch = self.batcher.collate(
+            documents, max(self.run.data.max_length, *(len(document) for document in documents))
+        )
         batch["pair_index"] = torch.tensor([item.index for item in items])
         if items[0].split in self.ref_logps:  # precomputed: they travel with their pairs
             batch["ref_logps"] = self.ref_logps[items[0].split][batch["pair_index"]]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -19,11 +20,11 @@ from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
 from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units, is_extreme, rollout_correction
+from thinkforge.resume import data_position
 from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
 from thinkforge.stage_configs import GRPOConfig
-from thinkforge.resume import data_position
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
@@ -58,22 +59,36 @@ def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
     `GRPOConfig` checked that a schedule starts at step 0."""
     if not isinstance(value, Mapping):
         return value
-    return [setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step][-1]
+    return [
+        setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step
+    ][-1]
 
 
 def no_signal_cause(accuracy: float, answered: float, truncated: float, max_tokens: int) -> tuple[str, str]:
     """What a step without reward spread saw, and its likely cause with the knob to change, from its rollouts'
     accuracy, share with a gradable answer and share truncated."""
-    what = "every completion was right" if accuracy >= 1 else "every completion was wrong" if accuracy <= 0 else \
-        "every group's completions scored alike"
+    what = (
+        "every completion was right"
+        if accuracy >= 1
+        else "every completion was wrong"
+        if accuracy <= 0
+        else "every group's completions scored alike"
+    )
     if accuracy >= 1:
-        return what, "the prompts are too easy for this model: keep those it sometimes fails (thinkforge-data pass-rate)"
+        return (
+            what,
+            "the prompts are too easy for this model: keep those it sometimes fails (thinkforge-data pass-rate)",
+        )
     if truncated >= 0.5:
-        return what, (f"completions are cut off at stage.max_completion_length={max_tokens} tokens: raise it, "
-                      "or ask for a shorter answer")
+        return what, (
+            f"completions are cut off at stage.max_completion_length={max_tokens} tokens: raise it, "
+            "or ask for a shorter answer"
+        )
     if answered < 0.5:
-        return what, ("the model does not write its answer as the reward reads it (\\boxed{} after </think>): set "
-                      "stage.answer_extraction=lenient, or a system prompt that asks for that format (prompt=phi4_reasoning)")
+        return what, (
+            "the model does not write its answer as the reward reads it (\\boxed{} after </think>): set "
+            "stage.answer_extraction=lenient, or a system prompt that asks for that format (prompt=phi4_reasoning)"
+        )
     return what, "the prompts are too hard for this model: keep those it sometimes solves (thinkforge-data pass-rate)"
 
 
@@ -113,14 +128,18 @@ class GRPO(Stage):
         training = self.heldout.training_rows(records)
         parseable = [gold_is_parseable(record["answer"]) for record in training]
         rows = [record for record, ok in zip(training, parseable) if ok]
-        log.info("train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(training) - len(rows))
+        log.info(
+            "train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(training) - len(rows)
+        )
         if not rows:
             raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
         rendered = [self.render_prompt(record["prompt"]) for record in rows]
         encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         fitting = [(text, ids, row) for text, ids, row in zip(rendered, encoded, rows) if len(ids) <= data.max_length]
         if len(fitting) < len(rows):
-            log.info("%d prompts longer than data.max_length (%d tokens) dropped", len(rows) - len(fitting), data.max_length)
+            log.info(
+                "%d prompts longer than data.max_length (%d tokens) dropped", len(rows) - len(fitting), data.max_length
+            )
         if not fitting:
             raise DataError(f"{data.train}: every prompt is longer than data.max_length ({data.max_length} tokens)")
         return [Prompt(i, text, tuple(ids), row["answer"]) for i, (text, ids, row) in enumerate(fitting)]
@@ -132,7 +151,11 @@ class GRPO(Stage):
         return GRPOProbe(self)
 
     def completion_length(self) -> int:
-        return int(scheduled(self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1))
+        return int(
+            scheduled(
+                self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1
+            )
+        )
 
     def on_train_start(self) -> None:
         if self.heldout.enabled() and not self.initial_heldout:
@@ -172,16 +195,23 @@ class GRPO(Stage):
         rollouts = self.generate([p.text for p in prompts], sampling, seed=seed)
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
-            [r.text for _, r in flat], [p.answer for p, _ in flat], [len(r.token_ids) for _, r in flat],
-            [not r.finished for _, r in flat], sampling.max_new_tokens,
+            [r.text for _, r in flat],
+            [p.answer for p, _ in flat],
+            [len(r.token_ids) for _, r in flat],
+            [not r.finished for _, r in flat],
+            sampling.max_new_tokens,
         )
         groups = []
         for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
             block = scored[index * self.settings.group_size : (index + 1) * self.settings.group_size]
-            groups.append(Group(prompt, group, torch.tensor([total for total, _ in block]), [parts for _, parts in block]))
+            groups.append(
+                Group(prompt, group, torch.tensor([total for total, _ in block]), [parts for _, parts in block])
+            )
         return groups
 
-    def sample_groups(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> tuple[list[Group], dict[str, float]]:
+    def sample_groups(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig
+    ) -> tuple[list[Group], dict[str, float]]:
         """Sampled, scored groups; with dynamic sampling, zero-variance groups are replaced by fresh prompts.
 
         Every rank takes part in the same number of generation rounds (FSDP needs it): the loop runs while any
@@ -203,7 +233,11 @@ class GRPO(Stage):
                 break
             extra = refills.rank_batch(position * self.settings.max_refills + refill)[0]
             # a prompt already in this step is still generated (every rank must join each round) but not kept twice
-            more = [g for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1)) if g.prompt.index not in used]
+            more = [
+                g
+                for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1))
+                if g.prompt.index not in used
+            ]
             used |= {g.prompt.index for g in more}
             keep += [g for g in more if g.has_signal]
             spare += [g for g in more if not g.has_signal]
@@ -224,12 +258,16 @@ class GRPO(Stage):
         accuracy, answered = stats["reward/accuracy"], stats["reward/answered"]
         truncated = stats["completion/truncation_rate"]
         what, cause = no_signal_cause(accuracy, answered, truncated, sampling.max_new_tokens)
-        message = (f"step {self.global_step}: no group has a reward spread, so this step trains on nothing: {what} "
-                   f"(accuracy {accuracy:.0%}; {1 - answered:.0%} of completions had no answer the grader could read, "
-                   f"{truncated:.0%} were truncated). Likely cause: {cause}")
+        message = (
+            f"step {self.global_step}: no group has a reward spread, so this step trains on nothing: {what} "
+            f"(accuracy {accuracy:.0%}; {1 - answered:.0%} of completions had no answer the grader could read, "
+            f"{truncated:.0%} were truncated). Likely cause: {cause}"
+        )
         limit = self.settings.max_steps_without_signal
         if limit and self.steps_without_signal >= limit:
-            raise UserError(f"{limit} steps in a row trained on nothing (stage.max_steps_without_signal={limit}); {message}")
+            raise UserError(
+                f"{limit} steps in a row trained on nothing (stage.max_steps_without_signal={limit}); {message}"
+            )
         if self.trainer.is_global_zero:
             log.warning(message)
 
@@ -237,9 +275,14 @@ class GRPO(Stage):
         """Extra prompts for dynamic sampling: a second seeded stream over the training prompts, built once."""
         if self._refills is None:
             self._refills = StepBatches(
-                self.trainer.datamodule.train_items, batch_size=prompts_per_rank * self.trainer.world_size,
-                micro_batch_size=prompts_per_rank, collate=list, seed=self.run.data.seed + 1, rank=self.global_rank,
-                world_size=self.trainer.world_size, start_step=0,
+                self.trainer.datamodule.train_items,
+                batch_size=prompts_per_rank * self.trainer.world_size,
+                micro_batch_size=prompts_per_rank,
+                collate=list,
+                seed=self.run.data.seed + 1,
+                rank=self.global_rank,
+                world_size=self.trainer.world_size,
+                start_step=0,
             )
         return self._refills
 
@@ -249,10 +292,15 @@ class GRPO(Stage):
         lengths = torch.tensor([float(len(r.token_ids)) for r in rollouts])
         parts = {name: sum(p[name] for g in groups for p in g.parts) / len(rollouts) for name in groups[0].parts[0]}
         local = {
-            "reward_sum": rewards.sum().item(), "reward_sq_sum": (rewards**2).sum().item(), "samples": float(len(rollouts)),
-            "length_sum": lengths.sum().item(), "truncated": float(sum(not r.finished for r in rollouts)),
-            "zero_variance": float(sum(not g.has_signal for g in groups)), "groups": float(len(groups)),
-            "dropped": float(dropped), **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
+            "reward_sum": rewards.sum().item(),
+            "reward_sq_sum": (rewards**2).sum().item(),
+            "samples": float(len(rollouts)),
+            "length_sum": lengths.sum().item(),
+            "truncated": float(sum(not r.finished for r in rollouts)),
+            "zero_variance": float(sum(not g.has_signal for g in groups)),
+            "groups": float(len(groups)),
+            "dropped": float(dropped),
+            **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
         }
         totals = self.collectives.sums(local)
         longest = self.collectives.extremes({"completion/max_length": lengths.max().item()})["completion/max_length"]
@@ -278,24 +326,38 @@ class GRPO(Stage):
         as the others (FSDP gathers each layer once per micro-batch on all ranks together).
         """
         rewards = torch.cat([g.rewards for g in groups])
-        advantages = group_advantages(rewards, self.settings.group_size, self.settings.advantage_scale, batch_std=self.collectives.std(rewards) if self.settings.advantage_scale == "batch" else None)
+        advantages = group_advantages(
+            rewards,
+            self.settings.group_size,
+            self.settings.advantage_scale,
+            batch_std=self.collectives.std(rewards) if self.settings.advantage_scale == "batch" else None,
+        )
         rollouts = [rollout for group in groups for rollout in group.rollouts]
         batches = []
         for first in range(0, len(groups), self.run.data.micro_batch_size):
             documents = []
             for index, group in enumerate(groups[first : first + self.run.data.micro_batch_size], start=first):
                 completions = [
-                    (index * self.settings.group_size + k, rollout.token_ids, not (self.settings.mask_truncated and not rollout.finished))
+                    (
+                        index * self.settings.group_size + k,
+                        rollout.token_ids,
+                        not (self.settings.mask_truncated and not rollout.finished),
+                    )
                     for k, rollout in enumerate(group.rollouts)
                 ]
                 documents += self.batcher.layout(group.prompt.token_ids, completions, self.settings.share_prompt)
             batch = self.batcher.collate(documents, max(len(document) for document in documents))
             members = batch["members"]
-            batch["sampler_logps"] = self._sampler_logps([rollouts[m] for m in members.tolist()], batch["targets"].shape)
+            batch["sampler_logps"] = self._sampler_logps(
+                [rollouts[m] for m in members.tolist()], batch["targets"].shape
+            )
             batch["advantages"] = advantages[members]
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                for name, model in (("old_logps", self.policy if self.settings.num_iterations > 1 else None), ("ref_logps", self.frozen.get("reference"))):
+                for name, model in (
+                    ("old_logps", self.policy if self.settings.num_iterations > 1 else None),
+                    ("ref_logps", self.frozen.get("reference")),
+                ):
                     if model is not None:
                         batch[name], _ = completion_scores(model, batch, temperature=sampling.temperature)
             batches.append(batch)
@@ -310,15 +372,22 @@ class GRPO(Stage):
         return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        return grpo_loss_units(batch["targets"] != IGNORE_INDEX, self.settings.loss_type, self.step_sampling.max_new_tokens)
+        return grpo_loss_units(
+            batch["targets"] != IGNORE_INDEX, self.settings.loss_type, self.step_sampling.max_new_tokens
+        )
 
     def loss_sum(self, batch: Batch) -> LossSum:
         sampling = self.step_sampling
         logps, entropy = completion_scores(self.policy, batch, with_entropy=True, temperature=sampling.temperature)
         mask = batch["targets"] != IGNORE_INDEX
         old_logps = batch.get("old_logps", logps.detach())
-        weights, correction = rollout_correction(old_logps, batch["sampler_logps"], mask, mode=self.settings.rollout_correction,
-                                                 cap=self.settings.rollout_correction_cap)
+        weights, correction = rollout_correction(
+            old_logps,
+            batch["sampler_logps"],
+            mask,
+            mode=self.settings.rollout_correction,
+            cap=self.settings.rollout_correction_cap,
+        )
         result = grpo_loss_sum(
             logps,
             old_logps,
@@ -340,5 +409,7 @@ class GRPO(Stage):
         }
         if self.settings.rollout_correction != "none":
             token_means.update(correction)
-        result.metrics.update({name: value if is_extreme(name) else value * result.units for name, value in token_means.items()})
+        result.metrics.update(
+            {name: value if is_extreme(name) else value * result.units for name, value in token_means.items()}
+        )
         return result

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
-
+from typing import Any, Protocol
 
 from thinkforge.collectives import Collectives
 from thinkforge.config import TrainConfig
@@ -17,6 +17,7 @@ from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout import Rollout, SamplingConfig
 
 log = logging.getLogger(__name__)
+
 
 class Generate(Protocol):
     def __call__(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
@@ -34,8 +35,11 @@ class HeldOut:
 
     def warn_when_missing(self, stage_name: str) -> None:
         if self.settings.num_prompts and not self.enabled():
-            log.warning("no held-out scores: data.val is null and %s's rows carry no gold answers; set data.val to a "
-                        "prompt + answer file, or heldout.num_prompts=0", stage_name)
+            log.warning(
+                "no held-out scores: data.val is null and %s's rows carry no gold answers; set data.val to a "
+                "prompt + answer file, or heldout.num_prompts=0",
+                stage_name,
+            )
 
     def max_new_tokens(self, completion_length: int) -> int:
         """heldout.max_new_tokens, or as long as the stage's own completions may be."""
@@ -67,8 +71,10 @@ class HeldOut:
             return records.rows
         count = self.settings.num_prompts
         if count >= len(records.rows):
-            raise DataError(f"{records.source}: heldout.num_prompts={count} would hold out all {len(records.rows)} rows "
-                            "(data.val is null); lower it or set data.val")
+            raise DataError(
+                f"{records.source}: heldout.num_prompts={count} would hold out all {len(records.rows)} rows "
+                "(data.val is null); lower it or set data.val"
+            )
         log.info("held-out prompts: the last %d rows of %s (data.val is null), not trained on", count, records.source)
         return records.rows[:-count]
 
@@ -82,7 +88,9 @@ class HeldOut:
             rows = load_split(self.run.data, "val", required=("prompt", "answer")).rows[:count]
         return [self.render_prompt(row["prompt"]) for row in rows], [row["answer"] for row in rows]
 
-    def evaluate(self, generate: Generate, collectives: Collectives, max_new_tokens: int, *, filename: str | None) -> dict[str, float]:
+    def evaluate(
+        self, generate: Generate, collectives: Collectives, max_new_tokens: int, *, filename: str | None
+    ) -> dict[str, float]:
         """Every rank scores its share; rank 0 writes `filename` in the run directory (None: write nothing)."""
         prompts, golds = self.prompts()
         settings = self.settings
@@ -96,7 +104,9 @@ class HeldOut:
             count = settings.pass_k_prompts
             metrics.update(self.pass_at_k(prompts[:count], golds[:count], generate, collectives, max_new_tokens))
         if collectives.rank == 0 and filename:
-            (Path(self.run.output_dir) / filename).write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
+            (Path(self.run.output_dir) / filename).write_text(
+                json.dumps({**metrics, "samples": total.samples}, indent=2)
+            )
             log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 

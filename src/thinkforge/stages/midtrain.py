@@ -36,7 +36,9 @@ class MidTraining(CausalLMStage):
             texts = [record["text"] + self.tokenizer.eos_token for record in records.rows]
         else:
             texts = [
-                self.render_chat([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}])
+                self.render_chat(
+                    [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+                )
                 for r in records.rows
             ]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]

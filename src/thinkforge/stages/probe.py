@@ -4,8 +4,9 @@ the doctor needs no knowledge of any stage's insides."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_records

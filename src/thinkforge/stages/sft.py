@@ -46,7 +46,10 @@ class SFT(CausalLMStage):
         log.info("%s data: %s", split, records.summary())
         if self.format == "messages":
             return [record["messages"] for record in records.rows]
-        return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}] for r in records.rows]
+        return [
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+            for r in records.rows
+        ]
 
     def sequences(self, split: str) -> list[TokenSequence]:
         return [self.assistant_only(messages) for messages in self.conversations(split)]

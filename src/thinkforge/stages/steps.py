@@ -34,12 +34,19 @@ class StepSums:
         self.sums["tokens"] += float(batch["num_tokens"])
         self.sums["slots"] += float(batch["num_slots"])
 
-    def metrics(self, collectives: Collectives, loss: float, units: float, grad_norm: float, lr: float, seconds: float) -> dict[str, float]:
+    def metrics(
+        self, collectives: Collectives, loss: float, units: float, grad_norm: float, lr: float, seconds: float
+    ) -> dict[str, float]:
         """Per-unit means over the global batch, throughput, fill, and the extremes over ranks."""
         totals = collectives.sums({**self.sums, "loss": loss})
         metrics = {name: value / max(units, 1.0) for name, value in totals.items() if name not in ("tokens", "slots")}
-        metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=totals["tokens"] / max(seconds, 1e-9), step_s=seconds,
-                       fill_ratio=totals["tokens"] / max(totals["slots"], 1.0))
+        metrics.update(
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=totals["tokens"] / max(seconds, 1e-9),
+            step_s=seconds,
+            fill_ratio=totals["tokens"] / max(totals["slots"], 1.0),
+        )
         return {**metrics, **collectives.extremes(self.extremes)}
 
 
