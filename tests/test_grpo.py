@@ -299,7 +299,7 @@ def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):
     ],
 )
 def test_no_signal_names_the_likely_cause(accuracy, answered, truncated, what, knob):
-    from thinkforge.stages.grpo import no_signal_cause
+    from thinkforge.rollout.groups import no_signal_cause
 
     said, cause = no_signal_cause(accuracy, answered, truncated, 96)
     assert said == what and knob in cause

@@ -35,7 +35,6 @@ class PolicySampler:
         policy: CausalLM,
         tokenizer: Any,
         run: TrainConfig,
-        *,
         rank: int,
         world_size: int,
         longest_sequence: int,

@@ -1,11 +1,7 @@
-"""What every stage shares: the backbone, the accumulation loop that takes one optimizer step, and its logging.
-
-A stage subclass owns only its data contract (`build_items`, `collate`) and its loss (`loss_sum`). The loop here
-takes one optimizer step per loader batch: it sums each micro-batch's loss, divides by the *global* number of loss
-units (tokens, pairs, ...) of the whole step on all ranks, and scales by the data-parallel size because FSDP
-averages gradients across ranks: the exact mean over the global batch, however it was split. The rest lives
-beside it: `heldout.py`, `completions.py`, `export.py`, `steps.py`, `rollout/sampler.py`, `thinkforge.resume`.
-"""
+"""What every stage shares: the backbone and one optimizer step per loader batch. A stage owns its data contract
+(`build_items`, `collate`) and its loss (`loss_sum`); the step divides the summed loss by the *global* count of loss
+units (tokens, pairs, ...) and scales by the data-parallel size (FSDP averages gradients over ranks): the exact mean
+over the global batch, however it was split. Its parts live beside it (heldout, completions, export, steps)."""
 
 from __future__ import annotations
 
@@ -92,11 +88,9 @@ class Stage(L.LightningModule):
         """How long this stage's completions may be: held-out generation follows it unless heldout sets one."""
         return self.run.data.max_length
 
-    def probe(self) -> StageProbe:
-        """What `thinkforge-doctor` reads of this stage (stages/probe.py)."""
+    def probe(self) -> StageProbe:  # what thinkforge-doctor reads of the stage
         return StageProbe(self)
 
-    # ---- data and model ---------------------------------------------------------------------------------------
     def datamodule(self) -> StageDataModule:
         data = self.run.data
         return StageDataModule(
@@ -145,9 +139,7 @@ class Stage(L.LightningModule):
         if units == 0:
             if not self.allows_empty_steps:
                 raise RuntimeError(f"step {self.global_step}: the global batch has no {self.loss_unit} to train on")
-            log.warning(
-                "step %d: the global batch has no %s to train on; its loss is 0", self.global_step, self.loss_unit
-            )
+            log.warning("step %d: no %s to train on; its loss is 0", self.global_step, self.loss_unit)
         scale = self.trainer.world_size / max(units, 1.0)
         sums = StepSums()
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -178,43 +170,24 @@ class Stage(L.LightningModule):
             self._val_sums.add({"loss": loss, "units": units, **metrics}, batch)
 
     def on_validation_epoch_end(self) -> None:
-        totals, self._val_sums = self.collectives.sums({"units": 0.0, **self._val_sums.sums}), StepSums()
-        if totals["units"] > 0:
-            self.log_dict(
-                {
-                    f"val/{name}": value / totals["units"]
-                    for name, value in totals.items()
-                    if name not in ("units", "tokens", "slots")
-                },
-                prog_bar=True,
-                rank_zero_only=True,
-            )
+        means, self._val_sums = self._val_sums.means(self.collectives, prefix="val/"), StepSums()
+        if means:
+            self.log_dict(means, prog_bar=True, rank_zero_only=True)
 
-    # ---- sampling, held-out scores and handoff ----------------------------------------------------------------
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
         """This rank's prompts sampled from the policy's current weights (`rollout.*`); every rank calls it together."""
         if self.sampler is None:
-            longest = self.run.data.max_length + max(
-                self.completion_length(), self.heldout.max_new_tokens(self.completion_length())
-            )
+            export = partial(export_hf, self.policy, self.tokenizer, self.run.model, self.trainer.strategy)
+            completions = self.completion_length()
+            longest = self.run.data.max_length + max(completions, self.heldout.max_new_tokens(completions))
+            context, world = self.trainer.precision_plugin.forward_context, self.trainer.world_size
             self.sampler = PolicySampler(
-                self.policy,
-                self.tokenizer,
-                self.run,
-                rank=self.global_rank,
-                world_size=self.trainer.world_size,
-                longest_sequence=longest,
-                compute_context=self.trainer.precision_plugin.forward_context,
-                export=lambda directory: export_hf(
-                    self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory
-                ),
+                self.policy, self.tokenizer, self.run, self.global_rank, world, longest, context, export
             )
         return self.sampler.generate(prompts, sampling, seed=seed, step=self.global_step)
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
-        return self.heldout.evaluate(
-            self.generate, self.collectives, self.heldout.max_new_tokens(self.completion_length()), filename=filename
-        )
+        return self.heldout.evaluate(self.generate, self.collectives, self.completion_length(), filename=filename)
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,37 +20,16 @@ from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
 from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units, is_extreme, rollout_correction
 from thinkforge.resume import data_position
-from thinkforge.rewards.math import gold_is_parseable, shared_verifier_pool
+from thinkforge.rewards.math import gold_is_parseable
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cause
 from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    answer: str
-
-
-@dataclass
-class Group:
-    """One prompt's sampled completions and their rewards (`parts`: each reward function's value per sample)."""
-
-    prompt: Prompt
-    rollouts: list[Rollout]
-    rewards: torch.Tensor
-    parts: list[dict[str, float]]
-
-    @property
-    def has_signal(self) -> bool:
-        return bool(self.rewards.std() > 0)
 
 
 def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
@@ -62,34 +40,6 @@ def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
     return [
         setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step
     ][-1]
-
-
-def no_signal_cause(accuracy: float, answered: float, truncated: float, max_tokens: int) -> tuple[str, str]:
-    """What a step without reward spread saw, and its likely cause with the knob to change, from its rollouts'
-    accuracy, share with a gradable answer and share truncated."""
-    what = (
-        "every completion was right"
-        if accuracy >= 1
-        else "every completion was wrong"
-        if accuracy <= 0
-        else "every group's completions scored alike"
-    )
-    if accuracy >= 1:
-        return (
-            what,
-            "the prompts are too easy for this model: keep those it sometimes fails (thinkforge-data pass-rate)",
-        )
-    if truncated >= 0.5:
-        return what, (
-            f"completions are cut off at stage.max_completion_length={max_tokens} tokens: raise it, "
-            "or ask for a shorter answer"
-        )
-    if answered < 0.5:
-        return what, (
-            "the model does not write its answer as the reward reads it (\\boxed{} after </think>): set "
-            "stage.answer_extraction=lenient, or a system prompt that asks for that format (prompt=phi4_reasoning)"
-        )
-    return what, "the prompts are too hard for this model: keep those it sometimes solves (thinkforge-data pass-rate)"
 
 
 class GRPOProbe(StageProbe):
@@ -117,7 +67,7 @@ class GRPO(Stage):
         self.steps_without_signal = 0
         self.steps_per_batch = self.settings.num_iterations
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
-        self._refills: StepBatches | None = None
+        self._groups: GroupSampler | None = None
         self.step_sampling: SamplingConfig | None = None  # this step's: its loss is computed at its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -177,7 +127,10 @@ class GRPO(Stage):
         items = self.trainer.datamodule.train_items
         prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
         sampling = self.step_sampling = self.sampling()
-        groups, stats = self.sample_groups(prompts, sampling)
+        position = data_position(self.global_step, self.steps_per_batch)
+        seed = self.run.seed * 7919 + position * 104729 + self.global_rank
+        sampler = self.group_sampler(len(prompts))
+        groups, stats = sampler.sample(prompts, sampling, seed=seed, position=position, collectives=self.collectives)
         self.check_signal(groups, stats, sampling)
         generation_seconds = time.perf_counter() - started
         train_batches = self.training_batches(groups, sampling)
@@ -190,63 +143,6 @@ class GRPO(Stage):
         if self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
-
-    def _sample_and_score(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[Group]:
-        rollouts = self.generate([p.text for p in prompts], sampling, seed=seed)
-        flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
-        scored = self.reward_model.score(
-            [r.text for _, r in flat],
-            [p.answer for p, _ in flat],
-            [len(r.token_ids) for _, r in flat],
-            [not r.finished for _, r in flat],
-            sampling.max_new_tokens,
-        )
-        groups = []
-        for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
-            block = scored[index * self.settings.group_size : (index + 1) * self.settings.group_size]
-            groups.append(
-                Group(prompt, group, torch.tensor([total for total, _ in block]), [parts for _, parts in block])
-            )
-        return groups
-
-    def sample_groups(
-        self, prompts: Sequence[Prompt], sampling: SamplingConfig
-    ) -> tuple[list[Group], dict[str, float]]:
-        """Sampled, scored groups; with dynamic sampling, zero-variance groups are replaced by fresh prompts.
-
-        Every rank takes part in the same number of generation rounds (FSDP needs it): the loop runs while any
-        rank is still short. A rank still short after `max_refills` keeps some zero-variance groups, which carry
-        no gradient (their advantages are 0). The headline reward and accuracy are the first, unfiltered round's:
-        the kept groups' reward sits near the middle whatever the policy does (`reward/kept_mean`).
-        """
-        position = data_position(self.global_step, self.steps_per_batch)
-        seed = self.run.seed * 7919 + position * 104729 + self.global_rank
-        first_round = self._sample_and_score(prompts, sampling, seed)
-        if not self.settings.dynamic_sampling:
-            return first_round, self._rollout_stats(first_round, dropped=0)
-        keep = [g for g in first_round if g.has_signal]
-        spare = [g for g in first_round if not g.has_signal]
-        refills = self.refill_stream(len(prompts))
-        used = {prompt.index for prompt in prompts}
-        for refill in range(self.settings.max_refills):
-            if self.collectives.sum(max(0, len(prompts) - len(keep))).item() == 0:
-                break
-            extra = refills.rank_batch(position * self.settings.max_refills + refill)[0]
-            # a prompt already in this step is still generated (every rank must join each round) but not kept twice
-            more = [
-                g
-                for g in self._sample_and_score(extra, sampling, seed + 7 * (refill + 1))
-                if g.prompt.index not in used
-            ]
-            used |= {g.prompt.index for g in more}
-            keep += [g for g in more if g.has_signal]
-            spare += [g for g in more if not g.has_signal]
-        final = (keep + spare)[: len(prompts)]
-        stats = self._rollout_stats(first_round, dropped=sum(not g.has_signal for g in first_round))
-        kept = torch.cat([g.rewards for g in final])
-        kept_sum, kept_count = self.collectives.sum([kept.sum().item(), float(kept.numel())]).tolist()
-        stats["reward/kept_mean"] = kept_sum / kept_count
-        return final, stats
 
     def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingConfig) -> None:
         """A step whose groups all have zero reward spread has zero advantages: it trains on nothing. Say so, with
@@ -271,53 +167,27 @@ class GRPO(Stage):
         if self.trainer.is_global_zero:
             log.warning(message)
 
-    def refill_stream(self, prompts_per_rank: int) -> StepBatches:
-        """Extra prompts for dynamic sampling: a second seeded stream over the training prompts, built once."""
-        if self._refills is None:
-            self._refills = StepBatches(
-                self.trainer.datamodule.train_items,
-                batch_size=prompts_per_rank * self.trainer.world_size,
-                micro_batch_size=prompts_per_rank,
-                collate=list,
-                seed=self.run.data.seed + 1,
-                rank=self.global_rank,
-                world_size=self.trainer.world_size,
-                start_step=0,
+    def group_sampler(self, prompts_per_rank: int) -> GroupSampler:
+        """Built on the first step, once the training prompts and this rank's share of a step are known; dynamic
+        sampling draws its extra prompts from a second seeded stream over the training prompts."""
+        if self._groups is None:
+            refills = None
+            if self.settings.dynamic_sampling:
+                refills = StepBatches(
+                    self.trainer.datamodule.train_items,
+                    batch_size=prompts_per_rank * self.trainer.world_size,
+                    micro_batch_size=prompts_per_rank,
+                    collate=list,
+                    seed=self.run.data.seed + 1,
+                    rank=self.global_rank,
+                    world_size=self.trainer.world_size,
+                    start_step=0,
+                )
+            settings = self.settings
+            self._groups = GroupSampler(
+                self.generate, self.reward_model, settings.group_size, refills, settings.max_refills
             )
-        return self._refills
-
-    def _rollout_stats(self, groups: list[Group], dropped: int) -> dict[str, float]:
-        rewards = torch.cat([g.rewards for g in groups])
-        rollouts = [r for g in groups for r in g.rollouts]
-        lengths = torch.tensor([float(len(r.token_ids)) for r in rollouts])
-        parts = {name: sum(p[name] for g in groups for p in g.parts) / len(rollouts) for name in groups[0].parts[0]}
-        local = {
-            "reward_sum": rewards.sum().item(),
-            "reward_sq_sum": (rewards**2).sum().item(),
-            "samples": float(len(rollouts)),
-            "length_sum": lengths.sum().item(),
-            "truncated": float(sum(not r.finished for r in rollouts)),
-            "zero_variance": float(sum(not g.has_signal for g in groups)),
-            "groups": float(len(groups)),
-            "dropped": float(dropped),
-            **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
-        }
-        totals = self.collectives.sums(local)
-        longest = self.collectives.extremes({"completion/max_length": lengths.max().item()})["completion/max_length"]
-        n = totals["samples"]
-        mean = totals["reward_sum"] / n
-        return {
-            "reward/mean": mean,
-            "reward/std": max(0.0, totals["reward_sq_sum"] / n - mean**2) ** 0.5,
-            **{f"reward/{k.removeprefix('part/')}": v / n for k, v in totals.items() if k.startswith("part/")},
-            "completion/mean_length": totals["length_sum"] / n,
-            "completion/max_length": float(longest),
-            "completion/truncation_rate": totals["truncated"] / n,
-            "groups/zero_variance_fraction": totals["zero_variance"] / totals["groups"],
-            "groups/dropped_fraction": totals["dropped"] / totals["groups"],
-            "reward/verifier_timeouts": float(shared_verifier_pool().timeouts),
-            "reward/verifier_timeout_rate": shared_verifier_pool().timeout_rate,
-        }
+        return self._groups
 
     def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
         """Micro-batches of `data.micro_batch_size` prompts' completions, each packed with its prompt into rows,

@@ -89,9 +89,10 @@ class HeldOut:
         return [self.render_prompt(row["prompt"]) for row in rows], [row["answer"] for row in rows]
 
     def evaluate(
-        self, generate: Generate, collectives: Collectives, max_new_tokens: int, *, filename: str | None
+        self, generate: Generate, collectives: Collectives, completion_length: int, *, filename: str | None
     ) -> dict[str, float]:
         """Every rank scores its share; rank 0 writes `filename` in the run directory (None: write nothing)."""
+        max_new_tokens = self.max_new_tokens(completion_length)
         prompts, golds = self.prompts()
         settings = self.settings
         sampling = SamplingConfig(settings.num_samples, settings.temperature, settings.top_p, max_new_tokens)

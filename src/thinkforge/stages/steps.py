@@ -49,6 +49,13 @@ class StepSums:
         )
         return {**metrics, **collectives.extremes(self.extremes)}
 
+    def means(self, collectives: Collectives, prefix: str) -> dict[str, float]:
+        """Validation's per-unit means over every rank (the sums carry their `units`); {} when there were none."""
+        totals = collectives.sums({"units": 0.0, **self.sums})
+        if totals["units"] == 0:
+            return {}
+        return {prefix + k: v / totals["units"] for k, v in totals.items() if k not in ("units", "tokens", "slots")}
+
 
 def stop_unless_finite(collectives: Collectives, step: int, loss: float, grad_norm: float, output_dir: str) -> None:
     """A NaN or infinite loss or gradient norm on any rank stops every rank before the optimizer step would write it
