@@ -2,7 +2,7 @@
 utilisation against this machine's matmul peak.
 
     python scripts/bench_midtrain.py                      # the tiny default model on the synthetic task
-    python scripts/bench_midtrain.py model.config.hidden_size=512 data.max_length=1024 --steps 20
+    python scripts/bench_midtrain.py model.config.hidden_size=512 data.max_sequence_length=1024 --steps 20
 
 Arguments are Hydra overrides of conf/train.yaml. The peak is measured here in the compute dtype (fp32 on CPU, bf16
 on GPU) with square matmuls, so MFU compares the trainer with what this machine can actually do.
@@ -138,7 +138,7 @@ def run_causal_bench(overrides: list[str], steps: int, warmup: int, profile: int
     return CausalBench(
         device=f"{device} ({torch.get_num_threads()} threads), dtype {dtype}, attention {config._attn_implementation}",
         parameters=sum(p.numel() for p in model.parameters()),
-        row_length=run.data.max_length,
+        row_length=run.data.max_sequence_length,
         tokens_per_s=throughput,
         fill_ratio=fill,
         peak_flops=peak,

@@ -100,7 +100,7 @@ def grpo_overrides(model_dir: Path, prompts: Path, args: argparse.Namespace) -> 
         "data=jsonl",
         f"data.train={prompts}",
         "data.val=null",
-        "data.max_length=1024",
+        "data.max_sequence_length=1024",
         f"data.batch_size={args.prompts}",
         f"data.micro_batch_size={args.prompts}",
         f"stage.group_size={args.samples}",
@@ -183,7 +183,7 @@ def sft_overrides(model_dir: Path, chats: Path, *layout: str) -> list[str]:
         "data=jsonl",
         f"data.train={chats}",
         "data.val=null",
-        "data.max_length=1024",
+        "data.max_sequence_length=1024",
         "data.overflow=truncate",
         *layout,
     ]

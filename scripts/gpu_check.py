@@ -38,7 +38,7 @@ SCRIPTS = Path(__file__).resolve().parent
 SHORT = [
     "data.synthetic.num_train=512",
     "data.synthetic.num_val=32",
-    "data.max_length=512",
+    "data.max_sequence_length=512",
     "data.batch_size=8",
     "data.micro_batch_size=4",
     "trainer.val_every=1000",
@@ -173,7 +173,7 @@ def main() -> None:
 
         def throughput():
             size = (
-                ["model.config.hidden_size=256", "data.max_length=512"]
+                ["model.config.hidden_size=256", "data.max_sequence_length=512"]
                 if args.cpu
                 else [
                     "model.config.hidden_size=768",
@@ -181,7 +181,7 @@ def main() -> None:
                     "model.config.num_hidden_layers=12",
                     "model.config.num_attention_heads=12",
                     "model.config.num_key_value_heads=4",
-                    "data.max_length=2048",
+                    "data.max_sequence_length=2048",
                     "data.batch_size=16",
                     "data.micro_batch_size=8",
                 ]

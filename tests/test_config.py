@@ -87,6 +87,16 @@ def test_bad_value_names_its_key(override, key):
         validate(compose_config(override, *extra))
 
 
+def test_the_old_data_max_length_names_the_keys_that_replaced_it(tmp_path):
+    """data.max_length meant four things; a config that still sets it stops with the new names, from the CLI too."""
+    with pytest.raises(
+        ConfigError, match="^data.max_length: was split .*data.max_sequence_length.*stage.max_prompt_length"
+    ):
+        validate(compose_config("stage=grpo", "+data.max_length=1024"))
+    result = run_cli("stage=sft", "data.max_length=1024", "dry_run=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "error: data.max_length: was split" in result.stderr, result.stderr[-2000:]
+
+
 def test_missing_required_data_path_is_reported():
     with pytest.raises(ConfigError, match="^data.train: is required"):
         validate(compose_config("data=jsonl"))

@@ -99,9 +99,14 @@ def test_no_yaml_restates_a_schema_default(name, path, defaults):
 
 def test_restated_defaults_are_found():
     """The check itself: a YAML restating a default (nested too) is reported, one that differs is not."""
-    node = {"max_length": 512, "batch_size": 32, "synthetic": {"num_train": 4000, "max_level": 2}, "defaults": ["x"]}
+    node = {
+        "max_sequence_length": 512,
+        "batch_size": 32,
+        "synthetic": {"num_train": 4000, "max_level": 2},
+        "defaults": ["x"],
+    }
     assert sorted(restated(node, schema_defaults(DataConfig), "data")) == [
-        "data.max_length: 512",
+        "data.max_sequence_length: 512",
         "data.synthetic.num_train: 4000",
     ]
 

@@ -234,13 +234,13 @@ def test_a_step_whose_rollouts_are_all_truncated_trains_on_nothing_without_crash
     assert logged(tmp_path, "train/loss") == {0: 0.0, 1: 0.0}
 
 
-def test_prompts_longer_than_max_length_are_dropped(tmp_path):
+def test_prompts_longer_than_max_prompt_length_are_dropped(tmp_path):
     from thinkforge.config import validate
     from thinkforge.stages.grpo import GRPO
     from thinkforge.tokenizer import build_synthetic_tokenizer
 
     tokenizer = build_synthetic_tokenizer()
-    run = validate(compose_config(*GRPO_FAST, "data.max_length=40", output_dir=tmp_path))
+    run = validate(compose_config(*GRPO_FAST, "stage.max_prompt_length=40", output_dir=tmp_path))
     items = GRPO(run, tokenizer).build_items("train")
     assert items and all(len(item.token_ids) <= 40 for item in items)
     assert len(items) < run.data.synthetic.num_train
@@ -262,7 +262,7 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
     fixed = build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path)))
     assert fixed.heldout.max_new_tokens(fixed.completion_length()) == 24
     sft = build_stage(validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path)))
-    assert sft.heldout.max_new_tokens(sft.completion_length()) == 256, "data.max_length"
+    assert sft.heldout.max_new_tokens(sft.completion_length()) == 256, "data.max_sequence_length"
 
 
 def test_a_run_that_learns_nothing_says_why_and_stops(tmp_path):

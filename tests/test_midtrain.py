@@ -71,7 +71,7 @@ def test_a_short_run_prints_a_quiet_console(tmp_path):
     result = run_cli(
         "trainer.max_steps=20",
         "data.synthetic.num_train=256",
-        "data.max_length=128",
+        "data.max_sequence_length=128",
         "heldout.num_prompts=8",
         "heldout.max_new_tokens=32",
         cwd=tmp_path,

@@ -112,7 +112,7 @@ def test_dry_run_from_the_command_line(tmp_path):
     )
     assert brief.returncode == 0, brief.stderr[-3000:]
     assert (
-        "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | max_length 1024, completions 16384 |"
+        "| grpo_16k | GRPO | grpo_8k | data/deepscaler/train.jsonl | 500 | 2e-06 | prompts 1024, completions 16384 |"
         in brief.stdout
     )
     assert len(brief.stdout.splitlines()) < 10 and "# ---- stage" not in brief.stdout, (

@@ -51,7 +51,7 @@ def small_run(smollm2, data, *overrides):
         "data=jsonl",
         f"data.train={data}",
         "data.val=null",
-        "data.max_length=256",
+        "data.max_sequence_length=256",
         "data.batch_size=4",
         "data.micro_batch_size=2",
         "trainer.max_steps=3",

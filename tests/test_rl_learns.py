@@ -111,7 +111,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers(tmp_path):
         "stage.rpo_alpha=1.0",
         f"data.train={tmp_path / 'train.jsonl'}",
         f"data.val={tmp_path / 'val.jsonl'}",
-        "data.max_length=64",
+        "data.max_sequence_length=64",
         "data.batch_size=16",
         "data.micro_batch_size=16",
         "optim.lr=3e-3",

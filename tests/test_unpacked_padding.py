@@ -1,4 +1,5 @@
-"""Unpacked rows (SFT's default) are padded to their micro-batch's longest sequence, not to data.max_length, and
+"""Unpacked rows (SFT's default) are padded to their micro-batch's longest sequence, not to
+data.max_sequence_length, and
 `data.group_by_length` puts neighbours in length into one micro-batch without changing what a step trains on."""
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def sft_batches(tmp_path, *overrides, world_size=1, rank=0):
             "stage=sft",
             "data=jsonl",
             f"data.train={data}",
-            "data.max_length=1024",
+            "data.max_sequence_length=1024",
             "data.batch_size=16",
             "data.micro_batch_size=4",
             *overrides,

@@ -103,10 +103,13 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=lambda: {name: name for name in CANONICAL_FIELDS})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     system_prompt: Optional[str] = None
-    # Tokens per sequence (a packed row, a conversation, a DPO pair's side); GRPO: the longest prompt it keeps.
-    max_length: int = 512
+    # The longest sequence midtrain, SFT and DPO train on: a packed row's capacity, one conversation, a DPO pair's
+    # prompt + reply. GRPO's prompts are bounded by stage.max_prompt_length, its completions by the stage too.
+    max_sequence_length: int = 512
+    # Gone: it meant four things. Set, it stops the run and names the key that now says what it bounds.
+    max_length: Optional[int] = None
     pack: bool = True
-    # What to do with a sequence longer than max_length: split it into pieces, truncate it, or drop it.
+    # What to do with a sequence longer than max_sequence_length: split it into pieces, truncate it, or drop it.
     overflow: str = "split"
     # A malformed row stops the run (naming file, row and field) or is skipped and counted.
     bad_rows: str = "error"
@@ -124,7 +127,14 @@ class DataConfig:
         require(self.train is not None, "data.train", "is required: 'synthetic', a .jsonl/.parquet path or a hub name")
         one_of(self.overflow, ("split", "truncate", "drop"), "data.overflow")
         one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
-        require(self.max_length > 1, "data.max_length", "must be at least 2")
+        require(
+            self.max_length is None,
+            "data.max_length",
+            "was split by what it bounds: data.max_sequence_length (midtrain, SFT and DPO sequences), "
+            "stage.max_prompt_length (GRPO's prompts), heldout.max_new_tokens (held-out generation); "
+            "set the one you meant",
+        )
+        require(self.max_sequence_length > 1, "data.max_sequence_length", "must be at least 2")
         require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
         require(
             self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0,
@@ -206,7 +216,7 @@ class HeldOutConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     # null: the stage's own completion length (GRPO's max_completion_length at its last step, rollout DPO's
-    # rollout.max_new_tokens, else data.max_length), so a 16K-token reasoning stage is not scored on 160 tokens
+    # rollout.max_new_tokens, else data.max_sequence_length), so a 16K-token reasoning stage is not scored on 160 tokens
     max_new_tokens: Optional[int] = None
     batch_size: int = 64
     # pass@k beside pass@1: k samples at `pass_k_temperature` on the first `pass_k_prompts` prompts (0: off).
@@ -240,8 +250,9 @@ class RolloutConfig:
     colocate mode), its weights synced from the policy before it samples after an optimizer step."""
 
     engine: str = "hf"
-    # vLLM: its dtype (auto: the compute dtype), the longest prompt + completion it serves (null: data.max_length
-    # plus the stage's completion length), eager mode (null: on CPU, where CUDA graphs do not exist), prefix caching
+    # vLLM: its dtype (auto: the compute dtype), the longest prompt + completion it serves (null: the stage's
+    # longest prompt plus its completion length), eager mode (null: on CPU, where CUDA graphs do not exist), prefix
+    # caching
     dtype: str = "auto"
     max_model_len: Optional[int] = None
     enforce_eager: Optional[bool] = None
@@ -274,6 +285,10 @@ class StageSchema:
 
     def check_data(self, data: DataConfig) -> None:
         """Checks of data settings this stage cannot work with; none by default."""
+
+    def longest_prompt(self, data: DataConfig) -> int:
+        """The longest prompt the stage samples from (vLLM's context is this plus the longest completion)."""
+        return data.max_sequence_length
 
     def trains_on_answers(self) -> bool:
         """Whether the stage's training rows are prompt + gold answer (RL, rollout DPO): held-out prompts can then

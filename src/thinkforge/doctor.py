@@ -187,7 +187,7 @@ def check_packing(probe: StageProbe, run: TrainConfig) -> Finding:
     if not sequences:
         return Finding("split: packed vs unpacked", "skip", "this stage does not pack")
     model = CausalLM(load_hf_model(run.model, probe.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
-    gap = packed_vs_unpacked(model, sequences, run.data.max_length, probe.tokenizer.pad_token_id)
+    gap = packed_vs_unpacked(model, sequences, run.data.max_sequence_length, probe.tokenizer.pad_token_id)
     measured = f"{len(sequences)} documents: relative gap of loss and gradient norm {gap:.1e}"
     if gap > SPLIT_TOLERANCE:
         return Finding(
@@ -267,7 +267,7 @@ def check_logprobs(probe: StageProbe, run: TrainConfig, prompts: list[str]) -> F
             run.model.name_or_path,
             probe.tokenizer,
             run.rollout,
-            max_model_len=run.data.max_length + sampling.max_new_tokens,
+            max_model_len=run.stage.longest_prompt(run.data) + sampling.max_new_tokens,
             seed=0,
         )
     gap = sampler_trainer_gap(model, probe.tokenizer, prompts[:4], sampling, engine=engine)

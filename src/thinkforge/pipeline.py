@@ -201,9 +201,11 @@ def overview(stages: list[PlannedStage]) -> str:
         cfg = stage.config
         source = cfg.model.name_or_path or "model.config"
         source = Path(source).parent.name if Path(source).name == "export" else source
-        lengths = f"max_length {cfg.data.max_length}"
         if "max_completion_length" in cfg.stage:
-            lengths += f", completions {OmegaConf.to_container(cfg.stage, resolve=True)['max_completion_length']}"
+            knobs = OmegaConf.to_container(cfg.stage, resolve=True)
+            lengths = f"prompts {knobs['max_prompt_length']}, completions {knobs['max_completion_length']}"
+        else:
+            lengths = f"sequences {cfg.data.max_sequence_length}"
         data = cfg.data.train if cfg.data.train != "synthetic" else f"synthetic ({cfg.data.synthetic.num_train} rows)"
         lines.append(
             f"| {stage.name} | {cfg.stage._target_.rsplit('.', 1)[1]} | {source} | {data} | {cfg.trainer.max_steps} "

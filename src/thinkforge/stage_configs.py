@@ -159,6 +159,8 @@ class GRPOConfig(StageSchema):
     epsilon_high: float = 0.28
     # KL to the frozen starting checkpoint (k3); 0 loads no reference model
     beta: float = 0.0
+    # prompts longer than this (rendered, in tokens) are dropped, with a count in the log
+    max_prompt_length: int = 512
     # a number, or a schedule {from_step: tokens}: iterative context lengthening, e.g. {0: 8192, 500: 16384}
     max_completion_length: Any = 96
     # a number, or a schedule {from_step: temperature}
@@ -187,6 +189,9 @@ class GRPOConfig(StageSchema):
     def __post_init__(self) -> None:
         one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")
         one_of(self.advantage_scale, ADVANTAGE_SCALES, "stage.advantage_scale")
+        require(
+            self.max_prompt_length > 0, "stage.max_prompt_length", f"must be positive; got {self.max_prompt_length}"
+        )
         require(
             self.group_size >= 2,
             "stage.group_size",
@@ -225,6 +230,9 @@ class GRPOConfig(StageSchema):
 
     def trains_on_answers(self) -> bool:
         return True
+
+    def longest_prompt(self, data: DataConfig) -> int:
+        return self.max_prompt_length
 
     def uses_reference(self) -> bool:
         return self.beta > 0

@@ -86,7 +86,7 @@ class Stage(L.LightningModule):
 
     def completion_length(self) -> int:
         """How long this stage's completions may be: held-out generation follows it unless heldout sets one."""
-        return self.run.data.max_length
+        return self.run.data.max_sequence_length
 
     def probe(self) -> StageProbe:  # what thinkforge-doctor reads of the stage
         return StageProbe(self)
@@ -179,7 +179,9 @@ class Stage(L.LightningModule):
         if self.sampler is None:
             export = partial(export_hf, self.policy, self.tokenizer, self.run.model, self.trainer.strategy)
             completions = self.completion_length()
-            longest = self.run.data.max_length + max(completions, self.heldout.max_new_tokens(completions))
+            longest = self.run.stage.longest_prompt(self.run.data) + max(
+                completions, self.heldout.max_new_tokens(completions)
+            )
             context, world = self.trainer.precision_plugin.forward_context, self.trainer.world_size
             self.sampler = PolicySampler(
                 self.policy, self.tokenizer, self.run, self.global_rank, world, longest, context, export

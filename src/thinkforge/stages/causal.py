@@ -29,7 +29,11 @@ class CausalProbe(StageProbe):
 
     def packed_documents(self, count: int) -> list[TokenSequence]:
         data = self.stage.run.data
-        return fit_to_length(self.stage.sequences("train")[:count], data.max_length, "truncate")[0] if data.pack else []
+        return (
+            fit_to_length(self.stage.sequences("train")[:count], data.max_sequence_length, "truncate")[0]
+            if data.pack
+            else []
+        )
 
 
 class CausalLMStage(Stage):
@@ -47,19 +51,19 @@ class CausalLMStage(Stage):
 
     def build_items(self, split: str) -> Sequence[Any]:
         data = self.run.data
-        sequences, overflow = fit_to_length(self.sequences(split), data.max_length, data.overflow)
+        sequences, overflow = fit_to_length(self.sequences(split), data.max_sequence_length, data.overflow)
         if split == "val":
             sequences = sequences[: data.max_val_rows]
         overflowed = "".join(f", {count} {what}" for what, count in overflow.items())
         if data.pack:
-            rows = pack(sequences, data.max_length)
+            rows = pack(sequences, data.max_sequence_length)
             log.info(
                 "%s: %d sequences -> %d rows of %d tokens, fill ratio %.3f%s",
                 split,
                 len(sequences),
                 len(rows),
-                data.max_length,
-                fill_ratio(rows, data.max_length),
+                data.max_sequence_length,
+                fill_ratio(rows, data.max_sequence_length),
                 overflowed,
             )
             return rows
@@ -84,7 +88,7 @@ class CausalLMStage(Stage):
         return sum(len(sequence) for sequence in item)
 
     def collate(self, items: Sequence[Any]) -> Batch:
-        row_length = self.run.data.max_length if self.run.data.pack else None
+        row_length = self.run.data.max_sequence_length if self.run.data.pack else None
         return collate_rows(
             items,
             self.tokenizer.pad_token_id,

@@ -135,7 +135,7 @@ class DPO(Stage):
         return DPOProbe(self)
 
     def completion_length(self) -> int:
-        return self.rollout.max_new_tokens if self.settings.pairs == "rollout" else self.run.data.max_length
+        return self.rollout.max_new_tokens if self.settings.pairs == "rollout" else self.run.data.max_sequence_length
 
     def build_items(self, split: str) -> Sequence[Pair]:
         items, dropped = [], 0
@@ -149,16 +149,18 @@ class DPO(Stage):
                 dropped += 1
                 continue
             items.append(Pair(split, len(items), tuple(prompt_ids), *sides))
-        log.info("%s: %d pairs%s", split, len(items), f", {dropped} over data.max_length dropped" if dropped else "")
+        log.info(
+            "%s: %d pairs%s", split, len(items), f", {dropped} over data.max_sequence_length dropped" if dropped else ""
+        )
         return items
 
     def completion_ids(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
         """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at; the
-        prompt and reply together fit data.max_length (truncated or dropped)."""
+        prompt and reply together fit data.max_sequence_length (truncated or dropped)."""
         completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + (
             [self.turn_end_id] if finished else []
         )
-        room = self.run.data.max_length - len(prompt_ids)
+        room = self.run.data.max_sequence_length - len(prompt_ids)
         if len(completion_ids) > room:
             if self.run.data.overflow == "drop" or room <= 0:
                 return None
@@ -177,7 +179,7 @@ class DPO(Stage):
             )
         ]
         batch = self.batcher.collate(
-            documents, max(self.run.data.max_length, *(len(document) for document in documents))
+            documents, max(self.run.data.max_sequence_length, *(len(document) for document in documents))
         )
         batch["pair_index"] = torch.tensor([item.index for item in items])
         if items[0].split in self.ref_logps:  # precomputed: they travel with their pairs

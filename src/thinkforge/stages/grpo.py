@@ -85,13 +85,14 @@ class GRPO(Stage):
             raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
         rendered = [self.render_prompt(record["prompt"]) for record in rows]
         encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        fitting = [(text, ids, row) for text, ids, row in zip(rendered, encoded, rows) if len(ids) <= data.max_length]
+        longest = self.settings.max_prompt_length
+        fitting = [(text, ids, row) for text, ids, row in zip(rendered, encoded, rows) if len(ids) <= longest]
         if len(fitting) < len(rows):
             log.info(
-                "%d prompts longer than data.max_length (%d tokens) dropped", len(rows) - len(fitting), data.max_length
+                "%d prompts longer than stage.max_prompt_length (%d tokens) dropped", len(rows) - len(fitting), longest
             )
         if not fitting:
-            raise DataError(f"{data.train}: every prompt is longer than data.max_length ({data.max_length} tokens)")
+            raise DataError(f"{data.train}: every prompt is longer than stage.max_prompt_length ({longest} tokens)")
         return [Prompt(i, text, tuple(ids), row["answer"]) for i, (text, ids, row) in enumerate(fitting)]
 
     def collate(self, items: Sequence[Prompt]) -> Batch:
