@@ -32,6 +32,19 @@ FAST = [
 ]
 
 
+#: a Qwen2 small enough for exact layout and engine comparisons in a second (built from config, random weights)
+TINY_QWEN = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_QWEN as MODEL
 
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ModelConfig
@@ -15,16 +16,6 @@ from thinkforge.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss_sum, grp
 from thinkforge.stages.completions import completion_scores
 
 LAYOUTS = {"padded": (False, False), "packed": (True, False), "shared_prompt": (True, True)}
-MODEL = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_QWEN as MODEL
 
 from thinkforge.backbone import load_hf_model
 from thinkforge.config import ModelConfig
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.tokenizer import render_prompt
-
-MODEL = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
