@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from bench_grpo import run_grpo_bench
@@ -116,6 +117,19 @@ def grpo_overrides(model_dir: Path, prompts: Path, args: argparse.Namespace) -> 
     ]
 
 
+def trl_run_settings(output_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What both TRL trainers are run with here: fp32 on CPU, no logging backends or checkpoints, the same steps."""
+    return {
+        "output_dir": output_dir,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "max_steps": args.steps + args.warmup,
+    }
+
+
 def trl_grpo(model_dir: Path, prompts: Path, args: argparse.Namespace) -> list[float]:
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -131,13 +145,7 @@ def trl_grpo(model_dir: Path, prompts: Path, args: argparse.Namespace) -> list[f
     timer = StepTimes()
     with tempfile.TemporaryDirectory() as output_dir:
         config = GRPOConfig(
-            output_dir=output_dir,
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            max_steps=args.steps + args.warmup,
+            **trl_run_settings(output_dir, args),
             per_device_train_batch_size=args.prompts * args.samples,
             num_generations=args.samples,
             max_completion_length=args.new_tokens,
@@ -217,13 +225,7 @@ def trl_sft(model_dir: Path, chats: Path, args: argparse.Namespace, padding_free
     timer = StepTimes()
     with tempfile.TemporaryDirectory() as output_dir:
         config = SFTConfig(
-            output_dir=output_dir,
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            max_steps=args.steps + args.warmup,
+            **trl_run_settings(output_dir, args),
             max_length=1024,
             assistant_only_loss=True,
             learning_rate=1e-4,

@@ -45,6 +45,28 @@ TINY_QWEN = {
 }
 
 
+#: GRPO on a reward a random model earns now and then (`leading_space`): learnable in tens of steps
+LEARNABLE_GRPO = [
+    "stage=grpo",
+    "data.synthetic.num_train=64",
+    "data.batch_size=8",
+    "data.micro_batch_size=8",
+    "stage.group_size=8",
+    "stage.max_completion_length=4",
+    "stage.dynamic_sampling=false",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=0",
+    "optim.min_lr_ratio=1.0",
+    "optim.weight_decay=0.0",
+    "heldout.num_prompts=0",
+]
+
+
+def leading_space(sample) -> float:
+    """1 when the completion starts with a space: about a fifth of a random model's first tokens do."""
+    return float(sample.completion.startswith(" "))
+
+
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]

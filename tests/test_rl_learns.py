@@ -11,11 +11,11 @@ import json
 from statistics import mean
 
 import pytest
-from conftest import compose_config, logged
+from conftest import LEARNABLE_GRPO, compose_config, leading_space, logged
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from thinkforge.rewards.shaping import REWARD_FUNCTIONS, Sample
+from thinkforge.rewards.shaping import REWARD_FUNCTIONS
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.train import run_stage
 
@@ -26,11 +26,6 @@ SMALL_MODEL = [
     "model.config.num_attention_heads=4",
     "model.config.num_key_value_heads=2",
 ]
-
-
-def leading_space(sample: Sample) -> float:
-    """1 when the completion starts with a space: about a fifth of a random model's first tokens do."""
-    return float(sample.completion.startswith(" "))
 
 
 GRPO_CASES = {
@@ -48,20 +43,9 @@ def test_grpo_raises_the_sampled_reward(tmp_path, monkeypatch, case):
     steps = 60
     cfg = compose_config(
         *SMALL_MODEL,
-        "stage=grpo",
-        "data.synthetic.num_train=64",
-        "data.batch_size=8",
-        "data.micro_batch_size=8",
-        "stage.group_size=8",
-        "stage.max_completion_length=4",
-        "stage.dynamic_sampling=false",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=0",
-        "optim.min_lr_ratio=1.0",
-        "optim.weight_decay=0.0",
+        *LEARNABLE_GRPO,
         f"trainer.max_steps={steps}",
         "trainer.ckpt_every=1000",
-        "heldout.num_prompts=0",
         *GRPO_CASES[case],
         output_dir=tmp_path,
     )

@@ -10,7 +10,7 @@ from statistics import mean
 
 import pytest
 import torch
-from conftest import compose_config, logged
+from conftest import LEARNABLE_GRPO, compose_config, leading_space, logged
 from omegaconf import OmegaConf
 
 from thinkforge.backbone import CausalLM, load_hf_model
@@ -126,27 +126,12 @@ def test_weight_sync_makes_the_engine_sample_the_new_weights(tiny):
     assert sampler_trainer_gap(CausalLM(model), tokenizer, prompts, sampling, engine=engine) < 1e-5
 
 
-def leading_space(sample) -> float:
-    return float(sample.completion.startswith(" "))
-
-
 def grpo_config(tmp_path, steps, *overrides):
     cfg = compose_config(
         *SMALL_MODEL,
-        "stage=grpo",
+        *LEARNABLE_GRPO,
         "rollout=vllm",
-        "data.synthetic.num_train=64",
-        "data.batch_size=8",
-        "data.micro_batch_size=8",
-        "stage.group_size=8",
-        "stage.max_completion_length=4",
-        "stage.dynamic_sampling=false",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=0",
-        "optim.min_lr_ratio=1.0",
-        "optim.weight_decay=0.0",
         f"trainer.max_steps={steps}",
-        "heldout.num_prompts=0",
         *overrides,
         output_dir=tmp_path,
     )
