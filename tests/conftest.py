@@ -67,6 +67,12 @@ def leading_space(sample) -> float:
     return float(sample.completion.startswith(" "))
 
 
+def space_share(sample) -> float:
+    """About the share of the completion's tokens that start with a space (a byte-level BPE puts a word's space
+    at its token's start): every token counts, not only the first."""
+    return min(1.0, sample.completion.count(" ") / max(sample.num_tokens, 1))
+
+
 def compose_config(*overrides: str, output_dir: Path | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]

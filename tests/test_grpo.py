@@ -130,6 +130,15 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
         # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint
         ["stage.loss_type=dapo", "stage.advantage_scale=batch", "stage.beta=0.04"],
         ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
+        # the entropy threshold is taken over both ranks' tokens
+        [
+            "stage.importance_sampling_level=sequence",
+            "stage.top_entropy_quantile=0.2",
+            "stage.num_iterations=2",
+            "stage.delta=2.0",
+            "stage.beta=0.04",
+            "stage.kl_estimator=k2",
+        ],
     ],
 )
 def test_grpo_with_fsdp(tmp_path, settings):
@@ -144,7 +153,29 @@ def test_grpo_with_fsdp(tmp_path, settings):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "model.safetensors").exists()
-    assert not math.isnan(logged(tmp_path, "train/loss")[1])
+    losses = logged(tmp_path, "train/loss")
+    assert losses and not any(math.isnan(loss) for loss in losses.values())
+
+
+def test_the_top_entropy_tokens_do_not_depend_on_the_micro_batches(tmp_path):
+    """The threshold is the step's, over all its micro-batches: splitting a step differently trains the same
+    tokens, so the loss is the same."""
+    losses = {}
+    for micro_batch_size in (1, 4):
+        run_dir = tmp_path / str(micro_batch_size)
+        run_stage(
+            compose_config(
+                *GRPO_FAST,
+                "trainer.max_steps=1",
+                "stage.top_entropy_quantile=0.2",
+                "heldout.num_prompts=0",
+                f"data.micro_batch_size={micro_batch_size}",
+                output_dir=run_dir,
+            )  # fmt: skip
+        )
+        losses[micro_batch_size] = logged(run_dir, "train/loss")[0]
+        assert logged(run_dir, "train/entropy_mask/fraction")[0] == pytest.approx(0.2, abs=0.02)
+    assert losses[1] == pytest.approx(losses[4], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.0])

@@ -15,7 +15,7 @@ LAYERS = [
     ["config", "console", "csv_log"],
     ["data", "rewards"],
     ["losses", "stage_configs", "preflight"],
-    ["tokenizer", "backbone", "pretrained", "collectives", "optim"],
+    ["tokenizer", "adapters", "backbone", "pretrained", "collectives", "optim"],
     ["rollout", "metrics"],
     ["stages", "resume"],
     ["curves", "sweeps", "train"],

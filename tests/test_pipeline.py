@@ -99,6 +99,27 @@ def with_deepscaler_inputs(tmp_path: Path) -> str:
     return f"model.name_or_path={tmp_path / 'base'}"
 
 
+def test_recipes_take_lora_and_the_new_rl_objectives_from_the_command_line(tmp_path):
+    """LoRA reaches every stage from the pipeline's model; GSPO is three per-stage knobs."""
+    assert all(
+        s.config.model.lora.rank == 16 for s in plan_recipe(tmp_path / "limo", "recipe=limo", "model.lora.rank=16")
+    )
+    gspo = [
+        f"stages.{stage}.stage.{knob}"
+        for stage in ("grpo_8k", "grpo_16k", "grpo_24k")
+        for knob in ("importance_sampling_level=sequence", "epsilon_low=3e-4", "epsilon_high=4e-4")
+    ]
+    brief = run_cli(
+        "recipe=deepscaler", with_deepscaler_inputs(tmp_path), "model.lora.rank=16", *gspo, "dry_run=true",
+        f"hydra.run.dir={tmp_path}", cwd=tmp_path, program="thinkforge-pipeline",
+    )  # fmt: skip
+    assert brief.returncode == 0, brief.stderr[-3000:]
+    stages = plan_recipe(tmp_path / "plan", "recipe=deepscaler", "model.lora.rank=16", *(f"++{o}" for o in gspo))
+    assert [(s.config.stage.importance_sampling_level, s.config.model.lora.rank) for s in stages] == [
+        ("sequence", 16)
+    ] * 3
+
+
 def test_dry_run_from_the_command_line(tmp_path):
     model = with_deepscaler_inputs(tmp_path)
     brief = run_cli(

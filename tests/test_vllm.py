@@ -179,9 +179,11 @@ def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
 ENVIRONMENT, THREADS = dict(os.environ), torch.get_num_threads()
 
 
-def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path):
-    """Two gloo processes, each with its own engine: every step gathers the sharded parameters into it, and its
-    samples' log-probs stay the trainer's while Phi-4's repetition reward moves the weights."""
+@pytest.mark.parametrize("adapter", [[], ["model.lora.rank=8"]], ids=["full", "lora"])
+def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path, adapter):
+    """Two gloo processes, each with its own engine: every step gathers the sharded parameters into it (with LoRA,
+    merged into their base weights), and its samples' log-probs stay the trainer's while Phi-4's repetition reward
+    moves the weights."""
     from conftest import run_cli
 
     result = run_cli(
@@ -200,6 +202,7 @@ def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path):
         "heldout.num_prompts=0",
         "logger=csv",
         f"hydra.run.dir={tmp_path}",
+        *adapter,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

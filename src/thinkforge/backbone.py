@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from thinkforge.adapters import add_adapter
 from thinkforge.config import HardwareConfig, ModelConfig
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.tokenizer import build_synthetic_tokenizer, end_token_ids
@@ -317,9 +318,14 @@ def build_backbone(
     frozen: bool = False,
 ) -> CausalLM:
     """The starting checkpoint as every stage holds it: fp32 parameters, `parallelize`d over `mesh` (None: one
-    process). The policy trains (from_pretrained returns eval mode; dropout on, where a model has any); `frozen`
-    is a reference model, without gradients."""
-    model = CausalLM(load_hf_model(model_cfg, tokenizer, param_dtype=torch.float32), model_cfg.logprob_chunk_size)
+    process). The policy trains (from_pretrained returns eval mode; dropout on, where a model has any), with a
+    LoRA adapter when `model.lora.rank` is set; `frozen` is a reference model, without gradients."""
+    hf_model: PreTrainedModel = load_hf_model(model_cfg, tokenizer, param_dtype=torch.float32)
+    if model_cfg.lora.rank and not frozen:
+        hf_model = add_adapter(hf_model, model_cfg.lora)
+        trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
+        log.info("LoRA rank %d: %.3fM trainable parameters", model_cfg.lora.rank, trainable / 1e6)
+    model = CausalLM(hf_model, model_cfg.logprob_chunk_size)
     if frozen:
         model.requires_grad_(False).eval()
     else:

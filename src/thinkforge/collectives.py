@@ -47,6 +47,20 @@ class Collectives:
         ).tolist()
         return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
 
+    def concat(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `values`, of any length, concatenated in rank order on every rank."""
+        if self.world_size == 1:
+            return values
+        local = values.to(self.device)
+        lengths = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(lengths, torch.tensor([local.numel()], device=self.device))
+        longest = max(int(length.item()) for length in lengths)
+        padded = torch.zeros(longest, dtype=local.dtype, device=self.device)
+        padded[: local.numel()] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([part[: int(length.item())] for part, length in zip(gathered, lengths)])
+
     def share(self, count: int) -> list[int]:
         """This rank's share of `count` items: every world_size-th, trimmed so all ranks get as many (each rank
         must make the same number of sharded generate calls)."""

@@ -38,6 +38,38 @@ DTYPES = ("auto", "float32", "bfloat16")
 CANONICAL_FIELDS = ("text", "prompt", "completion", "messages", "answer", "chosen", "rejected")
 
 
+LORA_EXPORTS = ("merged", "adapter")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft: only they train, and the base weights with the adapter switched off are the
+    reference (DPO) and KL anchor (GRPO), so no second copy of the model is held."""
+
+    # 0: no adapter, the whole model trains
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # module names (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the LM head)
+    target_modules: Any = "all-linear"
+    # merged: the export is the HF model with the adapter folded in (the next stage's start); adapter: the
+    # adapter alone (adapter_config.json + adapter_model.safetensors), for peft to load onto its base
+    export: str = "merged"
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 0, "model.lora.rank", f"must be >= 0 (0: no adapter); got {self.rank}")
+        require(self.alpha > 0, "model.lora.alpha", f"must be positive; got {self.alpha}")
+        require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1); got {self.dropout}")
+        targets = self.target_modules
+        require(
+            targets == "all-linear"
+            or (not isinstance(targets, str) and len(targets) > 0 and all(isinstance(t, str) for t in targets)),
+            "model.lora.target_modules",
+            f"must be all-linear or a non-empty list of module names; got {targets!r}",
+        )
+        one_of(self.export, LORA_EXPORTS, "model.lora.export")
+
+
 @dataclass
 class ModelConfig:
     # An HF hub id or a local directory (an earlier stage's export). When null, `config` builds a fresh model.
@@ -55,6 +87,7 @@ class ModelConfig:
     init_seed: int = 0
     # Rows of this many tokens go through the LM head at once when computing log-probs.
     logprob_chunk_size: int = 2048
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         require(

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.stage_configs import ADVANTAGE_SCALES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES, ROLLOUT_CORRECTIONS
+from thinkforge.stage_configs import (
+    ADVANTAGE_SCALES,
+    DPO_LOSS_TYPES,
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    ROLLOUT_CORRECTIONS,
+)
 
 
 class LossSum(NamedTuple):
@@ -112,16 +119,58 @@ def group_advantages(
 
 
 def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
-    """What a `grpo_loss` sum is divided by: completion tokens (dapo), sequences (grpo: each sequence's token
-    mean counts once) or sequences × max_completion_length (dr_grpo). Known before the forward pass, so a step can
-    count its global units first."""
+    """What a `grpo_loss` sum is divided by: completion tokens (dapo, cispo), sequences (grpo: each sequence's
+    token mean counts once) or sequences × max_completion_length (dr_grpo). Known before the forward pass, so a
+    step can count its global units first."""
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}; got {loss_type!r}")
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return mask.sum()
     if loss_type == "grpo":
         return torch.tensor(mask.shape[0])
     return torch.tensor(mask.shape[0] * max_completion_length)
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Schulman's estimators of KL(π‖π_ref) per token, with log r = log π_ref − log π on samples of π:
+    k1 = −log r (unbiased, high variance), k2 = ½(log r)², k3 = r − log r − 1 (unbiased, low variance, ≥ 0)."""
+    log_ratio = ref_logps - logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}; got {estimator!r}")
+
+
+def importance_ratio(
+    logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """π/π_old per token [B, T], or GSPO's per sequence (Zheng et al. 2025), the geometric mean of its tokens'
+    ratios exp(mean_t log π/π_old), broadcast over the sequence's tokens: one ratio, clipped once, per sequence."""
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = log_ratio.expand_as(logps)
+    elif level != "token":
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}; got {level!r}")
+    return torch.exp(log_ratio)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """The completion tokens whose entropy is at least `threshold`: the forking tokens that the "80/20" rule
+    (Wang et al. 2025) trains on alone. `entropy_threshold` gives the threshold of a global batch."""
+    return (entropy >= threshold) & mask.bool()
+
+
+def entropy_threshold(entropies: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The entropy above which the top `quantile` of `entropies` (all completion tokens of a global batch, 1-D)
+    lie: its (1 − quantile) quantile, read off the sorted values (torch.quantile caps its input's size)."""
+    if entropies.numel() == 0:
+        return entropies.new_tensor(float("inf"))
+    ordered = entropies.sort().values
+    return ordered[min(int((1 - quantile) * entropies.numel()), entropies.numel() - 1)]
 
 
 def grpo_loss(
@@ -133,34 +182,48 @@ def grpo_loss(
     loss_type: str = "dapo",
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.28,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
     beta: float = 0.0,
+    kl_estimator: str = "k3",
     ref_logps: torch.Tensor | None = None,
     max_completion_length: int,
     correction_weights: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type`:
+    """The policy-gradient surrogate + β·KL per completion token [B, T], aggregated by `loss_type`.
 
-    grpo: mean over each sequence's tokens, then over sequences; dapo: sum over tokens / completion tokens in the
-    batch; dr_grpo: sum / (B · max_completion_length), i.e. divided by `grpo_loss_units`. Metrics are batch means
-    over completion tokens. `correction_weights` [B, T] (from `rollout_correction`) scale each token's surrogate:
-    the importance weight of the trainer's policy over the sampler's, which another engine's kernels make differ.
+    Surrogate with ρ = `importance_ratio` (per token, or GSPO's per sequence):
+    grpo / dapo / dr_grpo: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), with ρ first capped at `delta` in the unclipped
+    term (INTELLECT-2's two-sided clip: a negative advantage's loss stops growing past ρ = δ; the same as a dual-clip
+    constant c = δ); cispo (MiniMax-M1): −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π, a gradient through every token.
+    Aggregation: grpo: mean over each sequence's tokens, then over sequences; dapo and cispo: sum over tokens /
+    completion tokens in the batch; dr_grpo: sum / (B · max_completion_length), i.e. divided by `grpo_loss_units`.
+    `correction_weights` [B, T] (from `rollout_correction`) scale each token's surrogate: the importance weight of
+    the trainer's policy over the sampler's. `entropy_mask` [B, T] (`high_entropy_mask`) keeps the surrogate of the
+    high-entropy tokens alone; the normalisation stays over all completion tokens, as does the KL term.
+    Metrics are batch means over completion tokens.
     """
     units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
     mask = mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
+    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
     advantage = advantages.unsqueeze(-1).to(logps.dtype)
-    unclipped = ratio * advantage
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantage
-    per_token = -torch.minimum(unclipped, clipped)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if loss_type == "cispo":
+        per_token = -clipped_ratio.detach() * advantage * logps
+    else:
+        unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * advantage
+        per_token = -torch.minimum(unclipped, clipped_ratio * advantage)
     if correction_weights is not None:
         per_token = per_token * correction_weights.to(per_token.dtype).detach()
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(per_token.dtype)
     tokens = mask.sum().clamp(min=1)
     token_means: dict[str, torch.Tensor] = {}
     if beta:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
-        log_ratio = ref_logps - logps
-        kl = torch.exp(log_ratio) - log_ratio - 1
+        kl = kl_penalty(logps, ref_logps, kl_estimator)
         per_token = per_token + beta * kl
         token_means["kl"] = (kl * mask).sum().detach() / tokens
     if loss_type == "grpo":
@@ -172,6 +235,8 @@ def grpo_loss(
     token_means["clip_fraction/low"] = (low * mask).sum().detach() / tokens
     token_means["clip_fraction/high"] = (high * mask).sum().detach() / tokens
     token_means["ratio/mean"] = (ratio * mask).sum().detach() / tokens
+    if entropy_mask is not None:
+        token_means["entropy_mask/fraction"] = (entropy_mask * mask).sum() / tokens
     return total / units.clamp(min=1), token_means
 
 

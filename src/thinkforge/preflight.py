@@ -61,6 +61,12 @@ def check_model_source(name: Optional[str], key: str, filename: str, will_exist:
     if name is None:
         return
     path = Path(name).expanduser()
+    require(
+        not ((path / "adapter_config.json").exists() and not (path / filename).exists()),
+        key,
+        f"{name} holds a LoRA adapter alone (model.lora.export=adapter); start from a merged export "
+        "(model.lora.export=merged) or merge it onto its base with peft first",
+    )
     if path.is_dir() or path.resolve() in will_exist:
         return
     require(not (path.exists() or _looks_local(name)), key, f"{name}: no such directory")

@@ -29,7 +29,9 @@ from thinkforge.rewards.shaping import RewardModel
 # The allowed values of the loss knobs: here, beside the knobs, so that composing a config needs no torch;
 # `thinkforge.losses` implements each of them.
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ANSWER_EXTRACTIONS = ("strict", "lenient")
@@ -150,15 +152,25 @@ class GRPOConfig(StageSchema):
     group_size: int = 8
     # optimizer steps on each batch of rollouts (> 1: the ratio and clipping come into play)
     num_iterations: int = 1
-    # grpo: per-sequence token mean (DeepSeek-R1); dapo: token sum over the batch's tokens; dr_grpo: over B x max length
+    # grpo: per-sequence token mean (DeepSeek-R1); dapo: token sum over the batch's tokens; dr_grpo: over B x max
+    # length; cispo: MiniMax-M1's clipped importance weight, detached, times log pi (every token keeps a gradient)
     loss_type: str = "dapo"
+    # token: a ratio per token; sequence: GSPO's length-normalised sequence ratio (the paper clips it at 3e-4/4e-4)
+    importance_sampling_level: str = "token"
     # advantages divided by the group's std, the batch's std, or nothing (Dr. GRPO)
     advantage_scale: str = "group"
     # the clip range [1 - epsilon_low, 1 + epsilon_high]; DAPO's clip-higher raises the upper side
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
-    # KL to the frozen starting checkpoint (k3); 0 loads no reference model
+    # INTELLECT-2's two-sided clip: the ratio of a negative-advantage token is capped at delta (> 1 + epsilon_high;
+    # a dual-clip constant c does the same); null: off
+    delta: Optional[float] = None
+    # train only the top-entropy share of each step's completion tokens (the "80/20" rule: 0.2); 1.0: all tokens
+    top_entropy_quantile: float = 1.0
+    # KL to the frozen starting checkpoint; 0 loads no reference model
     beta: float = 0.0
+    # its estimator per token: k1 = log(pi/ref), k2 = (log ratio)^2 / 2, k3 = ratio - log ratio - 1 (low variance)
+    kl_estimator: str = "k3"
     # prompts longer than this (rendered, in tokens) are dropped, with a count in the log
     max_prompt_length: int = 512
     # a number, or a schedule {from_step: tokens}: iterative context lengthening, e.g. {0: 8192, 500: 16384}
@@ -189,6 +201,24 @@ class GRPOConfig(StageSchema):
     def __post_init__(self) -> None:
         one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")
         one_of(self.advantage_scale, ADVANTAGE_SCALES, "stage.advantage_scale")
+        one_of(self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "stage.importance_sampling_level")
+        one_of(self.kl_estimator, KL_ESTIMATORS, "stage.kl_estimator")
+        require(
+            0 < self.top_entropy_quantile <= 1,
+            "stage.top_entropy_quantile",
+            f"the share of tokens trained must be in (0, 1] (1.0: all); got {self.top_entropy_quantile}",
+        )
+        require(
+            self.delta is None or self.delta > 1 + self.epsilon_high,
+            "stage.delta",
+            f"caps a ratio above the clip range, so it must exceed 1 + epsilon_high = {1 + self.epsilon_high}; "
+            f"got {self.delta}",
+        )
+        require(
+            self.delta is None or self.loss_type != "cispo",
+            "stage.delta",
+            "clips the PPO-style surrogate; cispo clips its importance weight with epsilon_low/epsilon_high alone",
+        )
         require(
             self.max_prompt_length > 0, "stage.max_prompt_length", f"must be positive; got {self.max_prompt_length}"
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from thinkforge.adapters import has_adapter, merged_weights, whole_tensor
 from thinkforge.backbone import CausalLM
 from thinkforge.config import TrainConfig
 from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
@@ -21,9 +22,12 @@ def policy_weights(policy: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's parameters under their HF names, full: under FSDP each is gathered as the reader asks for it,
     so the whole model never sits unsharded in memory at once (and every rank gathers in the same order). A tied
     parameter comes under each of its names: vLLM on CPU packs the LM head's copy of the embedding apart, and
-    keeps the stale one unless `lm_head.weight` arrives too."""
+    keeps the stale one unless `lm_head.weight` arrives too. A LoRA adapter comes merged into its base weights."""
+    if has_adapter(policy.hf):
+        yield from merged_weights(policy.hf, whole_tensor)
+        return
     for name, parameter in policy.hf.named_parameters(remove_duplicate=False):
-        yield name, (parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter).detach()
+        yield name, whole_tensor(parameter).detach()
 
 
 class PolicySampler:

@@ -5,9 +5,10 @@ over the global batch, however it was split. Its parts live beside it (heldout, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedTokenizerBase
 
+from thinkforge.adapters import base_weights
 from thinkforge.backbone import CausalLM, build_backbone, resolve_attn_implementation
 from thinkforge.collectives import Collectives
 from thinkforge.config import TrainConfig
@@ -109,8 +111,15 @@ class Stage(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.load_backbone()
-        if self.run.stage.uses_reference() and "reference" not in self.frozen:
+        if self.run.stage.uses_reference() and not self.run.model.lora.rank and "reference" not in self.frozen:
             self.frozen["reference"] = self.load_backbone(frozen=True).to(self.trainer.strategy.root_device)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[CausalLM]:
+        """The starting checkpoint, without gradients: the frozen copy, or with LoRA the policy's base weights
+        (its adapter switched off), which are the starting checkpoint without a second copy in memory."""
+        with torch.no_grad(), base_weights(self.policy.hf if "reference" not in self.frozen else None):
+            yield self.frozen.get("reference", self.policy)
 
     def load_backbone(self, *, frozen: bool = False) -> CausalLM:
         """The starting checkpoint, sharded over the data-parallel mesh under FSDP; `frozen` for references."""

@@ -3,10 +3,11 @@ precomputed once. Pairs come from jsonl (prompt, chosen, rejected) or from the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,20 +203,27 @@ class DPO(Stage):
             if val_items:
                 self.ref_logps["val"] = self._precompute(val_items)
 
+    @contextlib.contextmanager
+    def starting_model(self) -> Iterator[CausalLM]:
+        """To precompute with: with LoRA the policy's base weights, else a temporary copy, freed after the block."""
+        if self.run.model.lora.rank:
+            with self.reference() as reference:
+                yield reference
+        else:
+            yield self.load_backbone(frozen=True).to(self.device)
+
     @torch.no_grad()
     def _precompute(self, items: Sequence[Pair]) -> torch.Tensor:
         """Each rank scores an equal share with a temporary reference; the shares are gathered, the model freed."""
-        reference = self.load_backbone(frozen=True).to(self.device)
         world, rank, micro = self.trainer.world_size, self.trainer.global_rank, self.run.data.micro_batch_size
         per_rank = -(-len(items) // world)
         share = [items[min(i, len(items) - 1)] for i in range(rank * per_rank, (rank + 1) * per_rank)]
         scores = []
-        with self.trainer.precision_plugin.forward_context():
+        with self.trainer.precision_plugin.forward_context(), self.starting_model() as reference:
             for start in range(0, len(share), micro):
                 batch = {k: v.to(self.device) for k, v in self.collate(share[start : start + micro]).items()}
                 scores.append(self._sequence_logps(reference, batch))
         gathered = self.trainer.strategy.all_gather(torch.cat(scores))
-        del reference
         return gathered.reshape(-1, 2)[: len(items)].cpu()
 
     # ---- loss -------------------------------------------------------------------------------------------------
@@ -229,8 +237,8 @@ class DPO(Stage):
         if self.settings.precompute_ref_logps:
             ref_chosen, ref_rejected = batch["ref_logps"].to(chosen).unbind(-1)
         else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = self._sequence_logps(self.frozen["reference"], batch).unbind(-1)
+            with self.reference() as reference:
+                ref_chosen, ref_rejected = self._sequence_logps(reference, batch).unbind(-1)
         chosen_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).view(-1, 2)[:, 0]
         return dpo_loss_sum(
             chosen,

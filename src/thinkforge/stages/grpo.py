@@ -18,7 +18,16 @@ from thinkforge.config import UserError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import DataError, load_records
-from thinkforge.losses import LossSum, group_advantages, grpo_loss_sum, grpo_loss_units, is_extreme, rollout_correction
+from thinkforge.losses import (
+    LossSum,
+    entropy_threshold,
+    group_advantages,
+    grpo_loss_sum,
+    grpo_loss_units,
+    high_entropy_mask,
+    is_extreme,
+    rollout_correction,
+)
 from thinkforge.resume import data_position
 from thinkforge.rewards.math import gold_is_parseable
 from thinkforge.rewards.shaping import RewardModel
@@ -225,14 +234,35 @@ class GRPO(Stage):
             batch["advantages"] = advantages[members]
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                for name, model in (
-                    ("old_logps", self.policy if self.settings.num_iterations > 1 else None),
-                    ("ref_logps", self.frozen.get("reference")),
-                ):
-                    if model is not None:
-                        batch[name], _ = completion_scores(model, batch, temperature=sampling.temperature)
+                if self.settings.num_iterations > 1 or self.trains_top_entropy():
+                    old_logps, entropy = completion_scores(
+                        self.policy, batch, with_entropy=self.trains_top_entropy(), temperature=sampling.temperature
+                    )
+                    if self.settings.num_iterations > 1:
+                        batch["old_logps"] = old_logps
+                    if entropy is not None:
+                        batch["entropy"] = entropy
+            if self.run.stage.uses_reference():
+                with self.reference() as reference:
+                    batch["ref_logps"], _ = completion_scores(reference, batch, temperature=sampling.temperature)
             batches.append(batch)
+        if self.trains_top_entropy():
+            self.mark_high_entropy_tokens(batches)
         return batches
+
+    def trains_top_entropy(self) -> bool:
+        return self.settings.top_entropy_quantile < 1
+
+    def mark_high_entropy_tokens(self, batches: list[Batch]) -> None:
+        """Each batch's `entropy_mask`: its tokens in the top `top_entropy_quantile` of the entropies of all the
+        step's completion tokens on all ranks, under the sampling policy, so that the same tokens train in every
+        iteration and the choice does not depend on how the step splits into micro-batches."""
+        local = torch.cat([batch["entropy"][batch["targets"] != IGNORE_INDEX] for batch in batches])
+        threshold = entropy_threshold(self.collectives.concat(local.float()), self.settings.top_entropy_quantile)
+        for batch in batches:
+            batch["entropy_mask"] = high_entropy_mask(
+                batch.pop("entropy"), batch["targets"] != IGNORE_INDEX, threshold.to(self.device)
+            )
 
     @staticmethod
     def _sampler_logps(rollouts: Sequence[Rollout], shape: torch.Size) -> torch.Tensor:
@@ -267,10 +297,14 @@ class GRPO(Stage):
             loss_type=self.settings.loss_type,
             epsilon_low=self.settings.epsilon_low,
             epsilon_high=self.settings.epsilon_high,
+            importance_sampling_level=self.settings.importance_sampling_level,
+            delta=self.settings.delta,
             beta=self.settings.beta,
+            kl_estimator=self.settings.kl_estimator,
             ref_logps=batch.get("ref_logps"),
             max_completion_length=sampling.max_new_tokens,
             correction_weights=None if self.settings.rollout_correction == "none" else weights,
+            entropy_mask=batch.get("entropy_mask"),
         )
         tokens = mask.sum().clamp(min=1)
         token_means = {
