@@ -175,6 +175,13 @@ GUESSED = [
     ("The candle burns from 1:00 PM to 5:00 PM.", "5", 0.0),
     ("Mishka spent 3 * $16.50 = $49.50 on clothes.", "49.50", 1.0),
     ("Therefore, Janet makes 624 dollars per day.", "624", 1.0),
+    # LaTeX between dollars with spaces inside is a formula (money never holds LaTeX), not its last number
+    (
+        "The identity matrix is $ \\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix} $.",
+        "\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}",
+        1.0,
+    ),
+    ("It costs $ 5 and then $ 7.", "7", 1.0),
 ]
 
 

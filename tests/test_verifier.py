@@ -9,7 +9,14 @@ import time
 import pytest
 from conftest import BENCHMARKS
 
-from thinkforge.rewards.math import VerifierPool, answers_match_many, extract_answer, gold_is_parseable, math_accuracy
+from thinkforge.rewards.math import (
+    VerifierPool,
+    answers_match_many,
+    extract_answer,
+    gold_is_parseable,
+    math_accuracy,
+    too_costly,
+)
 
 EQUIVALENT = [
     ("27", "27"),
@@ -136,12 +143,24 @@ def test_the_gold_check_accepts_matrices_and_short_text_answers_that_the_grader_
     assert math_accuracy("<think>\n</think>\n\\boxed{\\text{west}}", "east") == 0.0
 
 
-@pytest.mark.parametrize("answer", ["2^{10^{12}}", "9^{9^{9}}", "2^{1234567}", "100000!", "9" * 400, "x+" * 5000])
+PATHOLOGICAL = [
+    "2^{10^{12}}", "9^{9^{9}}", "2^{1234567}", "100000!", "9" * 400, "x+" * 5000,
+    "(10^{10})!", "{10^{10}}!", "\\left(10^{10}\\right)!", "((5!)!)!", "(1000+1)!", "\\binom{10^{10}}{10^{5}}",
+    "(" * 400 + "1" + ")" * 400, "\\sqrt{" * 400 + "2" + "}" * 400,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL)
 def test_pathological_answers_are_cut_off_cheaply_and_score_0(answer):
     math_accuracy("<think></think>\\boxed{1}", "1")  # the pool started and warm
     started = time.perf_counter()
     assert math_accuracy(f"<think>\n</think>\n\\boxed{{{answer}}}", "7") == 0.0
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("answer", ["(n+1)!", "5!", "\\frac{(2n)!}{n!(n+1)!}", "\\binom{10}{3}", "((1+2)\\cdot 3)"])
+def test_honest_factorials_and_brackets_are_still_graded(answer):
+    assert not too_costly(answer)
 
 
 def test_honest_answers_still_score_1_while_other_processes_saturate_the_cpus():

@@ -48,6 +48,16 @@ def boxed_contents(text: str) -> list[str]:
     return contents
 
 
+def final_section(completion: str, lenient: bool = False) -> str | None:
+    """What follows the last `</think>`, where the answer is graded; None without one, or, `lenient`, the whole
+    text when no `<think>` was opened either (an unclosed `<think>` never has an answer)."""
+    if THINK_END in completion:
+        return completion.rsplit(THINK_END, 1)[1]
+    if lenient and THINK_START not in completion:
+        return completion
+    return None
+
+
 def extract_answer(completion: str, lenient: bool = False, *, guess: bool = True) -> str | None:
     """The final answer: the `\\boxed{}` after the last `</think>`; several boxes there form one set answer.
 
@@ -55,11 +65,8 @@ def extract_answer(completion: str, lenient: bool = False, *, guess: bool = True
     text with no box falls back to its stated final answer ("The answer is: 25", "#### 25", "**Answer:** 25"; all
     of them together, like boxes, so restating a different answer is a hedge). `guess` (evaluation only, never a
     reward: hedging could win it) falls back further, to the last formula or the last number."""
-    if THINK_END in completion:
-        final = completion.rsplit(THINK_END, 1)[1]
-    elif lenient and THINK_START not in completion:
-        final = completion
-    else:
+    final = final_section(completion, lenient)
+    if final is None:
         return None
     boxes = boxed_contents(final)
     if boxes:
@@ -82,8 +89,13 @@ _STATED = re.compile(
     re.I | re.M,
 )
 # inline math as pandoc reads it: no space inside either dollar, and no digit right after the closing one, so
-# "costs $14.80 * 45 hours = $62.40" is two amounts of money, not a formula
-_FORMULA = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$(?!\s)((?:\\\$|[^$\n])+?)(?<!\s)\$(?!\d)|\\\((.+?)\\\)", re.S)
+# "costs $14.80 * 45 hours = $62.40" is two amounts of money, not a formula; with spaces inside the dollars
+# ("$ \begin{pmatrix}1 & 0\end{pmatrix} $") only when it holds LaTeX, which money does not
+_FORMULA = re.compile(
+    r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\$(?!\s)((?:\\\$|[^$\n])+?)(?<!\s)\$(?!\d)|\\\((.+?)\\\)"
+    r"|\$\s+((?:\\\$|[^$\n])*?[\\^_{}](?:\\\$|[^$\n])*?)\s+\$",
+    re.S,
+)
 # a number, not the minutes of a time ("5:00 PM") nor a piece of a word
 _NUMBER = re.compile(r"(?<![a-zA-Z\d.,:])(-?\d+(?:[.,]\d+)*)(?![\d:]|[.,]\d)(\s*(?:%|percent\b))?")
 _TURN_MARKER = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end)\|>")
@@ -385,13 +397,50 @@ def shared_verifier_pool() -> VerifierPool:
 
 
 # Answers that would cost sympy seconds, found by their text: a tower (2^{10^{12}}), a power with a 5-digit
-# exponent, a factorial of a 4-digit number, a 101-digit number, or 1,000 characters of anything.
-_COSTLY = re.compile(r"\^\{[^{}]*\^|\^\d+\^|\^\{?\d{5,}|\d{4,}!|\d{101}")
+# exponent, a factorial of a 4-digit number, a binomial or Gamma of a power with a 2-digit exponent, a 101-digit
+# number, or 1,000 characters of anything; and (below) factorials of big groups and deep nesting.
+_COSTLY = re.compile(r"\^\{[^{}]*\^|\^\d+\^|\^\{?\d{5,}|\d{4,}!|\d{101}|\\(?:[dt]?binom|Gamma)\s*\{[^{}]*\^\{?\d{2}")
+# what makes a bracketed group's factorial huge: a power, a factorial or a 4-digit number inside it
+_BIG_ARGUMENT = re.compile(r"[\^!]|\d{4}")
+# brackets nested deeper than this: sympy's parser recurses once per level (honest answers stay under 10)
+MAX_NESTING = 24
+_OPENING = {")": "(", "}": "{", "]": "["}
+
+
+def nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for character in text:
+        if character in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif character in ")]}":
+            depth -= 1
+    return deepest
+
+
+def _big_factorial(text: str) -> bool:
+    """A factorial of a bracketed group that holds a power, a factorial or a 4-digit number: (10^{10})!, ((5!)!)!."""
+    for end in (match.start() for match in re.finditer(r"[)}\]]\s*!", text)):
+        depth = 0
+        for start in range(end, -1, -1):
+            if text[start] in _OPENING:
+                depth += 1
+            elif text[start] in "([{":
+                depth -= 1
+                if depth == 0:
+                    if _BIG_ARGUMENT.search(text[start + 1 : end]):
+                        return True
+                    break
+    return False
 
 
 def too_costly(answer: str) -> bool:
+    """Whether an answer's shape alone makes sympy slow: it is then compared as text only, never parsed and never
+    retried, so it costs microseconds instead of timeouts."""
     text = normalize_answer(answer)
-    return len(text) > 1000 or bool(_COSTLY.search(text))
+    if len(text) > 1000 or _COSTLY.search(text) or nesting_depth(text) > MAX_NESTING:
+        return True
+    return _big_factorial(text)
 
 
 def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | None = None) -> list[bool]:
