@@ -8,6 +8,7 @@ import pytest
 from conftest import BENCHMARKS, run_cli
 
 from thinkforge.config import BudgetForcingConfig
+from thinkforge.data import synthetic_code
 from thinkforge.eval import generate_with_budget
 from thinkforge.metrics import pass_at_k
 from thinkforge.rollout.base import Rollout, SamplingConfig, rollout_of
@@ -70,6 +71,33 @@ def test_eval_reproduces_hand_computed_pass_and_majority(tmp_path):
     graded = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [g["correct"] for g in graded[:4]] == [False, True, True, True]
     assert "| pass@1 |" in result.stdout.replace("| problems | samples ", "| ")
+
+
+def test_pass_at_k_on_the_coding_task_runs_each_samples_code_against_its_tests(tmp_path):
+    """Sampled through the engine (a random model: every sample fails), then re-graded with known solutions: a
+    whole function passes, one that forgets its step does not, and pass@k counts them."""
+    sampled = run_cli(
+        "benchmark=code", "model=tiny", "benchmark.limit=2", "num_samples=4", "ks=[1,2,4]", "max_new_tokens=8",
+        f"hydra.run.dir={tmp_path / 'sampled'}", cwd=tmp_path, program="thinkforge-eval",
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()]
+    problems = {"whole": synthetic_code.generate("test", 2, max_level=2, max_number=9)}
+    problems["forgetful"] = synthetic_code.generate("test", 2, max_level=2, max_number=9, buggy_fraction=1.0)
+    assert [row["gold"] for row in rows[::4]] == [list(problem.tests) for problem in problems["whole"]]
+    solutions = [["whole", "forgetful", "forgetful", "forgetful"], ["whole", "whole", "forgetful", "whole"]]
+    for row in rows:
+        row["completion"] = problems[solutions[row["problem"]][row["sample"]]][row["problem"]].completion
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    regraded = run_cli(
+        f"samples_file={samples}", "ks=[1,2,4]", f"hydra.run.dir={tmp_path / 'regraded'}", cwd=tmp_path,
+        program="thinkforge-eval",
+    )  # fmt: skip
+    assert regraded.returncode == 0, regraded.stderr[-3000:]
+    summary = json.loads((tmp_path / "regraded" / "summary.json").read_text())
+    expected = {"pass@1": (0.25 + 0.75) / 2, "pass@2": (0.5 + 1.0) / 2, "pass@4": 1.0}
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
 
 
 def test_samples_file_errors_name_the_row(tmp_path):
@@ -137,7 +165,7 @@ def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
     assert plain.text == "7" and plain.finished and plain.stopped_by is None
 
 
-@pytest.mark.parametrize("name", ["synthetic", "demo", "math500", "aime24", "amc23", "gsm8k"])
+@pytest.mark.parametrize("name", ["synthetic", "demo", "code", "math500", "aime24", "amc23", "gsm8k"])
 def test_benchmark_configs_compose(name, tmp_path):
     for file in ("aime24", "amc23", "gsm8k_test", "math500"):  # the dry run checks that they exist
         (tmp_path / f"{file}.jsonl").touch()

@@ -8,6 +8,7 @@ minute or less on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import re
 from statistics import mean
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import LEARNABLE_GRPO, compose_config, leading_space, logged, spac
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from thinkforge.data import synthetic_code
 from thinkforge.rewards.shaping import REWARD_FUNCTIONS
 from thinkforge.rollout import HFEngine, SamplingConfig
 from thinkforge.train import run_stage
@@ -74,6 +76,42 @@ def test_training_only_the_top_entropy_fifth_of_tokens_raises_the_sampled_reward
     monkeypatch.setitem(REWARD_FUNCTIONS, "space_share", space_share)
     reward = _sampled_reward(tmp_path, "space_share", 80, "stage.loss_type=dapo", "stage.top_entropy_quantile=0.2")
     assert mean(reward[:3]) <= 0.3, reward[:3]
+    assert mean(reward[-5:]) >= 0.8, reward
+
+
+def _one_step_functions(buggy_fraction: float) -> list[dict]:
+    """The coding task's one-step problems whose amount is 1: what SFT teaches a tiny model in seconds (copying an
+    amount from the prompt takes it thousands of steps)."""
+    problems = synthetic_code.generate("train", 2500, min_level=1, max_level=1, buggy_fraction=buggy_fraction)
+    return [problem.as_record() for problem in problems if re.search(r"(gets|gives away) 1 ", problem.prompt)]
+
+
+def test_grpo_with_the_code_reward_learns_to_write_the_whole_function(tmp_path):
+    """The coding task through SFT and then GRPO with the sandboxed code reward, the demo's story in code: SFT on
+    each prompt's whole function once and a version that forgets its step three times leaves a model whose
+    functions run and mostly fail their tests; GRPO makes it write the whole function (seeds 0-2 start at 0.19-0.20
+    and end at 0.86-0.94 over the last five steps)."""
+    complete, forgetful = _one_step_functions(0.0), _one_step_functions(1.0)
+    rows = [row for replies in zip(complete, forgetful, forgetful, forgetful) for row in replies]
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["data=jsonl", f"data.train={data}", "data.val=null", "heldout.num_prompts=0", "trainer.ckpt_every=1000"]
+    sft = run_stage(
+        compose_config(
+            *SMALL_MODEL, "model.config.hidden_size=128", "model.config.intermediate_size=256", *common, "stage=sft",
+            "data.max_sequence_length=192", "data.batch_size=16", "data.micro_batch_size=16", "optim.lr=3e-3",
+            "optim.warmup_steps=5", "trainer.max_steps=300", output_dir=tmp_path / "sft",
+        )
+    )  # fmt: skip
+    run_stage(
+        compose_config(
+            *common, *LEARNABLE_GRPO, "reward@stage.reward=code", "stage.max_completion_length=64", "optim.lr=3e-4",
+            "model=pretrained", f"model.name_or_path={sft.export_dir}", "trainer.max_steps=30",
+            output_dir=tmp_path / "grpo",
+        )
+    )  # fmt: skip
+    reward = list(logged(tmp_path / "grpo", "train/reward/mean").values())
+    assert reward[0] <= 0.3, reward
     assert mean(reward[-5:]) >= 0.8, reward
 
 

@@ -35,7 +35,7 @@ def one_of(value: str, choices: tuple[str, ...], key: str) -> None:
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = ("auto", "float32", "bfloat16")
-CANONICAL_FIELDS = ("text", "prompt", "completion", "messages", "answer", "chosen", "rejected")
+CANONICAL_FIELDS = ("text", "prompt", "completion", "messages", "answer", "tests", "chosen", "rejected")
 
 
 LORA_EXPORTS = ("merged", "adapter")
@@ -102,8 +102,13 @@ class ModelConfig:
         require(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be positive")
 
 
+SYNTHETIC_TASKS = ("math", "code")
+
+
 @dataclass
 class SyntheticConfig:
+    # math: word problems with a boxed answer; code: the same stories as Python functions graded by their tests
+    task: str = "math"
     num_train: int = 4000
     num_val: int = 200
     min_level: int = 1
@@ -115,14 +120,18 @@ class SyntheticConfig:
     # the share of solutions that box the answer; the rest write "The answer is 12." as raw corpora do, which
     # graders and RL rewards (reading only \boxed{}) do not accept
     boxed_fraction: float = 1.0
+    # code: the share of solutions that forget their last step (see data/synthetic_code.py)
+    buggy_fraction: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        one_of(self.task, SYNTHETIC_TASKS, "data.synthetic.task")
         require(self.num_train > 0 and self.num_val > 0, "data.synthetic", "num_train and num_val must be positive")
         require(1 <= self.min_level <= self.max_level <= 5, "data.synthetic", "need 1 <= min_level <= max_level <= 5")
         require(self.max_number >= 2, "data.synthetic", "max_number must be at least 2")
         require(0 <= self.answer_only_fraction <= 1, "data.synthetic.answer_only_fraction", "must be in [0, 1]")
         require(0 <= self.boxed_fraction <= 1, "data.synthetic.boxed_fraction", "must be in [0, 1]")
+        require(0 <= self.buggy_fraction <= 1, "data.synthetic.buggy_fraction", "must be in [0, 1]")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from thinkforge.csv_log import read_csv_log
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence, collate_rows, pack
 from thinkforge.losses import causal_lm_loss
 from thinkforge.preflight import check_train_paths
+from thinkforge.rewards.grading import Gold
 from thinkforge.rewards.math import gold_is_parseable, math_accuracy_many
 from thinkforge.rollout import HFEngine, RolloutEngine, SamplingConfig
 from thinkforge.stages.probe import StageProbe, formatted_answer
@@ -337,10 +338,12 @@ def timed_check(verifier: Verifier, text: str, gold: str) -> float:
     return time.perf_counter() - started
 
 
-def check_grader(golds: list[str]) -> Finding:
-    if not golds:
-        return Finding("grader audit", "skip", "this stage's data has no gold answers")
-    return grader_audit(golds)
+def check_grader(golds: list[Gold]) -> Finding:
+    answers = [gold for gold in golds if isinstance(gold, str)]
+    if not answers:
+        what = "tests, which the sandbox runs" if golds else "no gold answers"
+        return Finding("grader audit", "skip", f"this stage's data has {what}")
+    return grader_audit(answers)
 
 
 # ---- 5. resume equivalence and 6. budget ------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from typing import Any
 
 from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig, Grading
 from thinkforge.metrics import summarize
-from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
+from thinkforge.rewards.code import CodeTests, extract_code
+from thinkforge.rewards.grading import Gold, gold_json, grade_many
+from thinkforge.rewards.math import THINK_END, extract_answer
 from thinkforge.rollout.base import GenerationProgress, Rollout, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -75,18 +77,19 @@ def generate_with_budget(
 
 
 # ---- thinkforge-eval ---------------------------------------------------------------------------------------------
-def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[str]]:
-    """(problem texts, gold answers), with the benchmark's field mapping and answer marker applied."""
-    from thinkforge.data.records import load_records
+def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[Gold]]:
+    """(problem texts, golds: answers, or a coding problem's tests), with the benchmark's field mapping and answer
+    marker applied."""
+    from thinkforge.data.records import GOLD, load_records
 
     bench = cfg.benchmark
     data = DataConfig(
         train=bench.path, val=None, fields={**DataConfig().fields, **bench.fields}, synthetic=bench.synthetic
     )
-    rows = load_records(bench.path, bench.split, data, required=("prompt", "answer")).rows[: bench.limit]
-    golds = [row["answer"] for row in rows]
+    rows = load_records(bench.path, bench.split, data, required=("prompt", GOLD)).rows[: bench.limit]
+    golds: list[Gold] = [row[GOLD] for row in rows]
     if bench.answer_after:
-        golds = [gold.rsplit(bench.answer_after, 1)[-1].strip() for gold in golds]
+        golds = [gold.rsplit(bench.answer_after, 1)[-1].strip() if isinstance(gold, str) else gold for gold in golds]
     return [row["prompt"] for row in rows], golds
 
 
@@ -149,7 +152,7 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
             "sample": s,
             "prompt": problems[p],
             "rendered_prompt": prompts[p],
-            "gold": golds[p],
+            "gold": gold_json(golds[p]),
             "completion": c.text,
             "num_tokens": c.num_tokens,
             "finished": c.finished,
@@ -174,7 +177,8 @@ def benchmark_of(samples_file: str | None, default: str) -> str:
 
 
 def read_samples(path: str) -> list[dict[str, Any]]:
-    """Per-sample rows to grade: `problem`, `gold` and `completion` are required; errors name the row and field."""
+    """Per-sample rows to grade: `problem`, `gold` (an answer, or a coding problem's list of tests) and
+    `completion` are required; errors name the row and field."""
     from thinkforge.data.records import DataError, read_objects
 
     rows = []
@@ -182,18 +186,25 @@ def read_samples(path: str) -> list[dict[str, Any]]:
         for name in ("problem", "gold", "completion"):
             if name not in row:
                 raise DataError(f"{path}: row {number}: field '{name}' is missing")
+        if isinstance(row["gold"], list):
+            try:
+                CodeTests.parse(row["gold"])
+            except TypeError as error:
+                raise DataError(f"{path}: row {number}: field 'gold': {error}") from None
         rows.append(dict(row))
     return rows
 
 
 def grade(rows: list[dict[str, Any]], grading: Grading = Grading.strict) -> None:
+    """Each row's `correct`, and its `answer`: the extracted answer, or the code a coding row's tests ran (maj@k
+    votes over these)."""
     lenient = grading is Grading.lenient
-    scores = math_accuracy_many(
-        [row["completion"] for row in rows], [str(row["gold"]) for row in rows], lenient=lenient
-    )
-    for row, score in zip(rows, scores):
-        row["answer"] = extract_answer(row["completion"], lenient)
-        row["correct"] = bool(score)
+    golds = [CodeTests.parse(row["gold"]) if isinstance(row["gold"], list) else str(row["gold"]) for row in rows]
+    grades = grade_many([row["completion"] for row in rows], golds, lenient=lenient)
+    for row, gold, verdict in zip(rows, golds, grades):
+        code = isinstance(gold, CodeTests)
+        row["answer"] = extract_code(row["completion"], lenient) if code else extract_answer(row["completion"], lenient)
+        row["correct"] = verdict.correct
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, float]:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from thinkforge.config import ConfigError
-from thinkforge.rewards.math import math_accuracy_many, normalize_answer
+from thinkforge.rewards.grading import Gold, verify_many
+from thinkforge.rewards.math import normalize_answer
 from thinkforge.rollout.base import Rollout
 
 # Scores a batch: (completions, golds) -> 1.0/0.0 each.
-BatchVerifier = Callable[[Sequence[str], Sequence[str]], list[float]]
+BatchVerifier = Callable[[Sequence[str], Sequence[Gold]], list[float]]
 
 
 @dataclass
@@ -38,7 +39,7 @@ class HeldOutSums:
 
 
 def score_rollouts(
-    groups: Sequence[Sequence[Rollout]], golds: Sequence[str], verifier: BatchVerifier = math_accuracy_many
+    groups: Sequence[Sequence[Rollout]], golds: Sequence[Gold], verifier: BatchVerifier = verify_many
 ) -> HeldOutSums:
     flat = [(rollout, gold) for rollouts, gold in zip(groups, golds) for rollout in rollouts]
     scores = verifier([rollout.text for rollout, _ in flat], [gold for _, gold in flat])

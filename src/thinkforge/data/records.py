@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.config import DataConfig, UserError
-from thinkforge.data import synthetic
+from thinkforge.data import synthetic, synthetic_code
+from thinkforge.rewards.code import CodeTests
 
 
 class DataError(UserError, ValueError):
@@ -56,8 +57,11 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "chosen": _text,
     "rejected": _text,
     "answer": _answer,
+    "tests": CodeTests.parse,
     "messages": _messages,
 }
+#: a virtual field: the row's `answer` (math) or, without one, its `tests` (code), as a `thinkforge.rewards` gold
+GOLD = "gold"
 
 
 @dataclass
@@ -79,17 +83,26 @@ class Records:
 def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, Any]]:
     """Yields (row number as a person would count it, raw row); jsonl rows are numbered by line."""
     if source == "synthetic":
-        count = data.synthetic.num_train if split == "train" else data.synthetic.num_val
-        problems = synthetic.generate(
-            "train" if split == "train" else "test",
-            count,
-            min_level=data.synthetic.min_level,
-            max_level=data.synthetic.max_level,
-            max_number=data.synthetic.max_number,
-            answer_only_fraction=data.synthetic.answer_only_fraction,
-            boxed_fraction=data.synthetic.boxed_fraction,
-            seed=data.synthetic.seed,
-        )
+        task, count = data.synthetic, data.synthetic.num_train if split == "train" else data.synthetic.num_val
+        levels = {"min_level": task.min_level, "max_level": task.max_level, "max_number": task.max_number}
+        problems: Sequence[synthetic.Problem | synthetic_code.CodeProblem]
+        if task.task == "code":
+            problems = synthetic_code.generate(
+                "train" if split == "train" else "test",
+                count,
+                **levels,
+                buggy_fraction=task.buggy_fraction,
+                seed=task.seed,
+            )
+        else:
+            problems = synthetic.generate(
+                "train" if split == "train" else "test",
+                count,
+                **levels,
+                answer_only_fraction=task.answer_only_fraction,
+                boxed_fraction=task.boxed_fraction,
+                seed=task.seed,
+            )
         yield from enumerate((p.as_record() for p in problems), start=1)
         return
     path = Path(source)
@@ -167,6 +180,9 @@ def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], opt
         raise TypeError(reason)
     record: dict[str, Any] = {}
     for name in (*required, *optional):
+        if name == GOLD:
+            record[GOLD] = _gold(raw, fields)
+            continue
         column = fields.get(name, name)
         if column not in raw or raw[column] is None:
             if name in optional:
@@ -177,3 +193,16 @@ def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], opt
         except TypeError as error:
             raise TypeError(f"field '{name}' (column '{column}'): {error}") from None
     return record
+
+
+def _gold(raw: Mapping[str, Any], fields: Mapping[str, str]) -> Any:
+    """The row's answer, else its tests: a math row or a coding row."""
+    for name in ("answer", "tests"):
+        column = fields.get(name, name)
+        if raw.get(column) is not None:
+            try:
+                return FIELD_CHECKS[name](raw[column])
+            except TypeError as error:
+                raise TypeError(f"field '{name}' (column '{column}'): {error}") from None
+    answer, tests = fields.get("answer", "answer"), fields.get("tests", "tests")
+    raise KeyError(f"field 'answer' (column '{answer}') or 'tests' (column '{tests}'): missing")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 NAMES = (
     "Ava",
@@ -138,10 +140,6 @@ def generate(
     seed: int = 0,
 ) -> list[Problem]:
     """`count` distinct problems of `split`, levels cycling from min_level to max_level."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 1 <= min_level <= max_level <= MAX_LEVEL:
-        raise ValueError(f"need 1 <= min_level <= max_level <= {MAX_LEVEL}, got {min_level}..{max_level}")
     if max_number < 2:
         raise ValueError(f"max_number must be at least 2, got {max_number}")
     if not (0 <= answer_only_fraction <= 1 and 0 <= boxed_fraction <= 1):
@@ -149,17 +147,39 @@ def generate(
             f"answer_only_fraction and boxed_fraction must be in [0, 1], got {answer_only_fraction}, {boxed_fraction}"
         )
     rng = random.Random(f"thinkforge-synthetic-{seed}-{split}")
+    return distinct_problems(
+        split,
+        count,
+        min_level,
+        max_level,
+        lambda level: make_problem(rng, level, max_number, answer_only_fraction, boxed_fraction),
+    )
+
+
+class Drawn(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+P = TypeVar("P", bound=Drawn)
+
+
+def distinct_problems(split: str, count: int, min_level: int, max_level: int, draw: Callable[[int], P]) -> list[P]:
+    """`count` problems of `split` with distinct prompts, levels cycling from min_level to max_level; `draw(level)`
+    makes one (the math task's or the coding task's)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 1 <= min_level <= max_level <= MAX_LEVEL:
+        raise ValueError(f"need 1 <= min_level <= max_level <= {MAX_LEVEL}, got {min_level}..{max_level}")
     levels = list(range(min_level, max_level + 1))
-    problems: list[Problem] = []
+    problems: list[P] = []
     seen: set[str] = set()
     attempts = 0
     while len(problems) < count:
         attempts += 1
         if attempts > 200 * count + 10_000:
             raise RuntimeError(f"could not find {count} distinct {split} problems at levels {levels}")
-        problem = make_problem(
-            rng, levels[len(problems) % len(levels)], max_number, answer_only_fraction, boxed_fraction
-        )
+        problem = draw(levels[len(problems) % len(levels)])
         if problem.prompt in seen or split_of(problem.prompt) != split:
             continue
         seen.add(problem.prompt)

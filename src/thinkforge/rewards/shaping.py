@@ -3,46 +3,69 @@
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from thinkforge.rewards.math import THINK_END, extract_answer, math_accuracy_many
+from thinkforge.rewards.code import CodeTests, last_python_block
+from thinkforge.rewards.grading import Gold, grade_many
+from thinkforge.rewards.math import THINK_END
 
 
 @dataclass(frozen=True)
 class Sample:
     completion: str
-    gold: str
+    gold: Gold
     num_tokens: int
     truncated: bool
-    # Whether the final answer matches the gold one: checked for a whole batch at once, in parallel.
+    # Whether the completion is verified correct (its final answer matches the gold one, or its code passes every
+    # test): checked for a whole batch at once, in parallel.
     correct: bool
     # The completion budget it was sampled with (max_completion_length at this step): length rewards scale to it,
     # so a preset works at 96 tokens as at 32K and follows a context-lengthening schedule.
     max_tokens: int
+    # The share of a coding row's tests the completion's code passed (on a math row, its 1/0 grade).
+    tests_passed: float = 0.0
+
+    @property
+    def is_code(self) -> bool:
+        return isinstance(self.gold, CodeTests)
 
 
-def well_formed(completion: str) -> bool:
-    """One `<think>` block that opens the completion and closes once, then a boxed answer after it."""
-    return (
+def well_formed(completion: str, *, code: bool = False) -> bool:
+    """One `<think>` block that opens the completion and closes once, then the answer after it: a boxed one, or
+    for a coding row a fenced code block."""
+    if not (
         completion.lstrip().startswith("<think>")
         and completion.count("<think>") == 1
         and completion.count(THINK_END) == 1
-        and "\\boxed{" in completion.split(THINK_END, 1)[1]
-    )
+    ):
+        return False
+    final = completion.split(THINK_END, 1)[1]
+    return last_python_block(final) is not None if code else "\\boxed{" in final
 
 
 def accuracy_reward(sample: Sample) -> float:
-    """DeepScaleR: 1 if the final boxed answer after `</think>` matches the gold answer, else 0."""
+    """DeepScaleR: 1 if the final boxed answer after `</think>` matches the gold answer, else 0 (a coding row: 1 if
+    its code passes every test)."""
     return float(sample.correct)
 
 
 def format_reward(sample: Sample) -> float:
     """R1-Zero: `<think>…</think>` then an answer."""
-    return float(well_formed(sample.completion))
+    return float(well_formed(sample.completion, code=sample.is_code))
+
+
+def code_reward(sample: Sample, *, fraction: bool = True) -> float:
+    """R1's reward for code run against test cases: the share of a coding row's tests its code passes (`fraction`),
+    or 1/0 for all of them; 0 on a math row."""
+    if not sample.is_code:
+        return 0.0
+    return sample.tests_passed if fraction else float(sample.correct)
 
 
 def cosine_length_reward(sample: Sample, *, positive_fraction: float, negative_fraction: float) -> float:
@@ -50,7 +73,7 @@ def cosine_length_reward(sample: Sample, *, positive_fraction: float, negative_f
     → −0.5 (long) by `negative_fraction` of it. The paper's 25600 and 3702 of 31744 tokens: 0.806 and 0.117."""
     if sample.truncated:
         return -0.5
-    if not well_formed(sample.completion):
+    if not well_formed(sample.completion, code=sample.is_code):
         return -1.0
     length, budget = sample.num_tokens, sample.max_tokens
     if sample.correct:
@@ -59,6 +82,47 @@ def cosine_length_reward(sample: Sample, *, positive_fraction: float, negative_f
         return 0.5 + 0.25 * (1 + math.cos(math.pi * rho))
     rho = min(1.0, length / max(negative_fraction * budget, 1e-9))
     return -0.5 - 0.25 * (1 + math.cos(math.pi * rho))
+
+
+# The Unicode scripts a language's words are written in (the first word of each letter's Unicode name). The check
+# is by script: English and French are both Latin, Chinese and Japanese kanji both CJK.
+LANGUAGE_SCRIPTS = {
+    "en": ("LATIN",),
+    "zh": ("CJK",),
+    "ja": ("HIRAGANA", "KATAKANA", "CJK"),
+    "ko": ("HANGUL",),
+    "ru": ("CYRILLIC",),
+    "ar": ("ARABIC",),
+    "hi": ("DEVANAGARI",),
+    "el": ("GREEK",),
+}
+_WORD = re.compile(r"[^\W\d_]+")  # runs of letters: numbers, symbols and LaTeX punctuation are not words
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def _word_scripts(text: str) -> list[str]:
+    """The script of each word of `text`; a CJK, kana or Hangul character counts as a word of its own, as those
+    scripts write no spaces between words."""
+    scripts = []
+    for word in _WORD.findall(text):
+        if _CJK_RUN.search(word):
+            scripts += [unicodedata.name(character, "UNKNOWN").split()[0] for character in word]
+        else:
+            scripts.append(unicodedata.name(word[0], "UNKNOWN").split()[0])
+    return scripts
+
+
+def language_consistency_reward(sample: Sample, *, language: str = "en") -> float:
+    """DeepSeek-R1: the share of the chain of thought's words written in the target language's script (the text
+    before `</think>`, or the whole completion without one). A chain of thought with no words (arithmetic alone)
+    mixes no languages: 1."""
+    if language not in LANGUAGE_SCRIPTS:
+        raise TypeError(f"language must be one of {', '.join(LANGUAGE_SCRIPTS)}; got {language!r}")
+    thinking = sample.completion.split(THINK_END, 1)[0]
+    scripts = _word_scripts(thinking.replace("<think>", " "))
+    if not scripts:
+        return 1.0
+    return sum(script in LANGUAGE_SCRIPTS[language] for script in scripts) / len(scripts)
 
 
 def repetition_reward(sample: Sample, *, ngram: int = 5, frequent_count: int = 5) -> float:
@@ -86,10 +150,12 @@ def overlong_reward(sample: Sample, *, cache_fraction: float) -> float:
 
 REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {
     "math_accuracy": accuracy_reward,
+    "code": code_reward,
     "format": format_reward,
     "cosine_length": cosine_length_reward,
     "repetition": repetition_reward,
     "overlong": overlong_reward,
+    "language_consistency": language_consistency_reward,
 }
 
 
@@ -127,20 +193,24 @@ class RewardModel:
     def score(
         self,
         completions: Sequence[str],
-        golds: Sequence[str],
+        golds: Sequence[Gold],
         lengths: Sequence[int],
         truncated: Sequence[bool],
         max_tokens: int,
     ) -> list[tuple[float, dict[str, float]]]:
-        """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool.
+        """Rewards of a batch; every answer check of the batch runs at once in the verifier's worker pool, every
+        code check in parallel in the sandbox.
 
         Each sample's parts also carry `accuracy` (1/0, whatever the reward mix) and `answered` (whether the grader
-        found an answer to compare at all), which are logged, never summed.
+        found an answer, or code, to grade at all), which are logged, never summed.
         """
-        correct = [score == 1.0 for score in math_accuracy_many(completions, golds, lenient=self.lenient, guess=False)]
-        answered = [extract_answer(text, self.lenient, guess=False) is not None for text in completions]
-        scored = [self(Sample(*fields, max_tokens)) for fields in zip(completions, golds, lengths, truncated, correct)]
+        grades = grade_many(completions, golds, lenient=self.lenient, guess=False)
+        samples = [
+            Sample(text, gold, length, cut, grade.correct, max_tokens, tests_passed=grade.score)
+            for text, gold, length, cut, grade in zip(completions, golds, lengths, truncated, grades)
+        ]
+        scored = [self(sample) for sample in samples]
         return [
-            (total, {**parts, "accuracy": float(ok), "answered": float(found)})
-            for (total, parts), ok, found in zip(scored, correct, answered)
+            (total, {**parts, "accuracy": float(grade.correct), "answered": float(grade.answered)})
+            for (total, parts), grade in zip(scored, grades)
         ]

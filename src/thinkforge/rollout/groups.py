@@ -11,6 +11,7 @@ import torch
 
 from thinkforge.collectives import Collectives
 from thinkforge.data.loader import StepBatches
+from thinkforge.rewards.grading import Gold
 from thinkforge.rewards.math import shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout.base import Rollout, SamplingConfig
@@ -21,7 +22,7 @@ class Prompt:
     index: int
     text: str
     token_ids: tuple[int, ...]
-    answer: str
+    gold: Gold
 
 
 @dataclass
@@ -58,7 +59,8 @@ def no_signal_cause(accuracy: float, answered: float, truncated: float, max_toke
         )
     if answered < 0.5:
         return what, (
-            "the model does not write its answer as the reward reads it (\\boxed{} after </think>): set "
+            "the model does not write its answer as the reward reads it (\\boxed{}, or a fenced code block, after "
+            "</think>): set "
             "stage.answer_extraction=lenient, or a system prompt that asks for that format (prompt=phi4_reasoning)"
         )
     return what, "the prompts are too hard for this model: keep those it sometimes solves (thinkforge-data pass-rate)"
@@ -84,7 +86,7 @@ class GroupSampler:
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
             [r.text for _, r in flat],
-            [p.answer for p, _ in flat],
+            [p.gold for p, _ in flat],
             [len(r.token_ids) for _, r in flat],
             [not r.finished for _, r in flat],
             sampling.max_new_tokens,

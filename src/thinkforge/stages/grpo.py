@@ -17,7 +17,7 @@ import torch
 from thinkforge.config import UserError
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.data.records import DataError, load_records
+from thinkforge.data.records import GOLD, DataError, load_records
 from thinkforge.losses import (
     LossSum,
     entropy_threshold,
@@ -29,7 +29,7 @@ from thinkforge.losses import (
     rollout_correction,
 )
 from thinkforge.resume import data_position
-from thinkforge.rewards.math import gold_is_parseable
+from thinkforge.rewards.grading import gold_is_usable
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout import Rollout, SamplingConfig
 from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cause
@@ -83,15 +83,14 @@ class GRPO(Stage):
 
     def build_items(self, split: str) -> Sequence[Prompt]:
         data = self.run.data
-        records = load_records(data.train, data.train_split, data, required=("prompt", "answer"))
+        records = load_records(data.train, data.train_split, data, required=("prompt", GOLD))
         training = self.heldout.training_rows(records)
-        parseable = [gold_is_parseable(record["answer"]) for record in training]
-        rows = [record for record, ok in zip(training, parseable) if ok]
+        rows = [record for record in training if gold_is_usable(record[GOLD])]
         log.info(
             "train prompts: %s; %d skipped: gold answer not parseable", records.summary(), len(training) - len(rows)
         )
         if not rows:
-            raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse")
+            raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse, or tests")
         rendered = [self.render_prompt(record["prompt"]) for record in rows]
         encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         longest = self.settings.max_prompt_length
@@ -102,7 +101,7 @@ class GRPO(Stage):
             )
         if not fitting:
             raise DataError(f"{data.train}: every prompt is longer than stage.max_prompt_length ({longest} tokens)")
-        return [Prompt(i, text, tuple(ids), row["answer"]) for i, (text, ids, row) in enumerate(fitting)]
+        return [Prompt(i, text, tuple(ids), row[GOLD]) for i, (text, ids, row) in enumerate(fitting)]
 
     def collate(self, items: Sequence[Prompt]) -> Batch:
         return {"prompt_index": torch.tensor([item.index for item in items])}

@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 from thinkforge.collectives import Collectives
 from thinkforge.config import TrainConfig
-from thinkforge.data.records import DataError, Records, load_split
+from thinkforge.data.records import GOLD, DataError, Records, load_split
 from thinkforge.metrics import HeldOutSums, score_rollouts
-from thinkforge.rewards.math import math_accuracy_many
+from thinkforge.rewards.grading import Gold, verify_many
 from thinkforge.rollout import Rollout, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ class HeldOut:
             logger.log_metrics({prefix + name: value for name, value in metrics.items()}, step=trainer.global_step)
             logger.save()
 
-    def verify(self, completions: Sequence[str], golds: Sequence[str]) -> list[float]:
-        return math_accuracy_many(completions, golds, lenient=self.lenient, guess=False)
+    def verify(self, completions: Sequence[str], golds: Sequence[Gold]) -> list[float]:
+        return verify_many(completions, golds, lenient=self.lenient, guess=False)
 
     def cuts_from_train(self) -> bool:
         """No data.val but held-out scores asked for: the last `heldout.num_prompts` training rows are held out
@@ -78,15 +78,15 @@ class HeldOut:
         log.info("held-out prompts: the last %d rows of %s (data.val is null), not trained on", count, records.source)
         return records.rows[:-count]
 
-    def prompts(self) -> tuple[list[str], list[str]]:
+    def prompts(self) -> tuple[list[str], list[Gold]]:
         """Held-out prompts rendered for generation, and their gold answers: data.val's first, or the training
         rows held out from training."""
         count = self.settings.num_prompts
         if self.cuts_from_train():
-            rows = load_split(self.run.data, "train", required=("prompt", "answer")).rows[-count:]
+            rows = load_split(self.run.data, "train", required=("prompt", GOLD)).rows[-count:]
         else:
-            rows = load_split(self.run.data, "val", required=("prompt", "answer")).rows[:count]
-        return [self.render_prompt(row["prompt"]) for row in rows], [row["answer"] for row in rows]
+            rows = load_split(self.run.data, "val", required=("prompt", GOLD)).rows[:count]
+        return [self.render_prompt(row["prompt"]) for row in rows], [row[GOLD] for row in rows]
 
     def evaluate(
         self, generate: Generate, collectives: Collectives, completion_length: int, *, filename: str | None
@@ -112,7 +112,7 @@ class HeldOut:
         return metrics
 
     def pass_at_k(
-        self, prompts: list[str], golds: list[str], generate: Generate, collectives: Collectives, max_new_tokens: int
+        self, prompts: list[str], golds: list[Gold], generate: Generate, collectives: Collectives, max_new_tokens: int
     ) -> dict[str, float]:
         """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
         k = self.settings.pass_k

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from thinkforge.data.packing import TokenSequence
-from thinkforge.data.records import load_records
+from thinkforge.data.records import GOLD, load_records
+from thinkforge.rewards.code import CodeTests
+from thinkforge.rewards.grading import Gold
 from thinkforge.rollout import SamplingConfig
 from thinkforge.tokenizer import turn_end_token
 
@@ -55,13 +57,13 @@ class StageProbe:
         """The settings the stage samples its training data with (None: it samples none), capped for a quick check."""
         return None
 
-    def gold_rows(self, limit: int) -> list[tuple[str, str]]:
-        """(prompt, gold answer) of the first training rows, for the stages whose rows have them."""
+    def gold_rows(self, limit: int) -> list[tuple[str, Gold]]:
+        """(prompt, gold) of the first training rows, for the stages whose rows have them."""
         run = self.stage.run
         if not run.stage.trains_on_answers():
             return []
-        rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", "answer")).rows[:limit]
-        return [(row["prompt"], row["answer"]) for row in rows]
+        rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", GOLD)).rows[:limit]
+        return [(row["prompt"], row[GOLD]) for row in rows]
 
     def packed_documents(self, count: int) -> list[TokenSequence]:
         """The first `count` documents a packed stage puts side by side in a row; [] when it does not pack."""
@@ -81,6 +83,9 @@ def capped(sampling: SamplingConfig) -> SamplingConfig:
     return SamplingConfig(2, sampling.temperature, sampling.top_p, min(PROBE_MAX_NEW_TOKENS, sampling.max_new_tokens))
 
 
-def formatted_answer(gold: str) -> str:
-    """A reply in the format the strict grader reads, standing in for a stage's own sampled replies."""
+def formatted_answer(gold: Gold) -> str:
+    """A reply in the format the strict grader reads, standing in for a stage's own sampled replies (a coding row:
+    a fenced function, whose length is what matters here)."""
+    if isinstance(gold, CodeTests):
+        return "<think>\nworked\n</think>\n```python\ndef solution(n):\n    return n\n```"
     return f"<think>\nworked\n</think>\nThe answer is \\boxed{{{gold}}}."
