@@ -120,6 +120,29 @@ def test_recipes_take_lora_and_the_new_rl_objectives_from_the_command_line(tmp_p
     ] * 3
 
 
+def test_the_r1_recipe_dry_runs_and_runs_end_to_end_at_demo_scale(tmp_path):
+    """R1's four stages: composed with their data, and run on the tiny model (recipe=r1_demo), where the
+    rejection-sampled SFT trains on the reasoning RL model's own verified samples and the table covers every stage."""
+    (tmp_path / "data" / "r1").mkdir(parents=True)
+    (tmp_path / "data" / "r1" / "cold_start.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "completion": "2"}))
+    (tmp_path / "data" / "r1" / "prompts.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "answer": "2"}))
+    (tmp_path / "base").mkdir()
+    brief = run_cli(
+        "recipe=r1", f"model.name_or_path={tmp_path / 'base'}", "dry_run=true", f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path, program="thinkforge-pipeline",
+    )  # fmt: skip
+    assert brief.returncode == 0, brief.stderr[-3000:]
+    assert "| rejection_sft | SFT | reasoning_rl | data/r1/prompts.jsonl |" in brief.stdout
+    run = run_cli("recipe=r1_demo", f"hydra.run.dir={tmp_path / 'demo'}", cwd=tmp_path, program="thinkforge-pipeline")
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.split("held-out results after each stage")[1]
+    assert [line.split(" | ")[0] for line in table.splitlines()[3:7]] == [
+        "| cold_start", "| reasoning_rl", "| rejection_sft", "| final_rl"
+    ]  # fmt: skip
+    replies = (tmp_path / "demo" / "rejection_sft" / "rejection_sampled_train.jsonl").read_text().splitlines()
+    assert replies and all(json.loads(reply)["provenance"]["num_correct"] >= 1 for reply in replies)
+
+
 def test_dry_run_from_the_command_line(tmp_path):
     model = with_deepscaler_inputs(tmp_path)
     brief = run_cli(

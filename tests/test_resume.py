@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from thinkforge.resume import ResumeState, data_position, pairs_path, read_pairs, write_pairs
+from thinkforge.resume import ResumeState, data_position, read_sampled_rows, sampled_rows_path, write_sampled_rows
 
 
 def test_the_extra_state_a_checkpoint_carries_comes_back_into_a_fresh_stage():
@@ -28,10 +28,10 @@ def test_data_position_counts_loader_batches():
 
 
 def test_rollout_pairs_are_read_back_and_a_resume_without_them_stops(tmp_path):
-    path = pairs_path(str(tmp_path), "train")
-    assert read_pairs(path, global_step=0) is None, "a fresh run samples them"
-    with pytest.raises(RuntimeError, match="cannot sample its pairs from the starting checkpoint again"):
-        read_pairs(path, global_step=4)
-    write_pairs(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert read_pairs(path, global_step=4) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    path = sampled_rows_path(str(tmp_path), "rollout_pairs", "train")
+    assert read_sampled_rows(path, global_step=0) is None, "a fresh run samples them"
+    with pytest.raises(RuntimeError, match="cannot sample its rows from the starting checkpoint again"):
+        read_sampled_rows(path, global_step=4)
+    write_sampled_rows(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert read_sampled_rows(path, global_step=4) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
     assert not path.with_suffix(".partial").exists()

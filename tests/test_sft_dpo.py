@@ -12,9 +12,9 @@ from conftest import FAST, compose_config, logged, run_cli
 from thinkforge.config import validate
 from thinkforge.data import synthetic
 from thinkforge.losses import dpo_loss, dpo_loss_sum
-from thinkforge.rewards.math import math_accuracy
+from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.rollout import Rollout
-from thinkforge.rollout.pairs import pair_rollouts
+from thinkforge.rollout.pairs import graded, pair_rollouts
 from thinkforge.stages.sft import SFT
 from thinkforge.train import run_stage
 
@@ -136,11 +136,12 @@ def test_rollout_pairs_take_correct_over_incorrect_and_count_the_rest():
     groups = [
         [Rollout(i, text, (1, 2), finished=j != 2) for j, text in enumerate(group)] for i, group in enumerate(texts)
     ]
+    golds = ["7", "7", "7"]
     pairs, counts = pair_rollouts(
         groups,
         ["p0", "p1", "p2"],
-        ["7", "7", "7"],
-        math_accuracy,
+        golds,
+        graded(groups, golds, math_accuracy_many),
         prompt_indices=[4, 6, 8],
         provenance={"source_model": "m"},
     )

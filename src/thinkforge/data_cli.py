@@ -17,7 +17,7 @@ from typing import Any
 from thinkforge.config import ModelConfig
 from thinkforge.data import curate, synthetic
 from thinkforge.data.records import DataError, read_objects
-from thinkforge.rewards.math import golds_parseable_many, math_accuracy, math_accuracy_many
+from thinkforge.rewards.math import golds_parseable_many, math_accuracy_many
 
 Row = dict[str, Any]
 
@@ -135,13 +135,11 @@ def sample_and_grade(
 ) -> tuple[list[str], list[str], list[list[tuple[str, bool]]]]:
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
     engine, render = load_engine(args)
+    from thinkforge.rollout.pairs import graded
+
     groups = engine.generate([render(p) for p in problems], sampling_of(args), seed=args.seed)
-    texts = [[rollout.text for rollout in group] for group in groups]
-    flat_scores = iter(
-        math_accuracy_many([t for group in texts for t in group], [g for g, group in zip(golds, texts) for _ in group])
-    )
-    graded = [[(text, next(flat_scores) >= 1.0) for text in group] for group in texts]
-    return problems, golds, graded
+    correct = graded(groups, golds, math_accuracy_many)
+    return problems, golds, [[(r.text, ok) for r, ok in zip(group, oks)] for group, oks in zip(groups, correct)]
 
 
 def cmd_pass_rate(args: argparse.Namespace) -> None:
@@ -189,7 +187,7 @@ def cmd_rejection_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_rollout_pairs(args: argparse.Namespace) -> None:
-    from thinkforge.rollout.pairs import pair_rollouts
+    from thinkforge.rollout.pairs import graded, pair_rollouts
 
     rows = read_rows(args.input)
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
@@ -197,7 +195,8 @@ def cmd_rollout_pairs(args: argparse.Namespace) -> None:
     sampling = sampling_of(args)
     groups = engine.generate([render(p) for p in problems], sampling, seed=args.seed)
     provenance = {"source_model": args.model, "temperature": sampling.temperature, "seed": args.seed}
-    pairs, counts = pair_rollouts(groups, problems, golds, math_accuracy, provenance=provenance)
+    correct = graded(groups, golds, math_accuracy_many)
+    pairs, counts = pair_rollouts(groups, problems, golds, correct, provenance=provenance)
     write_rows(args.out, pairs)
     print(
         f"[rollout-pairs] {len(rows)} prompts: {len(pairs)} pairs (chosen verified correct, rejected incorrect) "

@@ -8,8 +8,8 @@ re-run of the same command, a pipeline picking up an interrupted stage. What mak
 - the stage's own state Lightning does not save: `ResumeState` (held-out start scores, GRPO's count of steps
   without signal);
 - the data position: `data_position`, derived from the step, so no loader state is saved;
-- rollout DPO's pairs, sampled once from the starting checkpoint: read back from the run directory
-  (`read_pairs`/`write_pairs`), never sampled again from trained weights;
+- rows sampled once from the starting checkpoint (rollout DPO's pairs, rejection-sampled SFT's replies): read
+  back from the run directory (`read_sampled_rows`/`write_sampled_rows`), never sampled again from trained weights;
 - the metrics log: `ContinuingCSVLogger` keeps the earlier process's rows before the resumed step.
 """
 
@@ -68,29 +68,30 @@ class ResumeState(Callback):
                 setattr(pl_module, name, value)
 
 
-def pairs_path(output_dir: str, split: str) -> Path:
-    return Path(output_dir) / f"rollout_pairs_{split}.jsonl"
+def sampled_rows_path(output_dir: str, kind: str, split: str) -> Path:
+    """Where a run keeps the rows it sampled from its starting checkpoint: `rollout_pairs_train.jsonl`, ..."""
+    return Path(output_dir) / f"{kind}_{split}.jsonl"
 
 
-def read_pairs(path: Path, global_step: int) -> list[dict[str, Any]] | None:
-    """The pairs an earlier process of this run sampled, or None when none were written yet. A resumed run
+def read_sampled_rows(path: Path, global_step: int) -> list[dict[str, Any]] | None:
+    """The rows an earlier process of this run sampled, or None when none were written yet. A resumed run
     (step > 0) without them stops: its weights are no longer the starting checkpoint's to sample from."""
     if path.exists():
-        pairs = [json.loads(line) for line in path.read_text().splitlines()]
-        log.info("rollout pairs: %d read back from %s", len(pairs), path)
-        return pairs
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        log.info("%d sampled rows read back from %s", len(rows), path)
+        return rows
     if global_step > 0:
         raise RuntimeError(
-            f"{path} is missing: a resumed run cannot sample its pairs from the starting checkpoint again"
+            f"{path} is missing: a resumed run cannot sample its rows from the starting checkpoint again"
         )
     return None
 
 
-def write_pairs(path: Path, pairs: list[dict[str, Any]]) -> None:
+def write_sampled_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Whole or absent: a run killed while writing samples again on restart."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
     partial.replace(path)
 
 

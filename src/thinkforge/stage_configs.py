@@ -65,21 +65,9 @@ class MidTrainingConfig(StageSchema):
 
 
 @dataclass
-class SFTConfig(StageSchema):
-    _target_: str = "thinkforge.stages.sft.SFT"
-    # prompt_completion | messages
-    format: str = "prompt_completion"
-
-    def __post_init__(self) -> None:
-        one_of(self.format, ("prompt_completion", "messages"), "stage.format")
-
-    def check_data(self, data: DataConfig) -> None:
-        require(data.overflow != "split", "data.overflow", "SFT conversations can be truncated or dropped, not split")
-
-
-@dataclass
-class RolloutPairsConfig:
-    """How rollout DPO samples the starting model: `num_samples` completions per prompt, verified."""
+class OwnSamplesConfig:
+    """How a stage samples its starting model for its own training rows: `num_samples` completions per prompt,
+    each verified against the row's gold."""
 
     num_samples: int = 8
     temperature: float = 1.0
@@ -87,11 +75,7 @@ class RolloutPairsConfig:
     max_new_tokens: int = 160
 
     def __post_init__(self) -> None:
-        require(
-            self.num_samples >= 2,
-            "stage.rollout.num_samples",
-            f"a pair needs at least 2 samples; got {self.num_samples}",
-        )
+        require(self.num_samples >= 1, "stage.rollout.num_samples", f"must be positive; got {self.num_samples}")
         require(
             self.temperature > 0,
             "stage.rollout.temperature",
@@ -99,6 +83,64 @@ class RolloutPairsConfig:
         )
         require(0 < self.top_p <= 1, "stage.rollout.top_p", f"must be in (0, 1]; got {self.top_p}")
         require(self.max_new_tokens > 0, "stage.rollout.max_new_tokens", "must be positive")
+
+
+@dataclass
+class RejectionSamplingConfig(OwnSamplesConfig):
+    """Rejection-sampled SFT: up to `max_per_prompt` distinct verified-correct, finished samples of each prompt."""
+
+    max_per_prompt: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.max_per_prompt >= 1, "stage.rollout.max_per_prompt", f"must be positive; got {self.max_per_prompt}"
+        )
+
+
+@dataclass
+class SFTConfig(StageSchema):
+    _target_: str = "thinkforge.stages.sft.SFT"
+    # prompt_completion | messages
+    format: str = "prompt_completion"
+    # file: the replies in the data; rejection: the starting model's own verified-correct samples of prompt + gold
+    # rows (DeepSeek-R1's rejection-sampled SFT), sampled once before training and kept in the run directory
+    replies: str = "file"
+    rollout: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    # how rejection samples are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
+    answer_extraction: str = "strict"
+
+    def __post_init__(self) -> None:
+        one_of(self.format, ("prompt_completion", "messages"), "stage.format")
+        one_of(self.replies, ("file", "rejection"), "stage.replies")
+        one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
+        require(
+            self.replies == "file" or self.format == "prompt_completion",
+            "stage.format",
+            "rejection-sampled replies answer prompts: set stage.format=prompt_completion",
+        )
+
+    def check_data(self, data: DataConfig) -> None:
+        require(data.overflow != "split", "data.overflow", "SFT conversations can be truncated or dropped, not split")
+
+    def trains_on_answers(self) -> bool:
+        return self.replies == "rejection"
+
+    def reads_stated_answers(self) -> bool:
+        return self.answer_extraction == "lenient"
+
+
+@dataclass
+class RolloutPairsConfig(OwnSamplesConfig):
+    """Rollout DPO: a verified-correct sample of a prompt paired with an incorrect one."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.num_samples >= 2,
+            "stage.rollout.num_samples",
+            f"a pair needs at least 2 samples; got {self.num_samples}",
+        )
 
 
 @dataclass

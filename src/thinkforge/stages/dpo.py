@@ -4,27 +4,24 @@ precomputed once. Pairs come from jsonl (prompt, chosen, rejected) or from the s
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from thinkforge.backbone import CausalLM
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence
-from thinkforge.data.records import load_split
+from thinkforge.data.records import GOLD, load_split
 from thinkforge.losses import LossSum, dpo_loss_sum
-from thinkforge.resume import pairs_path, read_pairs, write_pairs
-from thinkforge.rewards.math import math_accuracy
+from thinkforge.resume import sampled_rows_path
 from thinkforge.rollout import SamplingConfig
 from thinkforge.rollout.pairs import pair_rollouts
 from thinkforge.stage_configs import DPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
+from thinkforge.stages.own_samples import sample_once
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
 from thinkforge.tokenizer import turn_end_token
 
@@ -81,56 +78,10 @@ class DPO(Stage):
         data = self.run.data
         if self.settings.pairs == "file":
             return load_split(data, split, required=("prompt", "chosen", "rejected")).rows
-        path = pairs_path(self.run.output_dir, split)
-        pairs = read_pairs(path, self.global_step)
-        if pairs is not None:
-            return pairs
-        records = load_split(data, split, required=("prompt", "answer"))
+        records = load_split(data, split, required=("prompt", GOLD))
         rows = records.rows[: data.max_val_rows] if split == "val" else self.heldout.training_rows(records)
-        return self._rollout_pairs(rows, path)
-
-    def _rollout_pairs(self, records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-        """Every rank samples its share of the prompts with the (sharded) policy, still the starting checkpoint;
-        rank 0 writes all pairs to the run directory, where a resumed run reads them back."""
-        share = self.collectives.share(len(records))
-        rank = self.trainer.global_rank
-        groups = self.generate(
-            [self.render_prompt(records[i]["prompt"]) for i in share], self.rollout, seed=self.run.seed + rank
-        )
-        provenance = {
-            "source_model": self.run.model.name_or_path or "model.config",
-            "temperature": self.rollout.temperature,
-            "seed": self.run.seed + rank,
-            "rank": rank,
-        }
-        verify = functools.partial(math_accuracy, lenient=self.settings.reads_stated_answers(), guess=False)
-        pairs, counts = pair_rollouts(
-            groups,
-            [records[i]["prompt"] for i in share],
-            [records[i]["answer"] for i in share],
-            verify,
-            prompt_indices=share,
-            provenance=provenance,
-        )
-        gathered = self.collectives.gather((pairs, counts))
-        pairs = sorted(
-            (pair for rank_pairs, _ in gathered for pair in rank_pairs),
-            key=lambda pair: pair["provenance"]["prompt_index"],
-        )
-        counts = sum((rank_counts for _, rank_counts in gathered), Counter())
-        if not pairs:
-            raise RuntimeError(f"{path.stem}: no prompt had both a correct and an incorrect rollout ({dict(counts)})")
-        if self.trainer.is_global_zero:
-            log.info(
-                "%s: %d prompts sampled on %d ranks -> %s",
-                path.name,
-                len(share) * len(gathered),
-                len(gathered),
-                dict(counts),
-            )
-            write_pairs(path, pairs)
-        self.trainer.strategy.barrier("rollout pairs")
-        return pairs
+        path = sampled_rows_path(self.run.output_dir, "rollout_pairs", split)
+        return sample_once(self, rows, self.rollout, path, pair_rollouts)
 
     def probe(self) -> StageProbe:
         return DPOProbe(self)
