@@ -102,7 +102,9 @@ def load_hf_model(
             **fields,
         )
         attn = resolve_attn_implementation(model.attn_implementation, _model_class(config))
-        with torch.random.fork_rng(devices=[]):
+        # initialised on the CPU whatever device is current (Lightning builds a single-GPU model under the GPU, an
+        # FSDP one under none): the same seed gives the same weights on every device and strategy
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(model.init_seed)
             hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     if len(tokenizer) > hf_model.get_input_embeddings().num_embeddings:
