@@ -3,10 +3,11 @@
     thinkforge-data smollm2 && python scripts/bench_lora.py                # SmolLM2-135M-Instruct, SFT and GRPO
     python scripts/bench_lora.py --model /path/to/hf_dir --steps 6 --rank 16
 
-Each (stage, LoRA) cell runs in its own process, so its peak resident memory (ru_maxrss) is its own: the model,
-its gradients and AdamW state, GRPO's KL reference (a second copy without LoRA; the adapter switched off with it),
-activations and the rollout engine. The step time is the median over the steps after the first, from Lightning's
-fit in that process. Times and memory depend on the machine; the ratios are what carries over.
+Each (stage, LoRA) cell runs in its own process, so its peak memory is its own (on CPU the process's peak resident
+memory, ru_maxrss; on a GPU the most memory torch allocated there): the model, its gradients and AdamW state,
+GRPO's KL reference (a second copy without LoRA; the adapter switched off with it), activations and the rollout
+engine. The step time is the median over the steps after the first, from Lightning's fit in that process. Times and
+memory depend on the machine; the ratios are what carries over.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ STAGES = {
 
 def child(overrides: list[str]) -> None:
     """One run in this process; prints its median step time and peak memory as JSON."""
+    import torch
     from bench_grpo import StepTimer
     from hydra import compose, initialize_config_dir
 
@@ -52,7 +54,10 @@ def child(overrides: list[str]) -> None:
         quiet_console()
         run_stage(cfg, callbacks=[timer])
     steps = [record.seconds for record in timer.steps[1:]]
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"step_s": statistics.median(steps), "peak_mib": peak_mib}))
 
 
@@ -72,6 +77,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path.home() / ".cache/thinkforge/SmolLM2-135M-Instruct"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every cell, e.g. hardware=gpu")
     args = parser.parse_args()
     common = [
         f"model.name_or_path={args.model}",
@@ -82,6 +88,7 @@ def main() -> None:
         "heldout.num_prompts=0",
         "data.val=null",
         "logger=csv",
+        *args.overrides,
     ]
     started = time.perf_counter()
     print(f"| stage | LoRA | peak memory (MiB) | step (s) | memory LoRA/full | step LoRA/full |  ({args.model})")
