@@ -1,7 +1,7 @@
 """One GRPO configuration's step time, split into generation and training, with tokens/s, fill ratio and MFU.
 
     python scripts/bench_grpo.py                                  # the demo's tiny model on the synthetic task
-    python scripts/bench_grpo.py stage.group_size=4 stage.max_completion_length=64 --steps 5
+    python scripts/bench_grpo.py stage.sampling.num_samples=4 stage.sampling.max_new_tokens=64 --steps 5
     python scripts/bench_grpo.py --engines hf,vllm                # the same steps with each engine, side by side
 
 Arguments are Hydra overrides of `thinkforge-train stage=grpo` (conf/train.yaml). The stage runs as training
@@ -29,7 +29,7 @@ from thinkforge.backbone import compute_dtype
 from thinkforge.cli import config_dir
 from thinkforge.console import quiet_console
 from thinkforge.stage_configs import register_configs
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 
 @dataclass

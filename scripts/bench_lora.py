@@ -27,8 +27,8 @@ STAGES = {
     "grpo (beta=0.04)": [
         "stage=grpo",
         "stage.beta=0.04",
-        "stage.group_size=4",
-        "stage.max_completion_length=32",
+        "stage.sampling.num_samples=4",
+        "stage.sampling.max_new_tokens=32",
         "stage.answer_extraction=lenient",
         "data.batch_size=4",
         "data.micro_batch_size=2",
@@ -45,7 +45,7 @@ def child(overrides: list[str]) -> None:
     from thinkforge.cli import config_dir
     from thinkforge.console import quiet_console
     from thinkforge.stage_configs import register_configs
-    from thinkforge.train import run_stage
+    from thinkforge.training import run_stage
 
     register_configs()
     with tempfile.TemporaryDirectory() as output, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

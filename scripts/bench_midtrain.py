@@ -24,7 +24,7 @@ from thinkforge.data.loader import StepBatches
 from thinkforge.losses import causal_lm_loss
 from thinkforge.stage_configs import register_configs
 from thinkforge.stages.causal import CausalLMStage
-from thinkforge.train import build_stage
+from thinkforge.training import build_stage
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: str, size: int = 2048, repeats: int = 10, trials: int = 3) -> float:

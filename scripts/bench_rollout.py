@@ -30,7 +30,8 @@ from compare_trl import build_model, read_jsonl
 
 from thinkforge.backbone import load_hf_model, load_tokenizer
 from thinkforge.config import ModelConfig, RolloutConfig
-from thinkforge.rollout import HFEngine, SamplingConfig
+from thinkforge.rollout.hf import HFEngine
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.tokenizer import render_prompt
 
 OPTIONS = ("plain", "shared_prefill", "static", "compiled", "generate_batch", "vllm")
@@ -102,7 +103,7 @@ def runner(option: str, model, tokenizer, model_dir: Path) -> Callable[[list[str
             engine.end_ids = end_ids or [-1]  # -1: a token no row samples
 
         def sample(prompts, samples, new_tokens, greedy):
-            sampling = SamplingConfig(samples, 0.0 if greedy else 1.0, 1.0, new_tokens)
+            sampling = SamplingParams(samples, 0.0 if greedy else 1.0, 1.0, new_tokens)
             return [list(r.token_ids) for g in engine.generate(prompts, sampling, seed=0) for r in g]
 
         return sample

@@ -54,7 +54,7 @@ SHORT = [
     "data.micro_batch_size=4",
     "trainer.val_every=1000",
     "heldout.num_prompts=8",
-    "heldout.max_new_tokens=32",
+    "heldout.sampling.max_new_tokens=32",
     "optim.warmup_steps=2",
     "logger=csv",
 ]
@@ -170,7 +170,7 @@ def main() -> None:
 
         def grpo_and_dpo_steps():
             grpo, grpo_s = train(
-                workdir, "grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.max_completion_length=64"
+                workdir, "grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.sampling.max_new_tokens=64"
             )
             pairs = pairs_file(workdir / "pairs.jsonl")
             dpo, dpo_s = train(
@@ -226,7 +226,7 @@ def main() -> None:
                 "stage=grpo",
                 "rollout=vllm",
                 "trainer.max_steps=3",
-                "stage.max_completion_length=64",
+                "stage.sampling.max_new_tokens=64",
                 "stage.rollout_correction=token_truncate",
                 "heldout.num_prompts=0",
             ]
@@ -244,7 +244,7 @@ def main() -> None:
 
         def lora_in_bf16():
             grpo, _ = train(
-                workdir, "lora_grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.max_completion_length=64",
+                workdir, "lora_grpo", one, "stage=grpo", "trainer.max_steps=2", "stage.sampling.max_new_tokens=64",
                 "stage.beta=0.04", "model.lora.rank=16",
             )  # fmt: skip
             model_dir = workdir / "model_100m"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from thinkforge.cli import config_dir
+from thinkforge.cli import config_dir  # importing the CLI registers the schemas Hydra composes with
 
 TESTS_DIR = Path(__file__).parent
 BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
@@ -51,8 +52,8 @@ LEARNABLE_GRPO = [
     "data.synthetic.num_train=64",
     "data.batch_size=8",
     "data.micro_batch_size=8",
-    "stage.group_size=8",
-    "stage.max_completion_length=4",
+    "stage.sampling.num_samples=8",
+    "stage.sampling.max_new_tokens=4",
     "stage.dynamic_sampling=false",
     "optim.lr=3e-3",
     "optim.warmup_steps=0",
@@ -60,6 +61,24 @@ LEARNABLE_GRPO = [
     "optim.weight_decay=0.0",
     "heldout.num_prompts=0",
 ]
+
+
+#: calls that train, sample or evaluate through a whole stage: a test making one is an end-to-end test
+END_TO_END_CALLS = ("run_stage(", "run_cli(", "run_pipeline(", ".fit(", "run_doctor(", "resume_gap(", "first_step(")
+#: fixtures that train a model before the test starts
+TRAINED_FIXTURES = {"coin", "midtrain_run", "smollm2", "word_problems"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks `e2e` every test that trains end to end (by the calls it makes or the fixtures it uses), so that
+    `pytest -m "not slow and not e2e"` is the unit tests a developer runs in a loop."""
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if any(call in source for call in END_TO_END_CALLS) or TRAINED_FIXTURES & set(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.e2e)
 
 
 def leading_space(sample) -> float:
@@ -110,6 +129,14 @@ def tokenizer():
     return build_synthetic_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def chat(tokenizer):
+    """The default run's chat format: the built-in tokenizer, no system prompt."""
+    from thinkforge.chat import ChatFormat
+
+    return ChatFormat(tokenizer)
+
+
 COIN_PROMPTS = 16
 
 
@@ -117,7 +144,7 @@ COIN_PROMPTS = 16
 def coin(tmp_path_factory):
     """A tiny model that answers \\boxed{1} or \\boxed{2} about equally often, and prompts whose gold answer is one
     of the two: sampling finds a correct and an incorrect reply for most prompts."""
-    from thinkforge.train import run_stage
+    from thinkforge.training import run_stage
 
     root = tmp_path_factory.mktemp("coin")
     sft, prompts = root / "sft.jsonl", root / "prompts.jsonl"

@@ -8,9 +8,10 @@ import json
 import pytest
 from conftest import compose_config
 
-from thinkforge.config import ConfigError, DataConfig, validate
+from thinkforge.config import DataConfig, validate
 from thinkforge.data import synthetic, synthetic_code
 from thinkforge.data.records import GOLD, DataError, load_records
+from thinkforge.errors import ConfigError
 from thinkforge.rewards.code import CodeTests, extract_code
 from thinkforge.rewards.grading import grade_many, verify_many
 from thinkforge.rewards.shaping import RewardModel
@@ -38,7 +39,7 @@ def test_synthetic_code_rows_load_with_their_tests_as_the_gold():
     data = validate(compose_config("data=code")).data
     rows = load_records("synthetic", "train", data, required=("prompt", GOLD)).rows
     assert all(isinstance(row[GOLD], CodeTests) and len(row[GOLD].cases) == 3 for row in rows)
-    with pytest.raises(ConfigError, match="data.synthetic.task"):
+    with pytest.raises(ConfigError, match=r"data.synthetic.task"):
         validate(compose_config("data.synthetic.task=poetry"))
 
 

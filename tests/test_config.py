@@ -13,7 +13,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from thinkforge.cli import config_dir
-from thinkforge.config import ConfigError, validate
+from thinkforge.config import validate
+from thinkforge.errors import ConfigError
 
 CONF = Path(config_dir())
 
@@ -90,7 +91,7 @@ def test_bad_value_names_its_key(override, key):
 def test_the_old_data_max_length_names_the_keys_that_replaced_it(tmp_path):
     """data.max_length meant four things; a config that still sets it stops with the new names, from the CLI too."""
     with pytest.raises(
-        ConfigError, match="^data.max_length: was split .*data.max_sequence_length.*stage.max_prompt_length"
+        ConfigError, match=r"^data.max_length: was split .*data.max_sequence_length.*stage.max_prompt_length"
     ):
         validate(compose_config("stage=grpo", "+data.max_length=1024"))
     result = run_cli("stage=sft", "data.max_length=1024", "dry_run=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
@@ -98,13 +99,13 @@ def test_the_old_data_max_length_names_the_keys_that_replaced_it(tmp_path):
 
 
 def test_missing_required_data_path_is_reported():
-    with pytest.raises(ConfigError, match="^data.train: is required"):
+    with pytest.raises(ConfigError, match=r"^data.train: is required"):
         validate(compose_config("data=jsonl"))
 
 
 def test_unknown_stage_argument_is_reported(tmp_path):
     with pytest.raises(
-        ConfigError, match="^stage.no_such_option: not a knob of MidTrainingConfig; its knobs: documents"
+        ConfigError, match=r"^stage.no_such_option: no such key in MidTrainingConfig; its keys: documents"
     ):
         validate(compose_config("+stage.no_such_option=1", output_dir=tmp_path))
 
@@ -136,18 +137,19 @@ BAD_STAGE_VALUES = [
     ("dpo", "stage.label_smoothing=0.5", "stage.label_smoothing"),
     ("dpo", "stage.rpo_alpha=-0.1", "stage.rpo_alpha"),
     ("dpo", "stage.pairs=web", "stage.pairs"),
-    ("dpo", "stage.rollout.num_samples=1", "stage.rollout.num_samples"),
-    ("dpo", "stage.rollout.temperature=0", "stage.rollout.temperature"),
-    ("grpo", "stage.loss_type=ppo", "stage.loss_type"),
+    ("dpo", "stage.sampling.num_samples=1", "stage.sampling.num_samples"),
+    ("dpo", "stage.sampling.temperature=0", "stage.sampling.temperature"),
+    ("grpo", "stage.surrogate=ppo", "stage.surrogate"),
+    ("grpo", "stage.aggregation=dapo", "stage.aggregation"),
     ("grpo", "stage.advantage_scale=rank", "stage.advantage_scale"),
-    ("grpo", "stage.group_size=1", "stage.group_size"),
+    ("grpo", "stage.sampling.num_samples=1", "stage.sampling.num_samples"),
     ("grpo", "stage.num_iterations=0", "stage.num_iterations"),
     ("grpo", "stage.epsilon_high=-0.1", "stage.epsilon_low/epsilon_high"),
     ("grpo", "stage.beta=-1", "stage.beta"),
-    ("grpo", "stage.top_p=1.5", "stage.top_p"),
-    ("grpo", "stage.max_completion_length={5:64}", "stage.max_completion_length"),
-    ("grpo", "stage.max_completion_length=0", "stage.max_completion_length"),
-    ("grpo", "stage.temperature=0", "stage.temperature"),
+    ("grpo", "stage.sampling.top_p=1.5", "stage.sampling.top_p"),
+    ("grpo", "stage.sampling.max_new_tokens={5:64}", "stage.sampling.max_new_tokens"),
+    ("grpo", "stage.sampling.max_new_tokens=0", "stage.sampling.max_new_tokens"),
+    ("grpo", "stage.sampling.temperature=0", "stage.sampling.temperature"),
     ("grpo", "stage.max_refills=-1", "stage.max_refills"),
     ("grpo", "+stage.reward.helpfulness={weight:1}", "stage.reward.helpfulness"),
 ]
@@ -167,9 +169,9 @@ def test_a_misspelt_stage_knob_fails_at_composition():
 @pytest.mark.parametrize(
     "program,override,key",
     [
-        ("thinkforge-train", ["stage=grpo", "stage.loss_type=ppo"], "stage.loss_type"),
+        ("thinkforge-train", ["stage=grpo", "stage.surrogate=ppo"], "stage.surrogate"),
         ("thinkforge-train", ["stage=dpo", "stage.beta=-1"], "stage.beta"),
-        ("thinkforge-pipeline", ["stages.grpo.stage.loss_type=ppo"], "stages.grpo: stage.loss_type"),
+        ("thinkforge-pipeline", ["stages.grpo.stage.surrogate=ppo"], "stages.grpo: stage.surrogate"),
     ],
 )
 def test_dry_runs_reject_a_bad_stage_value_in_one_line_before_any_stage_runs(program, override, key, tmp_path):
@@ -237,3 +239,15 @@ def test_a_recipe_whose_data_files_are_missing_fails_its_dry_run_naming_them(tmp
         program="thinkforge-pipeline",
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_misspelt_key_is_one_line_naming_the_closest_and_a_plus_key_is_refused_too(tmp_path):
+    for args, message in (
+        (["trainer.max_step=2"], "error: trainer.max_step: no such key; did you mean trainer.max_steps?"),
+        (["+trainer.max_step=2"], "error: trainer.max_step: no such key; did you mean trainer.max_steps?"),
+        (["stage=grpoo"], "error: stage=grpoo: no such option; did you mean stage=grpo?"),
+        (["stage=grpo", "stage.group_size=4"], "error: stage.group_size is now stage.sampling.num_samples"),
+    ):
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr[-2000:])
+        assert result.stderr.startswith(message), (args, result.stderr)

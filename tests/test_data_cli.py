@@ -100,14 +100,16 @@ def test_filter_verifiable_keeps_parseable_gold_answers(tmp_path, capsys):
     assert "kept 4, dropped 2" in capsys.readouterr().out
 
 
-def test_bad_rows_are_named(tmp_path):
+def test_bad_rows_are_named_in_one_line_with_exit_2(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": \n{"other": 1}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl: row 2: invalid JSON"):
+    with pytest.raises(SystemExit) as stopped:
         cli.main(["dedup", str(path), "--out", str(tmp_path / "o.jsonl"), "--threshold", "1.0"])
+    assert stopped.value.code == 2 and "bad.jsonl: row 2: invalid JSON" in capsys.readouterr().err
     path.write_text('{"prompt": "ok"}\n{"other": 1}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl: row 2: field 'prompt' is missing"):
+    with pytest.raises(SystemExit) as stopped:
         cli.main(["dedup", str(path), "--out", str(tmp_path / "o.jsonl"), "--threshold", "1.0"])
+    assert stopped.value.code == 2 and "bad.jsonl: row 2: field 'prompt' is missing" in capsys.readouterr().err
 
 
 class ScriptedEngine:
@@ -116,7 +118,7 @@ class ScriptedEngine:
     def __init__(self, script: dict[str, list[str]]) -> None:
         self.script = script
 
-    def generate(self, prompts, sampling, *, seed):
+    def generate(self, prompts, sampling, *, seed, progress=None):
         groups = []
         for index, prompt in enumerate(prompts):
             kinds = self.script[prompt][: sampling.num_samples]
@@ -128,7 +130,7 @@ class ScriptedEngine:
 def scripted(monkeypatch, tmp_path):
     rows = [{"prompt": "p1", "answer": "1"}, {"prompt": "p2", "answer": "2"}, {"prompt": "p3", "answer": "3"}]
     script = {"p1": ["1", "1", "1", "1"], "p2": ["2", "5", "2", "6"], "p3": ["7", "8", "9", "7"]}
-    monkeypatch.setattr(cli, "load_engine", lambda args: (ScriptedEngine(script), lambda problem: problem))
+    monkeypatch.setattr(cli, "load_engine", lambda args, problems: (ScriptedEngine(script), list(problems)))
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 

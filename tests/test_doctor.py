@@ -8,9 +8,10 @@ from conftest import FAST, compose_config, run_cli
 
 from thinkforge import doctor
 from thinkforge.backbone import CausalLM, load_hf_model
+from thinkforge.chat import ChatFormat
 from thinkforge.config import validate
 from thinkforge.losses import LossSum
-from thinkforge.rollout import SamplingConfig
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stages import base as stage_base
 from thinkforge.stages.causal import CausalLMStage
 from thinkforge.stages.sft import SFT
@@ -29,19 +30,19 @@ def test_doctor_passes_on_the_default_config(tmp_path):
     ):
         assert any(line.startswith(check) and " pass " in line for line in table.splitlines()), (check, table)
     assert " fail " not in table
-    [report] = (tmp_path / "logs" / "doctor" / "midtrain").glob("*/doctor.json")
+    [_report] = (tmp_path / "logs" / "doctor" / "midtrain").glob("*/doctor.json")
 
 
-def test_template_check_fails_when_the_end_token_is_not_a_target(tmp_path, tokenizer):
+def test_template_check_fails_when_the_end_token_is_not_a_target(tmp_path, chat, tokenizer):
     run = validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path))
-    assert doctor.check_template(SFT(run, tokenizer).probe()).status == "pass"
+    assert doctor.check_template(SFT(run, chat).probe()).status == "pass"
     # a template that closes no reply with a special token: the reply's end is never trained
     tokenizer = tokenizer.__class__.from_pretrained(_saved(tokenizer, tmp_path))
     tokenizer.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    finding = doctor.check_template(SFT(run, tokenizer).probe())
+    finding = doctor.check_template(SFT(run, ChatFormat(tokenizer)).probe())
     assert finding.status == "fail" and "never learns to stop" in finding.measured
 
 
@@ -62,13 +63,13 @@ def test_split_check_fails_for_a_loss_averaged_per_micro_batch(tmp_path, monkeyp
     assert finding.status == "fail" and "gradient accumulation" in finding.advice
 
 
-def test_logprob_check_fails_for_a_sampler_at_another_temperature(tokenizer):
+def test_logprob_check_fails_for_a_sampler_at_another_temperature(chat):
     run = validate(compose_config(*FAST, output_dir="unused"))
-    model = CausalLM(load_hf_model(run.model, tokenizer, param_dtype=torch.float32))
+    model = CausalLM(load_hf_model(run.model, chat, param_dtype=torch.float32))
     prompts = ["<|im_start|>user\n2 + 3?<|im_end|>\n<|im_start|>assistant\n"] * 2
-    sampling = SamplingConfig(2, 1.0, 1.0, 16)
-    assert doctor.sampler_trainer_gap(model, tokenizer, prompts, sampling) < doctor.LOGPROB_WARN
-    assert doctor.sampler_trainer_gap(model, tokenizer, prompts, sampling, score_temperature=0.6) > doctor.LOGPROB_FAIL
+    sampling = SamplingParams(2, 1.0, 1.0, 16)
+    assert doctor.sampler_trainer_gap(model, chat, prompts, sampling) < doctor.LOGPROB_WARN
+    assert doctor.sampler_trainer_gap(model, chat, prompts, sampling, score_temperature=0.6) > doctor.LOGPROB_FAIL
 
 
 def test_grader_audit_fails_for_a_grader_that_accepts_any_boxed_number():

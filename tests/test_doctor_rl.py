@@ -36,8 +36,8 @@ def test_doctor_on_grpo(tmp_path, coin):
         "experiment=demo_grpo",
         f"model.name_or_path={export}",
         f"data.train={prompts}",
-        "stage.group_size=4",
-        "stage.max_completion_length=12",
+        "stage.sampling.num_samples=4",
+        "stage.sampling.max_new_tokens=12",
         output_dir=tmp_path,
     )
     findings = doctor.run_doctor(cfg)
@@ -71,8 +71,8 @@ def test_doctor_on_dpo(tmp_path, coin, pairs):
         extra = [
             "stage.pairs=rollout",
             f"data.train={prompts}",
-            "stage.rollout.num_samples=4",
-            "stage.rollout.max_new_tokens=12",
+            "stage.sampling.num_samples=4",
+            "stage.sampling.max_new_tokens=12",
         ]
     cfg = compose_config(*COIN_RUN, "experiment=demo_dpo", f"model.name_or_path={export}", *extra, output_dir=tmp_path)
     findings = doctor.run_doctor(cfg)
@@ -96,8 +96,8 @@ def test_doctor_flags_a_run_that_learns_nothing_as_vacuous(tmp_path):
     cfg = compose_config(
         *FAST,
         "experiment=demo_grpo",
-        "stage.group_size=4",
-        "stage.max_completion_length=8",
+        "stage.sampling.num_samples=4",
+        "stage.sampling.max_new_tokens=8",
         "data.batch_size=4",
         "data.micro_batch_size=2",
         "heldout.num_prompts=0",

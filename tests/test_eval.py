@@ -7,12 +7,13 @@ import json
 import pytest
 from conftest import BENCHMARKS, run_cli
 
-from thinkforge.config import BudgetForcingConfig
+from thinkforge.benchmarks import BudgetForcingConfig
 from thinkforge.data import synthetic_code
 from thinkforge.eval import generate_with_budget
 from thinkforge.metrics import pass_at_k
-from thinkforge.rollout.base import Rollout, SamplingConfig, rollout_of
+from thinkforge.rollout.base import Rollout, rollout_of
 from thinkforge.rollout.hf import HFEngine
+from thinkforge.rollout.settings import SamplingParams
 
 
 def test_pass_at_k_by_hand():
@@ -77,7 +78,8 @@ def test_pass_at_k_on_the_coding_task_runs_each_samples_code_against_its_tests(t
     """Sampled through the engine (a random model: every sample fails), then re-graded with known solutions: a
     whole function passes, one that forgets its step does not, and pass@k counts them."""
     sampled = run_cli(
-        "benchmark=code", "model=tiny", "benchmark.limit=2", "num_samples=4", "ks=[1,2,4]", "max_new_tokens=8",
+        "benchmark=code", "model=tiny", "benchmark.limit=2", "sampling.num_samples=4", "ks=[1,2,4]",
+        "sampling.max_new_tokens=8",
         f"hydra.run.dir={tmp_path / 'sampled'}", cwd=tmp_path, program="thinkforge-eval",
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
@@ -138,7 +140,7 @@ class ThinkingEngine:
 def test_budget_forcing_extends_with_wait_then_answers():
     engine = ThinkingEngine(steps=2)
     budget = BudgetForcingConfig(max_thinking_tokens=100, num_waits=2)
-    [completion] = generate_with_budget(engine, ["Q"], SamplingConfig(max_new_tokens=100), budget, seed=0)
+    [completion] = generate_with_budget(engine, ["Q"], SamplingParams(max_new_tokens=100), budget, seed=0)
     assert completion.text == " step stepWait step stepWait step step</think> \\boxed{42}"
     assert completion.waits == 2 and completion.finished and completion.num_tokens == 3 * 7 + 2
 
@@ -146,13 +148,13 @@ def test_budget_forcing_extends_with_wait_then_answers():
 def test_budget_forcing_caps_thinking():
     engine = ThinkingEngine(steps=50)
     budget = BudgetForcingConfig(max_thinking_tokens=9, num_waits=3)
-    [completion] = generate_with_budget(engine, ["Q"], SamplingConfig(max_new_tokens=100), budget, seed=0)
+    [completion] = generate_with_budget(engine, ["Q"], SamplingParams(max_new_tokens=100), budget, seed=0)
     assert completion.text == " step step step\n</think>\n \\boxed{42}", "thinking is closed by force at the cap"
     assert engine.calls[0].max_new_tokens == 9 and completion.waits == 0
 
 
-def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
-    engine = HFEngine(model=None, tokenizer=tokenizer)
+def test_engine_cuts_a_row_after_its_stop_string(chat, tokenizer):
+    engine = HFEngine(None, chat)
     row = (
         tokenizer.encode("<think>\n3 + 4 = 7\n</think>\nThe answer", add_special_tokens=False)
         + [tokenizer.pad_token_id] * 3
@@ -160,7 +162,7 @@ def test_engine_cuts_a_row_after_its_stop_string(tokenizer):
     rollout = rollout_of(tokenizer, 0, row, [], engine.end_ids, ("</think>",))
     assert rollout.text == "<think>\n3 + 4 = 7\n</think>" and rollout.stopped_by == "</think>" and not rollout.finished
     plain = rollout_of(
-        tokenizer, 0, tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id], [], engine.end_ids, ()
+        tokenizer, 0, [*tokenizer.encode("7", add_special_tokens=False), tokenizer.eos_token_id], [], engine.end_ids, ()
     )
     assert plain.text == "7" and plain.finished and plain.stopped_by is None
 

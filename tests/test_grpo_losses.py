@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from thinkforge.losses import group_advantages, grpo_loss, grpo_loss_sum, grpo_loss_units
+from thinkforge.losses import group_advantages, grpo_loss, loss_units, policy_loss_sum
+from thinkforge.objectives import PolicyObjective
 
 
 def test_group_advantages_by_hand():
@@ -103,9 +104,22 @@ def test_the_sum_form_is_the_mean_times_units_counted_before_the_forward_pass():
     advantages = torch.tensor([1.0, -1.0])
     for loss_type, units in (("grpo", 2), ("dapo", 5), ("dr_grpo", 2 * 4)):
         mean, metrics = grpo_loss(logps, old, advantages, mask, loss_type=loss_type, max_completion_length=4)
-        summed = grpo_loss_sum(logps, old, advantages, mask, loss_type=loss_type, max_completion_length=4)
-        assert int(summed.units) == units == int(grpo_loss_units(mask.bool(), loss_type, 4))
+        objective = PolicyObjective.of_loss_type(loss_type, epsilon_low=0.2, epsilon_high=0.2)
+        summed = policy_loss_sum(logps, old, advantages, mask, objective, max_completion_length=4)
+        assert int(summed.units) == units == int(loss_units(mask.bool(), objective.aggregation, 4))
         assert summed.total.item() == pytest.approx(mean.item() * units)
         assert {k: v.item() / units for k, v in summed.metrics.items()} == pytest.approx(
             {k: v.item() for k, v in metrics.items()}
         )
+
+
+def test_the_named_loss_types_are_the_surrogate_and_aggregation_presets():
+    assert PolicyObjective.of_loss_type("grpo").aggregation == "sequence_mean"
+    assert PolicyObjective.of_loss_type("dr_grpo").aggregation == "constant"
+    assert PolicyObjective.of_loss_type("cispo").surrogate == "cispo"
+    logps, old, mask = setup_case()
+    # DESIGN.md's signature: max_completion_length is needed by dr_grpo alone
+    loss, _ = grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(logps, old, torch.tensor([1.0, -1.0]), mask, loss_type="dr_grpo")

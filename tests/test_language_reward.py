@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config
 
-from thinkforge.config import ConfigError, validate
+from thinkforge.config import validate
+from thinkforge.errors import ConfigError
 from thinkforge.rewards.shaping import RewardModel, Sample, language_consistency_reward
 
 

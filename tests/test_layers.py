@@ -12,14 +12,15 @@ PACKAGE = Path(thinkforge.__file__).parent
 
 # Bottom to top, as in the README. A module may import its own layer or any layer below it.
 LAYERS = [
-    ["config", "console", "csv_log"],
-    ["data", "rewards"],
+    ["errors", "keys", "objectives", "progress", "rollout.settings"],
+    ["config", "console", "csv_log", "run_record"],
+    ["data", "rewards", "tokenizer", "chat", "benchmarks"],
     ["losses", "stage_configs", "preflight"],
-    ["tokenizer", "adapters", "backbone", "pretrained", "collectives", "optim"],
+    ["adapters", "backbone", "pretrained", "collectives", "optim"],
     ["rollout", "metrics"],
-    ["stages", "resume"],
-    ["curves", "sweeps", "train"],
-    ["eval", "doctor", "pipeline", "data_cli", "cli"],
+    ["stages", "resume", "preemption"],
+    ["curves", "sweeps", "training"],
+    ["eval", "doctor", "pipeline", "data_cli", "cli", "api"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
 
@@ -98,3 +99,16 @@ def test_the_command_line_composes_configs_without_torch():
         check=True,
     )
     assert loaded.stdout.strip() == "[]"
+
+
+def test_components_take_their_own_settings_not_the_run_config():
+    """The engines, rewards, data layer and losses are handed their own settings; none reads the whole run."""
+    components = [*PACKAGE.glob("rollout/*.py"), *PACKAGE.glob("rewards/*.py"), *PACKAGE.glob("data/*.py")]
+    readers = []
+    for path in [*components, PACKAGE / "losses.py"]:
+        tree = ast.parse(path.read_text())
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        if {"TrainConfig", "run"} & names:
+            readers.append(module_name(path))
+    assert readers == []

@@ -11,17 +11,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from thinkforge.backbone import CausalLM, build_backbone, load_hf_model
-from thinkforge.config import ConfigError, validate
+from thinkforge.chat import ChatFormat
+from thinkforge.config import validate
+from thinkforge.errors import ConfigError
 from thinkforge.preflight import check_train_paths
 from thinkforge.stages.completions import completion_scores
 from thinkforge.tokenizer import build_synthetic_tokenizer
-from thinkforge.train import build_stage, run_stage
+from thinkforge.training import build_stage, run_stage
 
 LORA = ["model.lora.rank=8", "optim.lr=3e-3"]
 GRPO_SMALL = [
     "stage=grpo",
-    "stage.group_size=4",
-    "stage.max_completion_length=16",
+    "stage.sampling.num_samples=4",
+    "stage.sampling.max_new_tokens=16",
     "data.batch_size=4",
     "data.micro_batch_size=2",
     "heldout.num_prompts=0",
@@ -53,7 +55,7 @@ def test_merged_and_adapter_exports_reload_and_are_the_same_model(tmp_path):
     with pytest.raises(ConfigError, match="LoRA adapter alone"):
         check_train_paths(validate(compose_config(f"model.name_or_path={exports['adapter']}", "model.config=null")))
 
-    start = load_hf_model(compose_config(*FAST).model, build_synthetic_tokenizer()).state_dict()
+    start = load_hf_model(compose_config(*FAST).model, ChatFormat(build_synthetic_tokenizer())).state_dict()
     trained = load_file(exports["merged"] / "model.safetensors")
     assert torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"]), "not adapted"
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -63,9 +65,9 @@ def test_merged_and_adapter_exports_reload_and_are_the_same_model(tmp_path):
 def test_the_reference_is_the_base_weights_without_a_second_copy(tmp_path):
     run = validate(compose_config(*FAST, "stage=dpo", *LORA, output_dir=tmp_path))
     stage = build_stage(run)
-    stage.policy = build_backbone(run.model, run.hardware, stage.tokenizer, mesh=None)
+    stage.policy = build_backbone(run.model, run.hardware, stage.chat, mesh=None)
     stage.configure_model()
-    base = load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32)
+    base = load_hf_model(run.model, stage.chat, param_dtype=torch.float32)
     held = sum(p.numel() for model in (stage.policy, *stage.frozen.values()) for p in model.parameters())
     base_count = sum(p.numel() for p in base.parameters())
     assert not stage.frozen and held < 1.1 * base_count, (held, base_count)

@@ -8,7 +8,7 @@ from conftest import FAST, compose_config, logged
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_a_short_run_prints_a_quiet_console(tmp_path):
         "data.synthetic.num_train=256",
         "data.max_sequence_length=128",
         "heldout.num_prompts=8",
-        "heldout.max_new_tokens=32",
+        "heldout.sampling.max_new_tokens=32",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

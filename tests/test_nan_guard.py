@@ -8,7 +8,7 @@ from conftest import FAST, compose_config, run_cli
 from faults import PoisonWeightsAfterStep
 
 from thinkforge.stages.steps import NonFiniteStep
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -12,18 +12,19 @@ from conftest import TINY_QWEN as MODEL
 from thinkforge.backbone import CausalLM, load_hf_model
 from thinkforge.config import ModelConfig
 from thinkforge.data.packing import IGNORE_INDEX, collate_documents, completion_documents, document_rows, unpack
-from thinkforge.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, dpo_loss_sum, grpo_loss_sum
+from thinkforge.losses import dpo_loss_sum, policy_loss_sum
+from thinkforge.objectives import AGGREGATIONS, DPO_LOSS_TYPES, SURROGATES, PolicyObjective
 from thinkforge.stages.completions import completion_scores
 
 LAYOUTS = {"padded": (False, False), "packed": (True, False), "shared_prompt": (True, True)}
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer) -> CausalLM:
+def model(chat) -> CausalLM:
     # dropout off and fp32: the layouts must agree to rounding, not to a noise level
     hf = load_hf_model(
         ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"),
-        tokenizer,
+        chat,
         param_dtype=torch.float32,
     )
     return CausalLM(hf).eval()
@@ -91,8 +92,11 @@ def test_packing_and_prompt_sharing_save_tokens(tokenizer):
     assert slots["shared_prompt"] < slots["packed"] < slots["padded"]
 
 
-@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
-def test_grpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_type):
+@pytest.mark.parametrize(
+    "surrogate,aggregation",
+    [(s, "token_mean") for s in SURROGATES] + [("clip", a) for a in AGGREGATIONS[:1] + AGGREGATIONS[2:]],
+)
+def test_grpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, surrogate, aggregation):
     rng = random.Random(1)
     groups = groups_of(rng, prompts=5, per_prompt=4, vocab=len(tokenizer))
     advantages = torch.randn(20, generator=torch.Generator().manual_seed(0))
@@ -104,15 +108,13 @@ def test_grpo_loss_and_gradients_equal_the_padded_path(model, tokenizer, loss_ty
         old = logps.detach() + 0.05 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))
         reference = logps.detach() - 0.1
         mask = batch["targets"] != IGNORE_INDEX
-        result = grpo_loss_sum(
+        objective = PolicyObjective(surrogate, aggregation, epsilon_low=0.2, epsilon_high=0.28, beta=0.04)
+        result = policy_loss_sum(
             logps,
             old * mask,
             advantages[batch["members"]],
             mask,
-            loss_type=loss_type,
-            epsilon_low=0.2,
-            epsilon_high=0.28,
-            beta=0.04,
+            objective,
             ref_logps=reference * mask,
             max_completion_length=30,
         )

@@ -15,7 +15,7 @@ from conftest import FAST, run_cli
 from hydra import compose, initialize_config_dir
 
 from thinkforge.cli import OPEN_KEY_OVERRIDE, config_dir
-from thinkforge.config import ConfigError
+from thinkforge.errors import ConfigError
 from thinkforge.pipeline import plan
 
 RECIPES = sorted(path.stem for path in (Path(config_dir()) / "recipe").glob("*.yaml"))
@@ -63,13 +63,13 @@ def test_pipeline_seed_moves_init_data_order_and_sampling_in_every_stage(tmp_pat
 
 def test_real_recipes_keep_their_structure(tmp_path):
     deepscaler = plan_recipe(tmp_path, "recipe=deepscaler")
-    assert [s.config.stage.max_completion_length for s in deepscaler] == [8192, 16384, 24576]
+    assert [s.config.stage.sampling.max_new_tokens for s in deepscaler] == [8192, 16384, 24576]
     assert all(set(s.config.stage.reward) == {"math_accuracy"} for s in deepscaler)
     phi4_mini = plan_recipe(tmp_path, "recipe=phi4_mini_reasoning")
     assert [s.config.stage._target_.rsplit(".", 1)[1] for s in phi4_mini] == ["MidTraining", "SFT", "DPO", "GRPO"]
     assert phi4_mini[2].config.stage.pairs == "rollout"
     plus = plan_recipe(tmp_path, "recipe=phi4_reasoning_plus")[-1].config.stage
-    assert plus.max_completion_length == 31744 and plus.reward.cosine_length.positive_fraction == 0.8065
+    assert plus.sampling.max_new_tokens == 31744 and plus.reward.cosine_length.positive_fraction == 0.8065
     assert "repetition" in plus.reward
 
 
@@ -107,7 +107,7 @@ def test_recipes_take_lora_and_the_new_rl_objectives_from_the_command_line(tmp_p
     gspo = [
         f"stages.{stage}.stage.{knob}"
         for stage in ("grpo_8k", "grpo_16k", "grpo_24k")
-        for knob in ("importance_sampling_level=sequence", "epsilon_low=3e-4", "epsilon_high=4e-4")
+        for knob in ("surrogate=gspo", "epsilon_low=3e-4", "epsilon_high=4e-4")
     ]
     brief = run_cli(
         "recipe=deepscaler", with_deepscaler_inputs(tmp_path), "model.lora.rank=16", *gspo, "dry_run=true",
@@ -115,9 +115,7 @@ def test_recipes_take_lora_and_the_new_rl_objectives_from_the_command_line(tmp_p
     )  # fmt: skip
     assert brief.returncode == 0, brief.stderr[-3000:]
     stages = plan_recipe(tmp_path / "plan", "recipe=deepscaler", "model.lora.rank=16", *(f"++{o}" for o in gspo))
-    assert [(s.config.stage.importance_sampling_level, s.config.model.lora.rank) for s in stages] == [
-        ("sequence", 16)
-    ] * 3
+    assert [(s.config.stage.surrogate, s.config.model.lora.rank) for s in stages] == [("gspo", 16)] * 3
 
 
 def test_the_r1_recipe_dry_runs_and_runs_end_to_end_at_demo_scale(tmp_path):

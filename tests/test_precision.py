@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from thinkforge.backbone import load_hf_model
 from thinkforge.config import ModelConfig, validate
-from thinkforge.train import build_stage, build_trainer
+from thinkforge.training import build_stage, build_trainer
 
 
 class Snapshot(Callback):
@@ -53,7 +53,7 @@ def test_bf16_compute_keeps_fp32_weights_and_optimizer_state_and_a_1e6_update_mo
     assert changed / total > 0.99, f"a 1e-6 step changed only {changed} of {total} weights"
 
 
-def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, tokenizer):
+def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, chat, tokenizer):
     model = load_hf_model(
         ModelConfig(
             config={
@@ -65,7 +65,7 @@ def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, tokenizer):
                 "num_key_value_heads": 1,
             }
         ),
-        tokenizer,
+        chat,
         param_dtype=torch.bfloat16,
     )
     model.save_pretrained(tmp_path / "bf16")
@@ -85,12 +85,12 @@ def test_export_keeps_the_dtype_the_checkpoint_came_in(tmp_path, tokenizer):
     trainer.fit(stage, datamodule=stage.datamodule())
     assert {p.dtype for p in stage.policy.parameters()} == {torch.float32}, "trained in fp32 master weights"
     with safe_open(stage.export_dir / "model.safetensors", "pt") as handle:
-        assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"BF16"}
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__) == {"BF16"}
 
 
-def test_attention_auto_falls_back_to_eager_for_architectures_without_sdpa(tokenizer):
+def test_attention_auto_falls_back_to_eager_for_architectures_without_sdpa(chat):
     bloom = load_hf_model(
-        ModelConfig(config={"model_type": "bloom", "hidden_size": 32, "n_layer": 1, "n_head": 2}), tokenizer
+        ModelConfig(config={"model_type": "bloom", "hidden_size": 32, "n_layer": 1, "n_head": 2}), chat
     )
     assert bloom.config._attn_implementation == "eager"
     qwen = load_hf_model(
@@ -104,16 +104,16 @@ def test_attention_auto_falls_back_to_eager_for_architectures_without_sdpa(token
                 "num_key_value_heads": 1,
             }
         ),
-        tokenizer,
+        chat,
     )
     assert qwen.config._attn_implementation == "sdpa"
 
 
-def test_a_model_built_from_its_config_has_the_same_weights_under_any_default_device(tokenizer):
+def test_a_model_built_from_its_config_has_the_same_weights_under_any_default_device(chat):
     """Lightning builds a one-GPU model under the GPU as default device and an FSDP one under none: the seed alone
     decides the weights (on an H200 the two differed, a 2.8% loss gap over 10 steps, until they were built on CPU)."""
     config = ModelConfig(config=TINY_QWEN)
-    plain = load_hf_model(config, tokenizer, param_dtype=torch.float32).state_dict()
+    plain = load_hf_model(config, chat, param_dtype=torch.float32).state_dict()
     with torch.device("meta"):  # stands in for another device: its tensors would hold other (here: no) values
-        elsewhere = load_hf_model(config, tokenizer, param_dtype=torch.float32).state_dict()
+        elsewhere = load_hf_model(config, chat, param_dtype=torch.float32).state_dict()
     assert all(torch.equal(plain[name], elsewhere[name]) for name in plain)

@@ -13,12 +13,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from thinkforge import doctor
-from thinkforge.backbone import load_tokenizer
+from thinkforge.chat import ChatFormat
 from thinkforge.config import validate
 from thinkforge.pretrained import check_chat_model, convert_smollm2
 from thinkforge.stages.sft import SFT
-from thinkforge.tokenizer import end_token_ids, turn_end_token
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 pytestmark = pytest.mark.slow
 TURN_END = 2  # <|im_end|>, which is also SmolLM2's EOS and pad token
@@ -82,13 +81,14 @@ def test_the_model_command_prints_only_the_path_on_stdout(smollm2):
 
 def test_sft_mask_on_the_real_chatml_template(smollm2, word_problems, tmp_path):
     run = validate(compose_config(*small_run(smollm2, word_problems, "stage=sft"), output_dir=tmp_path))
-    tokenizer = load_tokenizer(run.model)
-    assert turn_end_token(tokenizer) == "<|im_end|>" and end_token_ids(tokenizer) == [TURN_END]
+    chat = ChatFormat.for_model(run.model)
+    tokenizer = chat.tokenizer
+    assert chat.turn_end == "<|im_end|>" and chat.end_ids == [TURN_END]
     messages = [
         {"role": "user", "content": "What is 2 + 2?"},
         {"role": "assistant", "content": "The answer is \\boxed{4}."},
     ]
-    sequence = SFT(run, tokenizer).assistant_only(messages)
+    sequence = SFT(run, chat).assistant_only(messages)
     targets = [sequence.input_ids[i + 1] for i, label in enumerate(sequence.labels) if label != -100]
     assert tokenizer.decode(targets) == "The answer is \\boxed{4}.<|im_end|>"
     # SmolLM's template adds its own system prompt when there is none: it carries no loss
@@ -109,8 +109,8 @@ def test_a_few_steps_of_each_stage_move_the_loss(smollm2, word_problems, tmp_pat
         # SmolLM2 rarely solves these in 32 tokens: Phi-4's repetition reward gives every group a spread to learn from
         "grpo": [
             "experiment=demo_grpo",
-            "stage.group_size=4",
-            "stage.max_completion_length=32",
+            "stage.sampling.num_samples=4",
+            "stage.sampling.max_new_tokens=32",
             "stage.dynamic_sampling=false",
             "data.batch_size=2",
             "data.micro_batch_size=1",
@@ -167,11 +167,11 @@ def test_eval_on_eight_gsm8k_problems(smollm2, tmp_path):
         f"model.name_or_path={smollm2}",
         "benchmark=gsm8k",
         "benchmark.limit=8",
-        "num_samples=1",
+        "sampling.num_samples=1",
         "ks=[1]",
-        "temperature=0",
+        "sampling.temperature=0",
         "grading=lenient",
-        "max_new_tokens=128",
+        "sampling.max_new_tokens=128",
         f"benchmarks_dir={BENCHMARKS}",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
@@ -190,8 +190,8 @@ def test_the_doctor_passes_on_this_model(smollm2, word_problems, tmp_path, stage
         if stage == "sft"
         else [
             "experiment=demo_grpo",
-            "stage.group_size=4",
-            "stage.max_completion_length=32",
+            "stage.sampling.num_samples=4",
+            "stage.sampling.max_new_tokens=32",
             "data.batch_size=2",
             "data.micro_batch_size=1",
             "stage.dynamic_sampling=false",

@@ -58,7 +58,7 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
 def test_messages_are_checked(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.raises(DataError, match="row 1: field 'messages'.*role 'robot'"):
+    with pytest.raises(DataError, match=r"row 1: field 'messages'.*role 'robot'"):
         load_records(str(path), "train", data_config(), required=("messages",))
 
 

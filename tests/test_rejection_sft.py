@@ -8,11 +8,12 @@ import json
 import pytest
 from conftest import FAST, compose_config, logged
 
-from thinkforge.config import ConfigError, validate
+from thinkforge.config import validate
+from thinkforge.errors import ConfigError
 from thinkforge.rewards.math import math_accuracy_many
-from thinkforge.rollout import Rollout
+from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.pairs import graded, verified_replies
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 RIGHT, WRONG = "<think>\nx\n</think>\n\\boxed{7}", "<think>\nx\n</think>\n\\boxed{8}"
 
@@ -38,7 +39,8 @@ def test_verified_replies_keep_distinct_finished_correct_samples_up_to_the_limit
 def test_sft_trains_on_its_own_verified_samples_and_reads_them_back(coin, tmp_path):
     export, prompts = coin
     overrides = [
-        *FAST, "stage=sft", "stage.replies=rejection", "stage.rollout.num_samples=4", "stage.rollout.max_new_tokens=12",
+        *FAST, "stage=sft", "stage.replies=rejection", "stage.sampling.num_samples=4",
+        "stage.sampling.max_new_tokens=12",
         "data=jsonl", "model=pretrained", f"model.name_or_path={export}", f"data.train={prompts}", "data.val=null",
         "heldout.num_prompts=0", "data.batch_size=4", "data.micro_batch_size=2",
     ]  # fmt: skip
@@ -54,7 +56,7 @@ def test_sft_trains_on_its_own_verified_samples_and_reads_them_back(coin, tmp_pa
 
 
 def test_rejection_sampling_answers_prompts_and_needs_a_sample():
-    with pytest.raises(ConfigError, match="stage.format"):
+    with pytest.raises(ConfigError, match=r"stage.format"):
         validate(compose_config("stage=sft", "stage.replies=rejection", "stage.format=messages"))
-    with pytest.raises(ConfigError, match="stage.rollout.max_per_prompt"):
-        validate(compose_config("stage=sft", "stage.replies=rejection", "stage.rollout.max_per_prompt=0"))
+    with pytest.raises(ConfigError, match=r"stage.max_per_prompt"):
+        validate(compose_config("stage=sft", "stage.replies=rejection", "stage.max_per_prompt=0"))

@@ -16,10 +16,12 @@ from conftest import LEARNABLE_GRPO, compose_config, leading_space, logged, spac
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from thinkforge.chat import ChatFormat
 from thinkforge.data import synthetic_code
 from thinkforge.rewards.shaping import REWARD_FUNCTIONS
-from thinkforge.rollout import HFEngine, SamplingConfig
-from thinkforge.train import run_stage
+from thinkforge.rollout.hf import HFEngine
+from thinkforge.rollout.settings import SamplingParams
+from thinkforge.training import run_stage
 
 SMALL_MODEL = [
     "model.config.hidden_size=64",
@@ -31,20 +33,20 @@ SMALL_MODEL = [
 
 
 GRPO_CASES = {
-    "grpo": ["stage.loss_type=grpo"],
-    "dapo": ["stage.loss_type=dapo"],
-    "dr_grpo": ["stage.loss_type=dr_grpo", "stage.advantage_scale=none"],
-    "two_iterations": ["stage.loss_type=dapo", "stage.num_iterations=2"],
-    "kl_to_start": ["stage.loss_type=dapo", "stage.beta=0.04"],
+    "grpo": ["stage.aggregation=sequence_mean"],
+    "dapo": ["stage.aggregation=token_mean"],
+    "dr_grpo": ["stage.aggregation=constant", "stage.advantage_scale=none"],
+    "two_iterations": ["stage.aggregation=token_mean", "stage.num_iterations=2"],
+    "kl_to_start": ["stage.aggregation=token_mean", "stage.beta=0.04"],
     # the objectives beside the clipped token ratio, with two iterations so that their ratios leave 1
     "gspo": [
-        "stage.loss_type=grpo",
-        "stage.importance_sampling_level=sequence",
+        "stage.aggregation=sequence_mean",
+        "stage.surrogate=gspo",
         "stage.epsilon_low=3e-4",
         "stage.epsilon_high=4e-4",
         "stage.num_iterations=2",
     ],
-    "cispo": ["stage.loss_type=cispo", "stage.epsilon_low=1.0", "stage.epsilon_high=4.0", "stage.num_iterations=2"],
+    "cispo": ["stage.surrogate=cispo", "stage.epsilon_low=1.0", "stage.epsilon_high=4.0", "stage.num_iterations=2"],
 }
 
 
@@ -74,7 +76,9 @@ def test_training_only_the_top_entropy_fifth_of_tokens_raises_the_sampled_reward
     (`space_share`): with `leading_space`, the first token's entropy ranks low and it would never train. As the
     trained tokens grow confident, others take their place at the top (seeds 0-2 end at 0.96-0.99)."""
     monkeypatch.setitem(REWARD_FUNCTIONS, "space_share", space_share)
-    reward = _sampled_reward(tmp_path, "space_share", 80, "stage.loss_type=dapo", "stage.top_entropy_quantile=0.2")
+    reward = _sampled_reward(
+        tmp_path, "space_share", 80, "stage.aggregation=token_mean", "stage.top_entropy_quantile=0.2"
+    )
     assert mean(reward[:3]) <= 0.3, reward[:3]
     assert mean(reward[-5:]) >= 0.8, reward
 
@@ -105,7 +109,7 @@ def test_grpo_with_the_code_reward_learns_to_write_the_whole_function(tmp_path):
     )  # fmt: skip
     run_stage(
         compose_config(
-            *common, *LEARNABLE_GRPO, "reward@stage.reward=code", "stage.max_completion_length=64", "optim.lr=3e-4",
+            *common, *LEARNABLE_GRPO, "reward@stage.reward=code", "stage.sampling.max_new_tokens=64", "optim.lr=3e-4",
             "model=pretrained", f"model.name_or_path={sft.export_dir}", "trainer.max_steps=30",
             output_dir=tmp_path / "grpo",
         )
@@ -129,14 +133,9 @@ def _parity_pairs(path, numbers):
 
 
 def _greedy_prefers_chosen(export, rows) -> float:
-    tokenizer, model = AutoTokenizer.from_pretrained(export), AutoModelForCausalLM.from_pretrained(export)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
-        )
-        for r in rows
-    ]
-    groups = HFEngine(model, tokenizer).generate(prompts, SamplingConfig(1, 0.0, 1.0, 4), seed=0)
+    chat, model = ChatFormat(AutoTokenizer.from_pretrained(export)), AutoModelForCausalLM.from_pretrained(export)
+    prompts = [chat.prompt(r["prompt"]) for r in rows]
+    groups = HFEngine(model, chat).generate(prompts, SamplingParams(1, 0.0, 1.0, 4), seed=0)
     return mean(float(group[0].text == row["chosen"]) for group, row in zip(groups, rows))
 
 

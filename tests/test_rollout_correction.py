@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from thinkforge.losses import grpo_loss, rollout_correction
+from thinkforge.losses import policy_loss_sum, rollout_correction
+from thinkforge.objectives import PolicyObjective
 
 RATIOS = torch.tensor([[2.0, 0.5, 4.0], [1.0, 1.5, 9.0]])
 MASK = torch.tensor([[True, True, True], [True, True, False]])
@@ -41,10 +42,9 @@ def test_weights_scale_each_tokens_surrogate_and_not_its_gradient_path():
     logps = TRAINER.clone().requires_grad_(True)
     advantages = torch.tensor([1.0, -1.0])
     weights, _ = rollout_correction(TRAINER, SAMPLER, MASK, mode="token_truncate", cap=3.0)
-    plain, _ = grpo_loss(logps, logps.detach(), advantages, MASK, max_completion_length=4)
-    corrected, _ = grpo_loss(
-        logps, logps.detach(), advantages, MASK, correction_weights=weights, max_completion_length=4
-    )
+    objective = PolicyObjective(epsilon_high=0.2)
+    plain = policy_loss_sum(logps, logps.detach(), advantages, MASK, objective).mean()
+    corrected = policy_loss_sum(logps, logps.detach(), advantages, MASK, objective, correction_weights=weights).mean()
     # at ratio 1 the surrogate per token is -A; each is scaled by its weight, then summed over the 5 tokens
     assert plain.item() == pytest.approx(-(3 * 1.0 - 2 * 1.0) / 5)
     assert corrected.item() == pytest.approx(-((2.0 + 0.5 + 3.0) - (1.0 + 1.5)) / 5, rel=1e-5)

@@ -9,18 +9,20 @@ import pytest
 import torch
 from conftest import FAST, compose_config, logged, run_cli
 
+from thinkforge.chat import ChatFormat
 from thinkforge.config import validate
 from thinkforge.data import synthetic
 from thinkforge.losses import dpo_loss, dpo_loss_sum
 from thinkforge.rewards.math import math_accuracy_many
-from thinkforge.rollout import Rollout
+from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.pairs import graded, pair_rollouts
 from thinkforge.stages.sft import SFT
-from thinkforge.train import run_stage
+from thinkforge.training import run_stage
 
 
 def sft_stage(*overrides, tokenizer):
-    return SFT(validate(compose_config("stage=sft", *overrides)), tokenizer)
+    run = validate(compose_config("stage=sft", *overrides))
+    return SFT(run, ChatFormat(tokenizer, run.data.system_prompt))
 
 
 def test_assistant_only_mask_token_by_token(tokenizer):
@@ -55,7 +57,7 @@ def test_assistant_only_mask_token_by_token(tokenizer):
 
 
 def test_sft_refuses_to_split_conversations(tokenizer):
-    with pytest.raises(Exception, match="data.overflow"):
+    with pytest.raises(Exception, match=r"data.overflow"):
         sft_stage("data.overflow=split", tokenizer=tokenizer)
 
 
@@ -205,7 +207,7 @@ def test_sft_runs_and_teaches_the_answer_format(tmp_path):
             "stage=sft",
             "trainer.max_steps=6",
             "heldout.num_prompts=8",
-            "heldout.max_new_tokens=48",
+            "heldout.sampling.max_new_tokens=48",
             output_dir=tmp_path,
         )
     )
@@ -218,7 +220,7 @@ def test_sft_runs_and_teaches_the_answer_format(tmp_path):
 @pytest.mark.parametrize("stage", ["sft", "dpo", "dpo_precomputed"])
 def test_stage_runs_with_fsdp(tmp_path, stage, pairs_file):
     overrides = {
-        "sft": [*FAST, "stage=sft", "heldout.num_prompts=4", "heldout.max_new_tokens=16"],
+        "sft": [*FAST, "stage=sft", "heldout.num_prompts=4", "heldout.sampling.max_new_tokens=16"],
         "dpo": dpo_overrides(pairs_file),
         "dpo_precomputed": [*dpo_overrides(pairs_file), "stage.precompute_ref_logps=true"],
     }[stage]

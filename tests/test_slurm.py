@@ -70,7 +70,7 @@ def test_slurm_launcher_submits_the_multinode_job(tmp_path):
     for submission in sorted(tmp_path.glob("logs/multiruns/*/.submitit/*/*_submitted.pkl")):
         with submission.open("rb") as handle:
             jobs.append(pickle.load(handle))
-    assert [job.function.task_function.__name__ for job in jobs] == ["train_main", "train_main"]
+    assert [job.function.task_function.__name__ for job in jobs] == ["_train", "_train"]
     assert sorted(next(o for o in job.args[0] if o.startswith("optim.lr=")) for job in jobs) == [
         "optim.lr=1e-06",
         "optim.lr=2e-06",

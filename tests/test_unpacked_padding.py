@@ -10,6 +10,7 @@ import random
 import pytest
 from conftest import compose_config, logged, run_cli
 
+from thinkforge.chat import ChatFormat
 from thinkforge.config import validate
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import TokenSequence, collate_rows
@@ -51,7 +52,7 @@ def sft_batches(tmp_path, *overrides, world_size=1, rank=0):
             output_dir=tmp_path,
         )
     )
-    stage = SFT(run, build_tokenizer())
+    stage = SFT(run, ChatFormat(build_tokenizer(), run.data.system_prompt))
     items = stage.build_items("train")
     lengths = [stage.item_length(item) for item in items] if run.data.group_by_length else None
     return (

@@ -14,12 +14,13 @@ from conftest import LEARNABLE_GRPO, compose_config, leading_space, logged
 from omegaconf import OmegaConf
 
 from thinkforge.backbone import CausalLM, load_hf_model
-from thinkforge.config import ModelConfig, RolloutConfig
+from thinkforge.chat import ChatFormat
+from thinkforge.config import ModelConfig
 from thinkforge.doctor import sampler_trainer_gap
 from thinkforge.rewards.shaping import REWARD_FUNCTIONS
-from thinkforge.rollout import HFEngine, SamplingConfig
-from thinkforge.tokenizer import render_prompt
-from thinkforge.train import run_stage
+from thinkforge.rollout.hf import HFEngine
+from thinkforge.rollout.settings import SamplingParams, VLLMEngineConfig
+from thinkforge.training import run_stage
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -44,86 +45,85 @@ def tiny(tmp_path_factory, request):
     from thinkforge.tokenizer import build_synthetic_tokenizer
 
     tokenizer = build_synthetic_tokenizer()
-    model = load_hf_model(
-        ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), tokenizer
-    ).eval()
+    chat = ChatFormat(tokenizer)
+    model = load_hf_model(ModelConfig(config=dict(MODEL), attn_implementation="sdpa", dtype="float32"), chat).eval()
     directory = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    engine = VLLMEngine(directory, tokenizer, RolloutConfig(engine="vllm"), max_model_len=512, seed=0)
-    yield model, tokenizer, engine
+    engine = VLLMEngine(directory, chat, VLLMEngineConfig(), max_model_len=512, seed=0)
+    yield model, chat, engine
     del engine
     gc.collect()
 
 
-def prompts_of(tokenizer):
-    return [render_prompt(tokenizer, text) for text in ("1+1", "What is 12*7 - 3*(4+5)? " * 6, "2*3")]
+def prompts_of(chat):
+    return [chat.prompt(text) for text in ("1+1", "What is 12*7 - 3*(4+5)? " * 6, "2*3")]
 
 
 def test_greedy_tokens_and_end_rules_match_the_hf_engine(tiny):
-    model, tokenizer, engine = tiny
-    sampling = SamplingConfig(2, 0.0, 1.0, 24)
+    model, chat, engine = tiny
+    sampling = SamplingParams(2, 0.0, 1.0, 24)
     ours, theirs = (
-        engine.generate(prompts_of(tokenizer), sampling, seed=0),
-        HFEngine(model, tokenizer).generate(prompts_of(tokenizer), sampling, seed=0),
+        engine.generate(prompts_of(chat), sampling, seed=0),
+        HFEngine(model, chat).generate(prompts_of(chat), sampling, seed=0),
     )
     for our_group, their_group in zip(ours, theirs, strict=True):
         for a, b in zip(our_group, their_group, strict=True):
             assert (a.token_ids, a.text, a.finished, a.stopped_by) == (b.token_ids, b.text, b.finished, b.stopped_by)
-    assert engine.end_ids == HFEngine(model, tokenizer).end_ids
+    assert engine.end_ids == HFEngine(model, chat).end_ids
 
 
 def test_stop_strings_end_a_sample_at_the_shortest_prefix_that_holds_them(tiny):
-    _, tokenizer, engine = tiny
-    [[free]] = engine.generate(prompts_of(tokenizer)[:1], SamplingConfig(1, 1.0, 1.0, 24), seed=0)
-    stop = tokenizer.decode(list(free.token_ids[5:7]))  # a string this sampled reply is known to contain
-    [[stopped]] = engine.generate(
-        prompts_of(tokenizer)[:1], SamplingConfig(1, 1.0, 1.0, 24, stop_strings=(stop,)), seed=0
+    _, chat, engine = tiny
+    [[free]] = engine.generate(prompts_of(chat)[:1], SamplingParams(1, 1.0, 1.0, 24), seed=0)
+    stop = chat.tokenizer.decode(list(free.token_ids[5:7]))  # a string this sampled reply is known to contain
+    [[stopped]] = engine.generate(prompts_of(chat)[:1], SamplingParams(1, 1.0, 1.0, 24, stop_strings=(stop,)), seed=0)
+    shortest = next(
+        n for n in range(1, len(free.token_ids) + 1) if stop in chat.tokenizer.decode(list(free.token_ids[:n]))
     )
-    shortest = next(n for n in range(1, len(free.token_ids) + 1) if stop in tokenizer.decode(list(free.token_ids[:n])))
     assert stopped.token_ids == free.token_ids[:shortest] and stopped.stopped_by == stop and not stopped.finished
     assert stop in stopped.text and len(stopped.logprobs) == shortest
 
 
 def test_seeded_sampling_is_reproducible(tiny):
-    _, tokenizer, engine = tiny
-    sampling = SamplingConfig(4, 1.0, 1.0, 16)
-    first, again, other = (engine.generate(prompts_of(tokenizer), sampling, seed=seed) for seed in (3, 3, 4))
+    _, chat, engine = tiny
+    sampling = SamplingParams(4, 1.0, 1.0, 16)
+    first, again, other = (engine.generate(prompts_of(chat), sampling, seed=seed) for seed in (3, 3, 4))
     tokens = lambda groups: [r.token_ids for group in groups for r in group]  # noqa: E731
     assert tokens(first) == tokens(again) and tokens(first) != tokens(other)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0)])
 def test_sampler_logprobs_match_the_trainer_in_fp32(tiny, temperature, top_p):
-    model, tokenizer, engine = tiny
+    model, chat, engine = tiny
     gap = sampler_trainer_gap(
-        CausalLM(model), tokenizer, prompts_of(tokenizer), SamplingConfig(4, temperature, top_p, 24), engine=engine
+        CausalLM(model), chat, prompts_of(chat), SamplingParams(4, temperature, top_p, 24), engine=engine
     )
     assert gap < 1e-5, gap
 
 
 def test_weight_sync_makes_the_engine_sample_the_new_weights(tiny):
-    model, tokenizer, engine = tiny
-    policy = CausalLM(load_hf_model(ModelConfig(config=dict(MODEL), dtype="float32"), tokenizer))
+    model, chat, engine = tiny
+    policy = CausalLM(load_hf_model(ModelConfig(config=dict(MODEL), dtype="float32"), chat))
     policy.load_state_dict({f"hf.{k}": v for k, v in model.state_dict().items()}, strict=False)
-    sampling = SamplingConfig(4, 1.0, 1.0, 16)
-    prompts = prompts_of(tokenizer)
-    assert sampler_trainer_gap(policy, tokenizer, prompts, sampling, engine=engine) < 1e-5
+    sampling = SamplingParams(4, 1.0, 1.0, 16)
+    prompts = prompts_of(chat)
+    assert sampler_trainer_gap(policy, chat, prompts, sampling, engine=engine) < 1e-5
     # one optimizer step on a next-token loss moves every weight
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    ids = torch.tensor([tokenizer(prompts[1], add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([chat.encode(prompts[1])])
     logps, _ = policy(ids[:, :-1], ids[:, 1:])
     (-logps.mean()).backward()
     optimizer.step()
-    stale = sampler_trainer_gap(policy, tokenizer, prompts, sampling, engine=engine)
+    stale = sampler_trainer_gap(policy, chat, prompts, sampling, engine=engine)
     # every name, the tied LM head's too: vLLM on CPU packs its copy of the embedding apart
     engine.update_weights(
         (name, parameter.detach()) for name, parameter in policy.hf.named_parameters(remove_duplicate=False)
     )
-    fresh = sampler_trainer_gap(policy, tokenizer, prompts, sampling, engine=engine)
+    fresh = sampler_trainer_gap(policy, chat, prompts, sampling, engine=engine)
     assert stale > 1e-2 and fresh < 1e-5, (stale, fresh)
     engine.update_weights(model.named_parameters(remove_duplicate=False))  # back to the fixture's weights
-    assert sampler_trainer_gap(CausalLM(model), tokenizer, prompts, sampling, engine=engine) < 1e-5
+    assert sampler_trainer_gap(CausalLM(model), chat, prompts, sampling, engine=engine) < 1e-5
 
 
 def grpo_config(tmp_path, steps, *overrides):
@@ -152,11 +152,11 @@ def test_grpo_with_vllm_learns_the_learnable_reward(tmp_path, monkeypatch):
 
 
 def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
-    from thinkforge.doctor import InterruptAt, Interrupted
+    from thinkforge.doctor import InterruptAt, SimulatedKill
 
     monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
     run_stage(grpo_config(tmp_path / "full", 4, "trainer.ckpt_every=2"))
-    with pytest.raises(Interrupted):
+    with pytest.raises(SimulatedKill):
         run_stage(grpo_config(tmp_path / "cut", 4, "trainer.ckpt_every=2"), callbacks=[InterruptAt(2)])
     run_stage(grpo_config(tmp_path / "cut", 4, "trainer.ckpt_every=2"))
     full, resumed = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "cut", "train/loss")
@@ -194,8 +194,8 @@ def test_grpo_with_vllm_under_fsdp_syncs_the_gathered_weights(tmp_path, adapter)
         "data.synthetic.num_train=64",
         "data.batch_size=8",
         "data.micro_batch_size=4",
-        "stage.group_size=4",
-        "stage.max_completion_length=16",
+        "stage.sampling.num_samples=4",
+        "stage.sampling.max_new_tokens=16",
         "reward@stage.reward=phi4_plus",
         "optim.lr=1e-2",
         "trainer.max_steps=4",

@@ -27,7 +27,11 @@ def add_adapter(hf_model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     """The model with a fresh LoRA adapter (B = 0: it starts as the base model); only the adapter trains."""
     targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
     config = PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates an int; it scales by alpha / r either way
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(hf_model, config)
 
@@ -36,7 +40,7 @@ def has_adapter(hf_model: torch.nn.Module) -> bool:
     return isinstance(hf_model, PeftModel)
 
 
-def base_weights(hf_model: torch.nn.Module | None) -> contextlib.AbstractContextManager:
+def base_weights(hf_model: torch.nn.Module | None) -> contextlib.AbstractContextManager[None]:
     """Inside it the model computes with its base weights alone: the starting checkpoint, without a copy."""
     return hf_model.disable_adapter() if isinstance(hf_model, PeftModel) else contextlib.nullcontext()
 
@@ -57,7 +61,7 @@ def merged_weights(
     """Every weight of the HF model with the active adapter folded in, W + scaling · B A, under its HF name (a tied
     weight under each of its names); `full` turns a parameter into its whole tensor (an FSDP gather, which every
     rank makes in the same order). One layer's weights are whole at a time, never the whole model."""
-    adapter = model.active_adapter
+    adapter = str(model.active_adapter)
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if ".lora_" in name:
             continue
@@ -66,6 +70,8 @@ def merged_weights(
         if owner.endswith(BASE_LAYER) and leaf == "weight":
             layer = model.get_submodule(owner.removesuffix(BASE_LAYER))
             if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
-                down, up = full(layer.lora_A[adapter].weight).detach(), full(layer.lora_B[adapter].weight).detach()
+                down_proj, up_proj = layer.lora_A[adapter], layer.lora_B[adapter]
+                assert isinstance(down_proj, torch.nn.Linear) and isinstance(up_proj, torch.nn.Linear)
+                down, up = full(down_proj.weight).detach(), full(up_proj.weight).detach()
                 weight = weight + (up @ down).to(weight.dtype) * layer.scaling[adapter]
         yield hf_name(name), weight

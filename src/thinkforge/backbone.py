@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from thinkforge.adapters import add_adapter
+from thinkforge.chat import ChatFormat
 from thinkforge.config import HardwareConfig, ModelConfig
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.tokenizer import build_synthetic_tokenizer, end_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ def resolve_attn_implementation(requested: str, model_class: type[PreTrainedMode
     """`auto`: FlashAttention-2 on GPU when installed, else SDPA, else (architectures without SDPA) eager."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        if model_class is None or getattr(model_class, "_supports_flash_attn", False):
-            return "flash_attention_2"
+    flash_installed = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if flash_installed and (model_class is None or getattr(model_class, "_supports_flash_attn", False)):
+        return "flash_attention_2"
     if model_class is None or getattr(model_class, "_supports_sdpa", False):
         return "sdpa"
     log.info("attention: %s supports neither FlashAttention-2 nor SDPA; using eager", model_class.__name__)
@@ -56,29 +56,20 @@ def checkpoint_dtype(model: ModelConfig) -> torch.dtype:
     return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
-def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
-    source = model.tokenizer or model.name_or_path
-    if source is None:
-        return build_synthetic_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def load_for_generation(model_cfg: ModelConfig, chat: ChatFormat) -> PreTrainedModel:
+    """A model for sampling outside training (evaluation, curation), in the compute dtype on the GPU when there is
+    one. Inside a stage, sampling uses the stage's own (sharded) policy instead."""
+    model = load_hf_model(model_cfg, chat)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda"))  # type: ignore[arg-type]  # transformers wraps `to` loosely
+    model.eval()
+    return model
 
 
-def load_for_generation(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A model and its tokenizer for sampling outside training (evaluation, curation), in the compute dtype on the
-    GPU when there is one. Inside a stage, sampling uses the stage's own (sharded) policy instead."""
-    tokenizer = load_tokenizer(model_cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_hf_model(model_cfg, tokenizer).to(device).eval(), tokenizer
-
-
-def load_hf_model(
-    model: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, param_dtype: torch.dtype | None = None
-) -> PreTrainedModel:
+def load_hf_model(model: ModelConfig, chat: ChatFormat, *, param_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The HF model with its parameters in `param_dtype`: fp32 master weights for training, or by default the
-    compute dtype, for inference only."""
+    compute dtype, for inference only; it stops at the chat format's end tokens."""
+    tokenizer = chat.tokenizer
     dtype = param_dtype or compute_dtype(model.dtype)
     if model.name_or_path is not None:
         config = AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
@@ -107,17 +98,19 @@ def load_hf_model(
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(model.init_seed)
             hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    if len(tokenizer) > hf_model.get_input_embeddings().num_embeddings:
+    embedding = hf_model.get_input_embeddings().weight
+    assert isinstance(embedding, torch.Tensor)
+    if len(tokenizer) > embedding.shape[0]:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-            f"{hf_model.get_input_embeddings().num_embeddings}: they do not belong together"
+            f"{embedding.shape[0]}: they do not belong together"
         )
     if getattr(hf_model.config, "final_logit_softcapping", None):
         raise NotImplementedError("models with final_logit_softcapping are not supported by the chunked LM head yet")
     hf_model.config.use_cache = False
     hf_model.generation_config.pad_token_id = tokenizer.pad_token_id
     # sampling stops at any end token, and the exported generation_config says so to other engines (vLLM)
-    hf_model.generation_config.eos_token_id = end_token_ids(tokenizer, hf_model.generation_config)
+    hf_model.generation_config.eos_token_id = chat.end_ids
     if model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info(
@@ -146,7 +139,14 @@ class _ChunkScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = _matmul_dtype(hidden)
         logits = F.linear((hidden / temperature).to(dtype), weight.to(dtype)).float()
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -165,7 +165,7 @@ class _ChunkScores(torch.autograd.Function):
         return picked, entropy
 
     @staticmethod
-    def backward(ctx, grad_picked, _grad_entropy):
+    def backward(ctx: Any, grad_picked: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, targets, normalizer = ctx.saved_tensors
         scaled, matrix = (hidden / ctx.temperature).to(ctx.dtype), weight.to(ctx.dtype)
         grad_logits = (
@@ -203,7 +203,7 @@ def token_logprobs(
     scored_targets = flat_targets.index_select(0, scored)
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, scored.numel(), chunk_size):
-        chunk_logprobs, chunk_entropy = _ChunkScores.apply(
+        chunk_logprobs, chunk_entropy = _ChunkScores.apply(  # type: ignore[no-untyped-call]
             scored_hidden[start : start + chunk_size],
             lm_head_weight,
             scored_targets[start : start + chunk_size],
@@ -261,8 +261,8 @@ class CausalLM(nn.Module):
     def generation_config(self) -> Any:
         return self.hf.generation_config
 
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        return self.hf.generate(**kwargs)
+    def generate(self, **kwargs: Any) -> Any:
+        return self.hf.generate(**kwargs)  # type: ignore[operator]
 
 
 def decoder_layers(model: CausalLM) -> list[nn.Module]:
@@ -279,7 +279,7 @@ def _model_class(config: Any) -> type[PreTrainedModel] | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # type: ignore[return-value]  # a lazy, loosely typed mapping
     except KeyError:
         return None  # remote code or an unknown architecture: let transformers decide
 
@@ -314,7 +314,7 @@ def parallelize(model: CausalLM, mesh: Any, hardware: HardwareConfig, compute: t
 def build_backbone(
     model_cfg: ModelConfig,
     hardware: HardwareConfig,
-    tokenizer: PreTrainedTokenizerBase,
+    chat: ChatFormat,
     mesh: Any,
     *,
     frozen: bool = False,
@@ -322,7 +322,7 @@ def build_backbone(
     """The starting checkpoint as every stage holds it: fp32 parameters, `parallelize`d over `mesh` (None: one
     process). The policy trains (from_pretrained returns eval mode; dropout on, where a model has any), with a
     LoRA adapter when `model.lora.rank` is set; `frozen` is a reference model, without gradients."""
-    hf_model: PreTrainedModel = load_hf_model(model_cfg, tokenizer, param_dtype=torch.float32)
+    hf_model: Any = load_hf_model(model_cfg, chat, param_dtype=torch.float32)
     if model_cfg.lora.rank and not frozen:
         hf_model = add_adapter(hf_model, model_cfg.lora)
         trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)

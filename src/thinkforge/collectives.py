@@ -45,7 +45,7 @@ class Collectives:
         total, squares, count = self.sum(
             [values.sum().item(), (values**2).sum().item(), float(values.numel())]
         ).tolist()
-        return max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5
+        return float(max(0.0, (squares - total**2 / count) / max(count - 1, 1)) ** 0.5)
 
     def concat(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D `values`, of any length, concatenated in rank order on every rank."""

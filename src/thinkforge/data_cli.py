@@ -10,14 +10,20 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from thinkforge.rollout.base import Rollout, RolloutEngine
 
 from thinkforge.config import ModelConfig
 from thinkforge.data import curate, synthetic
 from thinkforge.data.records import DataError, read_objects
+from thinkforge.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.math import golds_parseable_many, math_accuracy_many
+from thinkforge.rollout.settings import ROLLOUT_ENGINES
 
 Row = dict[str, Any]
 
@@ -26,13 +32,16 @@ def read_rows(path: str) -> list[Row]:
     return [{**raw, "_row": number} for number, raw in read_objects(path)]
 
 
+def is_set(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 def column(rows: Sequence[Row], name: str, path: str) -> list[str]:
     values = []
     for row in rows:
-        value = row.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if not is_set(row.get(name)):
             raise DataError(f"{path}: row {row['_row']}: field '{name}' is missing or empty")
-        values.append(str(value))
+        values.append(str(row[name]))
     return values
 
 
@@ -106,39 +115,61 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
 
 def cmd_filter_verifiable(args: argparse.Namespace) -> None:
     rows = read_rows(args.input)
-    golds = column(rows, args.answer_field, args.input)
-    parseable = golds_parseable_many(golds)
-    dropped = {i: f"unparseable gold answer ({gold!r})" for i, (gold, ok) in enumerate(zip(golds, parseable)) if not ok}
+    present = [i for i, row in enumerate(rows) if is_set(row.get(args.answer_field))]
+    dropped = {
+        i: f"no gold answer (field '{args.answer_field}' missing or empty)"
+        for i in range(len(rows))
+        if i not in present
+    }
+    golds = [str(rows[i][args.answer_field]) for i in present]
+    for i, gold, ok in zip(present, golds, golds_parseable_many(golds)):
+        if not ok:
+            dropped[i] = f"unparseable gold answer ({gold!r})"
     finish("filter-verifiable", rows, dropped, args.out)
 
 
-def load_engine(args: argparse.Namespace) -> tuple[Any, Callable[[str], str]]:
-    """The model as a rollout engine, and how a problem becomes its chat prompt."""
+def load_engine(args: argparse.Namespace, problems: Sequence[str]) -> tuple[RolloutEngine, list[str]]:
+    """The engine `--rollout` names on `--model`, and the problems rendered as its prompts."""
     from thinkforge.backbone import load_for_generation
-    from thinkforge.rollout.hf import HFEngine
-    from thinkforge.tokenizer import render_prompt
+    from thinkforge.chat import ChatFormat
+    from thinkforge.rollout.engines import EngineSource, build_engine
+    from thinkforge.rollout.settings import HFEngineConfig, RolloutConfig
 
-    model, tokenizer = load_for_generation(ModelConfig(name_or_path=args.model))
-    return HFEngine(model, tokenizer, batch_size=args.batch_size), lambda problem: render_prompt(
-        tokenizer, problem, args.system_prompt
+    model = ModelConfig(name_or_path=args.model)
+    chat = ChatFormat.for_model(model, args.system_prompt)
+    prompts = [chat.prompt(problem) for problem in problems]
+    source = EngineSource(
+        chat,
+        model=lambda: load_for_generation(model, chat),
+        weights_dir=lambda: args.model,
+        max_model_len=max(len(ids) for ids in chat.encode_many(prompts)) + args.max_new_tokens,
+        seed=args.seed,
     )
+    rollout = RolloutConfig(engine=args.rollout, hf=HFEngineConfig(batch_size=args.batch_size))
+    return build_engine(rollout, source), prompts
 
 
-def sampling_of(args: argparse.Namespace):
-    from thinkforge.rollout.base import SamplingConfig
+def sample(args: argparse.Namespace, problems: Sequence[str]) -> list[list[Rollout]]:
+    """`--num-samples` samples of each problem from `--model`, with the engine `--rollout` names."""
+    from thinkforge.rollout.settings import SamplingParams
 
-    return SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
+    engine, prompts = load_engine(args, problems)
+    sampling = SamplingParams(args.num_samples, args.temperature, args.top_p, args.max_new_tokens)
+    progress = GenerationProgress(len(prompts) * args.num_samples, f"{args.command}: samples")
+    try:
+        return engine.generate(prompts, sampling, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
 
 
 def sample_and_grade(
     args: argparse.Namespace, rows: Sequence[Row]
 ) -> tuple[list[str], list[str], list[list[tuple[str, bool]]]]:
-    problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
-    engine, render = load_engine(args)
     from thinkforge.rollout.pairs import graded
 
-    groups = engine.generate([render(p) for p in problems], sampling_of(args), seed=args.seed)
-    correct = graded(groups, golds, math_accuracy_many)
+    problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
+    groups = sample(args, problems)
+    correct = graded(groups, golds, math_accuracy_many)  # type: ignore[arg-type]
     return problems, golds, [[(r.text, ok) for r, ok in zip(group, oks)] for group, oks in zip(groups, correct)]
 
 
@@ -191,11 +222,9 @@ def cmd_rollout_pairs(args: argparse.Namespace) -> None:
 
     rows = read_rows(args.input)
     problems, golds = column(rows, args.prompt_field, args.input), column(rows, args.answer_field, args.input)
-    engine, render = load_engine(args)
-    sampling = sampling_of(args)
-    groups = engine.generate([render(p) for p in problems], sampling, seed=args.seed)
-    provenance = {"source_model": args.model, "temperature": sampling.temperature, "seed": args.seed}
-    correct = graded(groups, golds, math_accuracy_many)
+    groups = sample(args, problems)
+    provenance = {"source_model": args.model, "temperature": args.temperature, "seed": args.seed}
+    correct = graded(groups, golds, math_accuracy_many)  # type: ignore[arg-type]
     pairs, counts = pair_rollouts(groups, problems, golds, correct, provenance=provenance)
     write_rows(args.out, pairs)
     print(
@@ -238,7 +267,8 @@ def model_arguments(parser: argparse.ArgumentParser, *, num_samples: int, temper
     parser.add_argument("--temperature", type=float, default=temperature)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rollout", choices=ROLLOUT_ENGINES, default="hf", help="the engine that samples")
+    parser.add_argument("--batch-size", type=int, default=64, help="hf engine: rows per generate call")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -318,5 +348,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        print(f"thinkforge-data {args.command}: interrupted by SIGINT", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except (DataError, RuntimeError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"thinkforge-data {args.command}: {error}")
+        print(f"thinkforge-data {args.command}: {error}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

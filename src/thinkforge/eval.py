@@ -9,12 +9,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from thinkforge.config import BudgetForcingConfig, DataConfig, EvalConfig, Grading
+from thinkforge.benchmarks import BudgetForcingConfig, EvalConfig, Grading
+from thinkforge.chat import ChatFormat
+from thinkforge.config import DataConfig
+from thinkforge.errors import ConfigError
 from thinkforge.metrics import summarize
+from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.code import CodeTests, extract_code
 from thinkforge.rewards.grading import Gold, gold_json, grade_many
 from thinkforge.rewards.math import THINK_END, extract_answer
-from thinkforge.rollout.base import GenerationProgress, Rollout, RolloutEngine, SamplingConfig
+from thinkforge.rollout.base import Rollout, RolloutEngine
+from thinkforge.rollout.settings import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ def _advance_thinking(state: Completion, rollout: Rollout, budget: BudgetForcing
 
 
 def generate_with_budget(
-    engine: RolloutEngine, prompts: Sequence[str], sampling: SamplingConfig, budget: BudgetForcingConfig, *, seed: int
+    engine: RolloutEngine, prompts: Sequence[str], sampling: SamplingParams, budget: BudgetForcingConfig, *, seed: int
 ) -> list[Completion]:
     """One completion per prompt. Thinking runs until `</think>`; while waits remain, that `</think>` is replaced by
     "Wait" and thinking goes on; at `max_thinking_tokens` the thinking is closed by force. Then the answer."""
@@ -93,58 +98,50 @@ def load_benchmark(cfg: EvalConfig) -> tuple[list[str], list[Gold]]:
     return [row["prompt"] for row in rows], golds
 
 
-def build_engine(cfg: EvalConfig, prompts: Sequence[str], progress: GenerationProgress | None) -> RolloutEngine:
-    """The configured engine (`rollout.engine`) on the model to evaluate; with `progress`, the HF engine moves
-    that bar on after every decode step, and vLLM shows its own instead."""
-    from thinkforge.backbone import load_for_generation, load_tokenizer
+def build_engine(cfg: EvalConfig, chat: ChatFormat, prompts: Sequence[str]) -> RolloutEngine:
+    """The configured engine (`rollout.engine`) on the model to evaluate, serving the longest prompt plus its
+    completion (and, with budget forcing, the answer after it)."""
+    from thinkforge.backbone import load_for_generation
+    from thinkforge.rollout.engines import EngineSource, build_engine
 
-    if cfg.rollout.engine == "hf":
-        from thinkforge.rollout.hf import HFEngine
+    assert cfg.model is not None  # EvalConfig requires one unless re-grading a samples file
+    model = cfg.model
 
-        model, tokenizer = load_for_generation(cfg.model)
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, progress=progress)
-    from thinkforge.rollout.vllm import VLLMEngine
+    def weights_dir() -> str:
+        if model.name_or_path is None:
+            raise ConfigError("rollout.engine: vllm loads its weights from model.name_or_path, which is not set")
+        return model.name_or_path
 
-    tokenizer = load_tokenizer(cfg.model)
-    longest = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"])
+    longest = max(len(ids) for ids in chat.encode_many(prompts))
     answer = cfg.budget.max_answer_tokens + 8 if cfg.budget.enabled else 0
-    if progress is not None:
-        progress.close()
-    return VLLMEngine(
-        cfg.model.name_or_path,
-        tokenizer,
-        cfg.rollout,
-        max_model_len=longest + cfg.max_new_tokens + answer,
+    source = EngineSource(
+        chat,
+        model=lambda: load_for_generation(model, chat),
+        weights_dir=weights_dir,
+        max_model_len=longest + cfg.sampling.at().max_new_tokens + answer,
         seed=cfg.seed,
-        show_progress=progress is not None,
     )
+    return build_engine(cfg.rollout, source)
 
 
 def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
-    from thinkforge.backbone import load_tokenizer
-    from thinkforge.tokenizer import render_prompt
-
+    assert cfg.model is not None
     problems, golds = load_benchmark(cfg)
-    prompts = [render_prompt(load_tokenizer(cfg.model), problem, cfg.system_prompt) for problem in problems]
-    sampling = SamplingConfig(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    # budget forcing samples in rounds of unknown count: no bar
-    progress = (
-        None
-        if cfg.budget.enabled
-        else GenerationProgress(len(prompts) * cfg.num_samples, f"{cfg.benchmark.name}: samples")
-    )
-    engine = build_engine(cfg, prompts, progress)
-    try:
-        if cfg.budget.enabled:
-            jobs = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
-            flat = generate_with_budget(engine, [prompts[p] for p, _ in jobs], sampling, cfg.budget, seed=cfg.seed)
-            completions = [[c for (p, _), c in zip(jobs, flat) if p == problem] for problem in range(len(prompts))]
-        else:
-            groups = engine.generate(prompts, sampling, seed=cfg.seed)
-            completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
-    finally:
-        if progress is not None:
+    chat = ChatFormat.for_model(cfg.model, cfg.system_prompt)
+    prompts = [chat.prompt(problem) for problem in problems]
+    sampling = cfg.sampling.at()
+    engine = build_engine(cfg, chat, prompts)
+    if cfg.budget.enabled:
+        jobs = [(p, s) for p in range(len(prompts)) for s in range(sampling.num_samples)]
+        flat = generate_with_budget(engine, [prompts[p] for p, _ in jobs], sampling, cfg.budget, seed=cfg.seed)
+        completions = [[c for (p, _), c in zip(jobs, flat) if p == problem] for problem in range(len(prompts))]
+    else:
+        progress = GenerationProgress(len(prompts) * sampling.num_samples, f"{cfg.benchmark.name}: samples")
+        try:
+            groups = engine.generate(prompts, sampling, seed=cfg.seed, progress=progress)
+        finally:
             progress.close()
+        completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
     return [
         {
             "benchmark": cfg.benchmark.name,

@@ -1,7 +1,8 @@
 """Pure loss functions: log-probs (from `CausalLM`) in, losses out.
 
-The stages use the sum forms (`causal_lm_loss`, `dpo_loss_sum`, `grpo_loss_sum`), which return `LossSum`: the loss
-summed over its units and how many units that is. `dpo_loss` and `grpo_loss` are the same losses as means.
+The stages use the sum forms (`causal_lm_loss`, `dpo_loss_sum`, `policy_loss_sum`), which return `LossSum`: the loss
+summed over its units and how many units that is. `dpo_loss` and `grpo_loss` are the same losses as means, with
+DESIGN.md's signatures; GRPO's objective travels as one `PolicyObjective` (`thinkforge.objectives`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.stage_configs import (
+from thinkforge.objectives import (
     ADVANTAGE_SCALES,
+    AGGREGATIONS,
     DPO_LOSS_TYPES,
-    GRPO_LOSS_TYPES,
-    IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
     ROLLOUT_CORRECTIONS,
+    PolicyObjective,
 )
 
 
@@ -118,16 +119,18 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def grpo_loss_units(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> torch.Tensor:
-    """What a `grpo_loss` sum is divided by: completion tokens (dapo, cispo), sequences (grpo: each sequence's
-    token mean counts once) or sequences × max_completion_length (dr_grpo). Known before the forward pass, so a
-    step can count its global units first."""
-    if loss_type not in GRPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}; got {loss_type!r}")
-    if loss_type in ("dapo", "cispo"):
+def loss_units(mask: torch.Tensor, aggregation: str, max_completion_length: int | None = None) -> torch.Tensor:
+    """What a policy loss sum is divided by: completion tokens (token_mean), sequences (sequence_mean: each
+    sequence's token mean counts once) or sequences x max_completion_length (constant). Known before the forward
+    pass, so a step can count its global units first."""
+    if aggregation == "token_mean":
         return mask.sum()
-    if loss_type == "grpo":
+    if aggregation == "sequence_mean":
         return torch.tensor(mask.shape[0])
+    if aggregation != "constant":
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
+    if max_completion_length is None:
+        raise ValueError("the constant aggregation (Dr. GRPO) needs max_completion_length")
     return torch.tensor(mask.shape[0] * max_completion_length)
 
 
@@ -145,16 +148,14 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
 
 
 def importance_ratio(
-    logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str = "token"
+    logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, *, per_sequence: bool = False
 ) -> torch.Tensor:
     """π/π_old per token [B, T], or GSPO's per sequence (Zheng et al. 2025), the geometric mean of its tokens'
     ratios exp(mean_t log π/π_old), broadcast over the sequence's tokens: one ratio, clipped once, per sequence."""
     log_ratio = logps - old_logps
-    if level == "sequence":
+    if per_sequence:
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         log_ratio = log_ratio.expand_as(logps)
-    elif level != "token":
-        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}; got {level!r}")
     return torch.exp(log_ratio)
 
 
@@ -181,38 +182,81 @@ def grpo_loss(
     *,
     loss_type: str = "dapo",
     epsilon_low: float = 0.2,
-    epsilon_high: float = 0.28,
-    importance_sampling_level: str = "token",
-    delta: float | None = None,
+    epsilon_high: float = 0.2,
     beta: float = 0.0,
-    kl_estimator: str = "k3",
     ref_logps: torch.Tensor | None = None,
-    max_completion_length: int,
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate + β·KL_k3 per completion token [B, T], aggregated by `loss_type` (grpo: mean over each
+    sequence's tokens, then over sequences; dapo: over all completion tokens; dr_grpo: sum / (B ·
+    max_completion_length); cispo: MiniMax-M1's surrogate, token mean): the batch mean and its metrics, batch means
+    over completion tokens. The named-loss form of `policy_loss_sum` (DESIGN.md's public signature), whose
+    `PolicyObjective` takes every other surrogate and knob."""
+    objective = PolicyObjective.of_loss_type(loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta)
+    mean, token_means, _ = _policy_loss(
+        logps, old_logps, advantages, mask, objective, ref_logps=ref_logps, max_completion_length=max_completion_length
+    )
+    return mean, token_means
+
+
+def policy_loss_sum(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    objective: PolicyObjective,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
     correction_weights: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy-gradient surrogate + β·KL per completion token [B, T], aggregated by `loss_type`.
+) -> LossSum:
+    """GRPO's objective in the stages' contract: the loss and its metrics times its units (`loss_units`).
 
-    Surrogate with ρ = `importance_ratio` (per token, or GSPO's per sequence):
-    grpo / dapo / dr_grpo: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), with ρ first capped at `delta` in the unclipped
-    term (INTELLECT-2's two-sided clip: a negative advantage's loss stops growing past ρ = δ; the same as a dual-clip
-    constant c = δ); cispo (MiniMax-M1): −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π, a gradient through every token.
-    Aggregation: grpo: mean over each sequence's tokens, then over sequences; dapo and cispo: sum over tokens /
-    completion tokens in the batch; dr_grpo: sum / (B · max_completion_length), i.e. divided by `grpo_loss_units`.
+    Surrogate with ρ = `importance_ratio` (per token; per sequence for gspo): clip and gspo: −min(ρA, clip(ρ,
+    1−ε_low, 1+ε_high)A), with ρ first capped at `delta` in the unclipped term (INTELLECT-2's two-sided clip: a
+    negative advantage's loss stops growing past ρ = δ; the same as a dual-clip constant c = δ); cispo (MiniMax-M1):
+    −sg(clip(ρ, 1−ε_low, 1+ε_high))·A·log π, a gradient through every token. Then + β·KL (`kl_penalty`).
     `correction_weights` [B, T] (from `rollout_correction`) scale each token's surrogate: the importance weight of
     the trainer's policy over the sampler's. `entropy_mask` [B, T] (`high_entropy_mask`) keeps the surrogate of the
     high-entropy tokens alone; the normalisation stays over all completion tokens, as does the KL term.
-    Metrics are batch means over completion tokens.
     """
-    units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
+    mean, token_means, units = _policy_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        objective,
+        ref_logps=ref_logps,
+        max_completion_length=max_completion_length,
+        correction_weights=correction_weights,
+        entropy_mask=entropy_mask,
+    )
+    return LossSum(mean * units, units, {name: value * units for name, value in token_means.items()})
+
+
+def _policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    objective: PolicyObjective,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    correction_weights: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The batch mean, the token-mean metrics and the units of `policy_loss_sum`."""
+    units = loss_units(mask, objective.aggregation, max_completion_length).to(logps.device)
     mask = mask.to(logps.dtype)
-    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
+    ratio = importance_ratio(logps, old_logps, mask, per_sequence=objective.sequence_ratio)
     advantage = advantages.unsqueeze(-1).to(logps.dtype)
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    if loss_type == "cispo":
+    clipped_ratio = torch.clamp(ratio, 1 - objective.epsilon_low, 1 + objective.epsilon_high)
+    if objective.surrogate == "cispo":
         per_token = -clipped_ratio.detach() * advantage * logps
     else:
-        unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * advantage
+        unclipped = (ratio if objective.delta is None else ratio.clamp(max=objective.delta)) * advantage
         per_token = -torch.minimum(unclipped, clipped_ratio * advantage)
     if correction_weights is not None:
         per_token = per_token * correction_weights.to(per_token.dtype).detach()
@@ -220,24 +264,24 @@ def grpo_loss(
         per_token = per_token * entropy_mask.to(per_token.dtype)
     tokens = mask.sum().clamp(min=1)
     token_means: dict[str, torch.Tensor] = {}
-    if beta:
+    if objective.beta:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
-        kl = kl_penalty(logps, ref_logps, kl_estimator)
-        per_token = per_token + beta * kl
+        kl = kl_penalty(logps, ref_logps, objective.kl_estimator)
+        per_token = per_token + objective.beta * kl
         token_means["kl"] = (kl * mask).sum().detach() / tokens
-    if loss_type == "grpo":
+    if objective.aggregation == "sequence_mean":
         total = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
     else:
         total = (per_token * mask).sum()
-    low = (ratio < 1 - epsilon_low) & (advantage < 0)
-    high = (ratio > 1 + epsilon_high) & (advantage > 0)
+    low = (ratio < 1 - objective.epsilon_low) & (advantage < 0)
+    high = (ratio > 1 + objective.epsilon_high) & (advantage > 0)
     token_means["clip_fraction/low"] = (low * mask).sum().detach() / tokens
     token_means["clip_fraction/high"] = (high * mask).sum().detach() / tokens
     token_means["ratio/mean"] = (ratio * mask).sum().detach() / tokens
     if entropy_mask is not None:
         token_means["entropy_mask/fraction"] = (entropy_mask * mask).sum() / tokens
-    return total / units.clamp(min=1), token_means
+    return total / units.clamp(min=1), token_means, units
 
 
 def rollout_correction(
@@ -265,24 +309,6 @@ def rollout_correction(
         "rollout_correction/max": inside.max(),
         "rollout_correction/masked_fraction": masked.sum() / tokens,
     }
-
-
-def grpo_loss_sum(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss_type: str,
-    max_completion_length: int,
-    **options: Any,
-) -> LossSum:
-    """`grpo_loss` in the stages' contract: loss and metrics times its units (`grpo_loss_units`)."""
-    mean, token_means = grpo_loss(
-        logps, old_logps, advantages, mask, loss_type=loss_type, max_completion_length=max_completion_length, **options
-    )
-    units = grpo_loss_units(mask, loss_type, max_completion_length).to(logps.device)
-    return LossSum(mean * units, units, {name: value * units for name, value in token_means.items()})
 
 
 def is_extreme(metric: str) -> bool:

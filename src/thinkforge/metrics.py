@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from thinkforge.config import ConfigError
+from thinkforge.errors import ConfigError
 from thinkforge.rewards.grading import Gold, verify_many
 from thinkforge.rewards.math import normalize_answer
 from thinkforge.rollout.base import Rollout

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thinkforge.config import TrainConfig
+from thinkforge.config import ModelConfig, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,32 +21,40 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(policy: nn.Module, run: TrainConfig) -> dict[str, Any]:
-    """Lightning's optimizer config: AdamW over the trainable parameters, stepped per optimizer step."""
-    optim = run.optim
+def build_optimizer(policy: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
+    """Lightning's optimizer config: AdamW over the trainable parameters, stepped per optimizer step, its schedule
+    decaying over `total_steps`."""
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in policy.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=optim.lr,
-        betas=tuple(optim.betas),
+        betas=(optim.betas[0], optim.betas[1]),
         eps=optim.eps,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(
-            step, warmup_steps=optim.warmup_steps, total_steps=run.trainer.max_steps, min_ratio=optim.min_lr_ratio
+            step, warmup_steps=optim.warmup_steps, total_steps=total_steps, min_ratio=optim.min_lr_ratio
         ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def warn_of_demo_scale_settings(policy: nn.Module, run: TrainConfig) -> None:
+def warn_of_demo_scale_settings(policy: nn.Module, optim: OptimConfig, model: ModelConfig, max_steps: int) -> None:
     """The default learning rate and weight decay (OptimConfig) suit the tiny demo model trained from scratch; a
-    pretrained model that gets them unchanged is usually wrecked in a few steps, so say so."""
-    optim = run.optim
+    pretrained model that gets them unchanged is usually wrecked in a few steps, so say so. A warm-up as long as
+    the run never reaches its learning rate."""
+    if optim.warmup_steps >= max_steps:
+        log.warning(
+            "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never reaches optim.lr=%g "
+            "(lower optim.warmup_steps)",
+            optim.warmup_steps,
+            max_steps,
+            optim.lr,
+        )
     parameters = sum(p.numel() for p in policy.parameters())  # a DTensor counts its global size
-    if run.model.name_or_path and parameters >= 50e6 and optim.lr >= 1e-3:
+    if model.name_or_path and parameters >= 50e6 and optim.lr >= 1e-3:
         log.warning(
             "optim.lr=%g and optim.weight_decay=%g are the tiny demo model's (the defaults); a pretrained "
             "model of %.0fM parameters is usually fine-tuned at 1e-6 to 2e-5 with weight decay 0 to 0.01: "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -27,10 +28,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from thinkforge.config import ConfigError, PipelineConfig, UserError, validate
+from thinkforge.config import PipelineConfig, validate
 from thinkforge.curves import pipeline_curves
+from thinkforge.errors import EXIT_INTERRUPTED, ConfigError, Interrupted, UserError
+from thinkforge.keys import explain_composition_error
 from thinkforge.preflight import check_train_paths
-from thinkforge.train import own_process_command
+from thinkforge.run_record import record_run, task_overrides
+from thinkforge.training import own_process_command
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +89,14 @@ def compose_stage(
                 cfg.model.name_or_path, cfg.model.config, cfg.model.tokenizer = str(previous_export), None, None
             cfg.seed = cfg.data.seed = cfg.model.init_seed = pipeline.seed
             cfg.output_dir = str(directory)
-        cfg = OmegaConf.merge(
+        merged = OmegaConf.merge(
             cfg, values, {"data": OmegaConf.to_container(pipeline.data, resolve=True)} if pipeline.get("data") else {}
         )
+        assert isinstance(merged, DictConfig)
+        cfg = merged
         validate(cfg)
     except (HydraException, OmegaConfBaseException, ConfigError) as error:
-        raise ConfigError(f"stages.{name}: {error}") from None
+        raise ConfigError(f"stages.{name}: {explain_composition_error(error) or error}") from None
     return cfg
 
 
@@ -105,6 +111,22 @@ def plan(pipeline: DictConfig) -> list[PlannedStage]:
         fingerprint = hashlib.sha256((upstream + OmegaConf.to_yaml(cfg)).encode()).hexdigest()[:16]
         planned[name] = PlannedStage(name, cfg, root / name, fingerprint, source.name if source else None)
     return list(planned.values())
+
+
+def run_forwarding_stops(command: list[str]) -> int:
+    """Runs a stage's process, passing it any stop signal this process gets (`timeout` and `kill` reach this
+    process alone), and waits for it to save and exit; its exit code."""
+    process = subprocess.Popen(command)
+
+    def forward(signum: int, frame: Any) -> None:
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_one(stage: PlannedStage) -> dict[str, Any]:
@@ -129,11 +151,14 @@ def run_one(stage: PlannedStage) -> dict[str, Any]:
     )
     stage.write_record(status="running")
     started = time.monotonic()
-    completed = subprocess.run(command)
-    if completed.returncode != 0:
+    returncode = run_forwarding_stops(command)
+    if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
+        stage.write_record(status="interrupted", seconds=round(time.monotonic() - started, 1))
+        raise Interrupted(f"a stop of stage {stage.name}")
+    if returncode != 0:
+        stage.write_record(status="failed", exit_code=returncode)
         raise StageFailed(
-            f"stage {stage.name} failed (exit code {completed.returncode}); its output is above, "
-            f"logs in {stage.directory}"
+            f"stage {stage.name} failed (exit code {returncode}); its output is above, logs in {stage.directory}"
         )
     heldout_file = stage.directory / "heldout.json"
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
@@ -201,9 +226,8 @@ def overview(stages: list[PlannedStage]) -> str:
         cfg = stage.config
         source = cfg.model.name_or_path or "model.config"
         source = Path(source).parent.name if Path(source).name == "export" else source
-        if "max_completion_length" in cfg.stage:
-            knobs = OmegaConf.to_container(cfg.stage, resolve=True)
-            lengths = f"prompts {knobs['max_prompt_length']}, completions {knobs['max_completion_length']}"
+        if "max_prompt_length" in cfg.stage:
+            lengths = f"prompts {cfg.stage.max_prompt_length}, completions {cfg.stage.sampling.max_new_tokens}"
         else:
             lengths = f"sequences {cfg.data.max_sequence_length}"
         data = cfg.data.train if cfg.data.train != "synthetic" else f"synthetic ({cfg.data.synthetic.num_train} rows)"
@@ -238,16 +262,28 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
             for stage in stages:
                 print(f"# ---- stage {stage.name} -> {stage.directory}\n{OmegaConf.to_yaml(stage.config)}")
         return []
+    record_run(pipeline, task_overrides(), Path(pipeline.output_dir), replaces_differing=True)
     if pipeline.doctor:
         if not doctor_stages(pipeline, stages):
             sys.exit(1)
         return []
-    records = [run_one(stage) for stage in stages]
+    records: list[dict[str, Any]] = []
+    try:
+        for stage in stages:
+            records.append(run_one(stage))
+    finally:  # the stages done so far, however the pipeline stops
+        if records:
+            report(pipeline, records, stages)
+    return records
+
+
+def report(pipeline: DictConfig, records: list[dict[str, Any]], stages: list[PlannedStage]) -> None:
+    """summary.md, curves.png and the printed table of the stages in `records`."""
     table = format_table(records)
     summary = Path(pipeline.output_dir) / "summary.md"
-    curves = pipeline_curves(
-        records, [stage.directory for stage in stages], summary.with_name("curves.png"), title=pipeline.name
-    )
+    done = {record["stage"] for record in records}
+    directories = [stage.directory for stage in stages if stage.name in done]
+    curves = pipeline_curves(records, directories, summary.with_name("curves.png"), title=pipeline.name)
     summary.write_text(
         f"# {pipeline.name} (seed {pipeline.seed})\n\n{pipeline.description}\n\n{table}\n\n![curves]({curves.name})\n"
     )
@@ -255,4 +291,3 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
         f"\n[pipeline] {pipeline.name}: held-out results after each stage (also in {summary}, {curves})\n{table}",
         flush=True,
     )
-    return records

@@ -15,7 +15,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Optional
 
-from thinkforge.config import ConfigError, EvalConfig, TrainConfig, require
+from thinkforge.benchmarks import EvalConfig
+from thinkforge.config import TrainConfig
+from thinkforge.errors import ConfigError, require
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -47,9 +47,10 @@ def smollm2_gguf(install: bool = True) -> Path:
 def check_chat_model(directory: Path) -> dict[str, object]:
     """What a chat model must have for SFT masking and generation to stop: a template whose reply ends with the
     turn-end token, and that token among the end tokens. Returns what was found; raises if it is wrong."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    from thinkforge.tokenizer import end_token_ids, turn_end_token
+    from thinkforge.chat import ChatFormat, declared_end_ids
+    from thinkforge.config import ModelConfig
 
     if getattr(AutoConfig.from_pretrained(directory), "quantization_config", None):
         raise ValueError(
@@ -58,8 +59,8 @@ def check_chat_model(directory: Path) -> dict[str, object]:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template")
-    turn_end = turn_end_token(tokenizer)
-    ends = end_token_ids(tokenizer, GenerationConfig.from_pretrained(directory))
+    chat = ChatFormat(tokenizer, declared_ends=declared_end_ids(ModelConfig(name_or_path=str(directory))))
+    turn_end, ends = chat.turn_end, chat.end_ids
     if turn_end != TURN_END or tokenizer.convert_tokens_to_ids(TURN_END) not in ends:
         raise ValueError(
             f"{directory}: expected replies to end with {TURN_END}; the template ends them with {turn_end!r}, "

@@ -135,4 +135,5 @@ class ContinuingCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
+        assert isinstance(self._experiment, ExperimentWriter)
         return self._experiment

@@ -7,51 +7,44 @@ of a pipeline runs. These are the only checks of stage settings: the stages and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from thinkforge.config import (
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    PipelineConfig,
-    StageSchema,
-    TrainConfig,
-    one_of,
-    require,
-    shared_benchmarks,
+from thinkforge.benchmarks import EvalConfig, shared_benchmarks
+from thinkforge.config import DataConfig, PipelineConfig, StageSchema, TrainConfig
+from thinkforge.errors import ConfigError, one_of, require
+from thinkforge.objectives import (
+    ADVANTAGE_SCALES,
+    AGGREGATIONS,
+    DPO_LOSS_TYPES,
+    KL_ESTIMATORS,
+    ROLLOUT_CORRECTIONS,
+    SURROGATES,
+    PolicyObjective,
 )
 from thinkforge.rewards.shaping import RewardModel
+from thinkforge.rollout.settings import SamplingConfig
 
-# The allowed values of the loss knobs: here, beside the knobs, so that composing a config needs no torch;
-# `thinkforge.losses` implements each of them.
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 ANSWER_EXTRACTIONS = ("strict", "lenient")
 
 
-def check_schedule(value: Any, key: str, positive: type) -> None:
-    """A number, or a piecewise-constant schedule {from_step: value} that starts at step 0."""
-    settings = value.values() if isinstance(value, Mapping) else [value]
-    if isinstance(value, Mapping):
-        require(bool(value), key, "a schedule needs at least one {from_step: value} entry")
-        steps = sorted(int(step) for step in value)
-        require(steps[0] == 0, key, f"a schedule must start at step 0; got steps {steps}")
-    for setting in settings:
+def own_samples() -> SamplingConfig:
+    """How a stage samples its starting model for its own training rows (rollout DPO, rejection-sampled SFT): 8
+    completions of up to 160 tokens per prompt at temperature 1, each verified against the row's gold."""
+    return SamplingConfig(num_samples=8, temperature=1.0, max_new_tokens=160)
+
+
+def check_own_samples(sampling: SamplingConfig, min_samples: int) -> None:
+    """Sampled once, from the starting checkpoint, before training: a schedule over steps means nothing there."""
+    sampling.check("stage.sampling", min_samples=min_samples, sampled=True)
+    for knob in ("temperature", "max_new_tokens"):
         require(
-            isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0,
-            key,
-            f"every value must be a positive {positive.__name__}; got {setting!r}",
+            isinstance(getattr(sampling, knob), (int, float)),
+            f"stage.sampling.{knob}",
+            "is one number here: the stage samples once, before it trains",
         )
-        if positive is int:
-            require(float(setting).is_integer(), key, f"every value must be a whole number of tokens; got {setting!r}")
 
 
 @dataclass
@@ -65,40 +58,6 @@ class MidTrainingConfig(StageSchema):
 
 
 @dataclass
-class OwnSamplesConfig:
-    """How a stage samples its starting model for its own training rows: `num_samples` completions per prompt,
-    each verified against the row's gold."""
-
-    num_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 160
-
-    def __post_init__(self) -> None:
-        require(self.num_samples >= 1, "stage.rollout.num_samples", f"must be positive; got {self.num_samples}")
-        require(
-            self.temperature > 0,
-            "stage.rollout.temperature",
-            f"sampling needs a positive temperature; got {self.temperature}",
-        )
-        require(0 < self.top_p <= 1, "stage.rollout.top_p", f"must be in (0, 1]; got {self.top_p}")
-        require(self.max_new_tokens > 0, "stage.rollout.max_new_tokens", "must be positive")
-
-
-@dataclass
-class RejectionSamplingConfig(OwnSamplesConfig):
-    """Rejection-sampled SFT: up to `max_per_prompt` distinct verified-correct, finished samples of each prompt."""
-
-    max_per_prompt: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(
-            self.max_per_prompt >= 1, "stage.rollout.max_per_prompt", f"must be positive; got {self.max_per_prompt}"
-        )
-
-
-@dataclass
 class SFTConfig(StageSchema):
     _target_: str = "thinkforge.stages.sft.SFT"
     # prompt_completion | messages
@@ -106,12 +65,17 @@ class SFTConfig(StageSchema):
     # file: the replies in the data; rejection: the starting model's own verified-correct samples of prompt + gold
     # rows (DeepSeek-R1's rejection-sampled SFT), sampled once before training and kept in the run directory
     replies: str = "file"
-    rollout: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    # rejection: how the starting model is sampled, and up to how many distinct verified-correct, finished samples
+    # of each prompt become replies
+    sampling: SamplingConfig = field(default_factory=own_samples)
+    max_per_prompt: int = 1
     # how rejection samples are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
     answer_extraction: str = "strict"
 
     def __post_init__(self) -> None:
         one_of(self.format, ("prompt_completion", "messages"), "stage.format")
+        check_own_samples(self.sampling, min_samples=1)
+        require(self.max_per_prompt >= 1, "stage.max_per_prompt", f"must be positive; got {self.max_per_prompt}")
         one_of(self.replies, ("file", "rejection"), "stage.replies")
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
         require(
@@ -131,19 +95,6 @@ class SFTConfig(StageSchema):
 
 
 @dataclass
-class RolloutPairsConfig(OwnSamplesConfig):
-    """Rollout DPO: a verified-correct sample of a prompt paired with an incorrect one."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(
-            self.num_samples >= 2,
-            "stage.rollout.num_samples",
-            f"a pair needs at least 2 samples; got {self.num_samples}",
-        )
-
-
-@dataclass
 class DPOConfig(StageSchema):
     _target_: str = "thinkforge.stages.dpo.DPO"
     beta: float = 0.1
@@ -154,7 +105,8 @@ class DPOConfig(StageSchema):
     precompute_ref_logps: bool = False
     # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
     pairs: str = "rollout"
-    rollout: RolloutPairsConfig = field(default_factory=RolloutPairsConfig)
+    # rollout: how the starting model is sampled for its pairs (a pair needs at least 2 samples of a prompt)
+    sampling: SamplingConfig = field(default_factory=own_samples)
     # how rollout pairs are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
     answer_extraction: str = "strict"
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
@@ -169,6 +121,7 @@ class DPOConfig(StageSchema):
         )
         require(self.rpo_alpha >= 0, "stage.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
         one_of(self.pairs, ("file", "rollout"), "stage.pairs")
+        check_own_samples(self.sampling, min_samples=2)
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
 
     def check_data(self, data: DataConfig) -> None:
@@ -187,18 +140,26 @@ class DPOConfig(StageSchema):
         return self.answer_extraction == "lenient"
 
 
+def rollouts() -> SamplingConfig:
+    """GRPO's default sampling: groups of 8 completions of up to 96 tokens at temperature 1."""
+    return SamplingConfig(num_samples=8, temperature=1.0, max_new_tokens=96)
+
+
 @dataclass
 class GRPOConfig(StageSchema):
     _target_: str = "thinkforge.stages.grpo.GRPO"
-    # completions sampled per prompt; advantages compare them with each other
-    group_size: int = 8
+    # how each prompt's group is sampled: num_samples is the group size (advantages compare a group's completions
+    # with each other); temperature and max_new_tokens may be schedules {from_step: value}: an annealed temperature,
+    # iterative context lengthening ({0: 8192, 500: 16384})
+    sampling: SamplingConfig = field(default_factory=rollouts)
     # optimizer steps on each batch of rollouts (> 1: the ratio and clipping come into play)
     num_iterations: int = 1
-    # grpo: per-sequence token mean (DeepSeek-R1); dapo: token sum over the batch's tokens; dr_grpo: over B x max
-    # length; cispo: MiniMax-M1's clipped importance weight, detached, times log pi (every token keeps a gradient)
-    loss_type: str = "dapo"
-    # token: a ratio per token; sequence: GSPO's length-normalised sequence ratio (the paper clips it at 3e-4/4e-4)
-    importance_sampling_level: str = "token"
+    # the objective (thinkforge.objectives.PolicyObjective), in two choices: the surrogate, clip (PPO's clipped
+    # token ratio), gspo (the clipped ratio of the whole sequence; the paper clips it at 3e-4/4e-4) or cispo
+    # (MiniMax-M1's clipped importance weight, detached, times log pi: every token keeps a gradient); and the
+    # aggregation, token_mean (DAPO), sequence_mean (DeepSeek-R1's GRPO) or constant (Dr. GRPO: B x max length)
+    surrogate: str = "clip"
+    aggregation: str = "token_mean"
     # advantages divided by the group's std, the batch's std, or nothing (Dr. GRPO)
     advantage_scale: str = "group"
     # the clip range [1 - epsilon_low, 1 + epsilon_high]; DAPO's clip-higher raises the upper side
@@ -215,11 +176,6 @@ class GRPOConfig(StageSchema):
     kl_estimator: str = "k3"
     # prompts longer than this (rendered, in tokens) are dropped, with a count in the log
     max_prompt_length: int = 512
-    # a number, or a schedule {from_step: tokens}: iterative context lengthening, e.g. {0: 8192, 500: 16384}
-    max_completion_length: Any = 96
-    # a number, or a schedule {from_step: temperature}
-    temperature: Any = 1.0
-    top_p: float = 1.0
     # truncated completions train on nothing (DAPO's overlong filtering)
     mask_truncated: bool = False
     # drop groups whose rewards are all equal and sample more prompts, up to max_refills times per step (DAPO)
@@ -241,9 +197,11 @@ class GRPOConfig(StageSchema):
     share_prompt: bool = True
 
     def __post_init__(self) -> None:
-        one_of(self.loss_type, GRPO_LOSS_TYPES, "stage.loss_type")
+        self.sampling.check("stage.sampling", min_samples=2, sampled=True)
+        require(self.sampling.max_new_tokens is not None, "stage.sampling.max_new_tokens", "is required")
+        one_of(self.surrogate, SURROGATES, "stage.surrogate")
+        one_of(self.aggregation, AGGREGATIONS, "stage.aggregation")
         one_of(self.advantage_scale, ADVANTAGE_SCALES, "stage.advantage_scale")
-        one_of(self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "stage.importance_sampling_level")
         one_of(self.kl_estimator, KL_ESTIMATORS, "stage.kl_estimator")
         require(
             0 < self.top_entropy_quantile <= 1,
@@ -257,17 +215,12 @@ class GRPOConfig(StageSchema):
             f"got {self.delta}",
         )
         require(
-            self.delta is None or self.loss_type != "cispo",
+            self.delta is None or self.surrogate != "cispo",
             "stage.delta",
             "clips the PPO-style surrogate; cispo clips its importance weight with epsilon_low/epsilon_high alone",
         )
         require(
             self.max_prompt_length > 0, "stage.max_prompt_length", f"must be positive; got {self.max_prompt_length}"
-        )
-        require(
-            self.group_size >= 2,
-            "stage.group_size",
-            f"advantages need at least 2 samples per prompt; got {self.group_size}",
         )
         require(self.num_iterations >= 1, "stage.num_iterations", f"must be >= 1; got {self.num_iterations}")
         require(self.max_refills >= 0, "stage.max_refills", f"must be >= 0; got {self.max_refills}")
@@ -277,7 +230,6 @@ class GRPOConfig(StageSchema):
             "clip ranges must be >= 0",
         )
         require(self.beta >= 0, "stage.beta", f"must be >= 0 (0 switches the KL term off); got {self.beta}")
-        require(0 < self.top_p <= 1, "stage.top_p", f"must be in (0, 1]; got {self.top_p}")
         one_of(self.answer_extraction, ANSWER_EXTRACTIONS, "stage.answer_extraction")
         one_of(self.rollout_correction, ROLLOUT_CORRECTIONS, "stage.rollout_correction")
         require(
@@ -286,12 +238,22 @@ class GRPOConfig(StageSchema):
             f"must be >= 1; got {self.rollout_correction_cap}",
         )
         require(self.max_steps_without_signal >= 0, "stage.max_steps_without_signal", "must be >= 0 (0: never stop)")
-        check_schedule(self.max_completion_length, "stage.max_completion_length", int)
-        check_schedule(self.temperature, "stage.temperature", float)
         try:
             RewardModel(self.reward)  # building it checks names and options
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def objective(self) -> PolicyObjective:
+        """The knobs the policy loss takes, as the one object it takes them in."""
+        return PolicyObjective(
+            surrogate=self.surrogate,
+            aggregation=self.aggregation,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+        )
 
     def check_data(self, data: DataConfig) -> None:
         require(

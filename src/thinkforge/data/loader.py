@@ -12,6 +12,7 @@ of neighbours, dealt to the ranks in turn: each step still trains on the same it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+
+log = logging.getLogger(__name__)
 
 
 class StepBatches(IterableDataset[list[Any]]):
@@ -147,6 +150,14 @@ class StageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[list[Any]]:
         rank, world_size = self.ranks()
+        if rank == 0 and len(self.train_items) < self.batch_size:
+            log.warning(
+                "data.batch_size=%d is more than the %d training items: every step sees each item %.1f times "
+                "(lower data.batch_size, or add data)",
+                self.batch_size,
+                len(self.train_items),
+                self.batch_size / max(len(self.train_items), 1),
+            )
         batches = StepBatches(
             self.train_items,
             batch_size=self.batch_size,

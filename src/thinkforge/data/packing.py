@@ -38,7 +38,7 @@ class TokenSequence:
         """Next-token labels; `loss_mask[j]` says whether token j is a target (e.g. assistant tokens only)."""
         ids = tuple(token_ids)
         labels = [ids[i + 1] if loss_mask is None or loss_mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)]
-        return cls(ids, tuple(labels) + (IGNORE_INDEX,))
+        return cls(ids, (*labels, IGNORE_INDEX))
 
 
 def fit_to_length(

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thinkforge.config import DataConfig, UserError
+from thinkforge.config import DataConfig
 from thinkforge.data import synthetic, synthetic_code
+from thinkforge.errors import UserError
 from thinkforge.rewards.code import CodeTests
 
 
@@ -187,7 +188,11 @@ def _canonical(raw: Any, fields: Mapping[str, str], required: Sequence[str], opt
         if column not in raw or raw[column] is None:
             if name in optional:
                 continue
-            raise KeyError(f"field '{name}' (column '{column}'): missing")
+            needed = ", ".join(fields.get(field, field) for field in required if field != GOLD)
+            raise KeyError(
+                f"field '{name}' (column '{column}'): missing; this stage reads {needed}"
+                f"{' and an answer (or tests)' if GOLD in required else ''}, the row has {', '.join(map(str, raw))}"
+            )
         try:
             record[name] = FIELD_CHECKS.get(name, lambda value: value)(raw[column])
         except TypeError as error:

@@ -13,6 +13,7 @@ run untrusted code from outside the training job behind a container or nsjail.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -175,7 +176,7 @@ def _network_isolation() -> list[str]:
 
 
 def run_tests(
-    solution: str, tests: Sequence[str] | Sequence[dict], limits: SandboxLimits = SandboxLimits()
+    solution: str, tests: Sequence[str] | Sequence[dict[str, Any]], limits: SandboxLimits = SandboxLimits()
 ) -> list[bool]:
     """Which of `tests` the solution passes: assert statements (run after the solution, in its namespace), or
     {input, output} pairs (the solution as a program, stdin to stdout, compared token by token). All False when
@@ -201,10 +202,8 @@ def run_tests(
         except subprocess.TimeoutExpired:
             output = b""
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             process.wait()
     reports = [line[len(nonce) :] for line in output.decode(errors="replace").splitlines() if line.startswith(nonce)]
     if len(reports) != 1:

@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -116,13 +116,13 @@ def _stated_value(text: str) -> str | None:
     """The value a stated answer names: its formula, or what follows its last "=" or "is" ("8" of "4 * 2 = 8 times
     faster", "34" of "The largest $n$ is 34"); a lone number loses its units; several numbers stay several."""
     text = re.split(r"\s+is\s+", text)[-1]
-    formulas = [next(group for group in match if group) for match in _FORMULA.findall(text)]
+    formulas: list[str] = [next(group for group in match if group) for match in _FORMULA.findall(text)]
     if formulas:
         return formulas[-1].strip()
     text = text.rsplit("=", 1)[-1].strip()
     if _LATEX.search(text):
         return text or None
-    numbers = [number + ("%" if percent else "") for number, percent in _NUMBER.findall(text)]
+    numbers: list[str] = [number + ("%" if percent else "") for number, percent in _NUMBER.findall(text)]
     if len(numbers) == 1:
         return numbers[0]
     if numbers:
@@ -133,7 +133,7 @@ def _stated_value(text: str) -> str | None:
 def _guessed_answer(text: str) -> str | None:
     """For evaluation only: the last formula, else a short text of numbers and units as it is, else the last
     number that is not part of a time."""
-    formulas = [next(group for group in match if group) for match in _FORMULA.findall(text)]
+    formulas: list[str] = [next(group for group in match if group) for match in _FORMULA.findall(text)]
     if formulas:
         return formulas[-1].strip()
     words = {word.lower() for word in re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", text)}
@@ -173,21 +173,21 @@ def normalize_answer(answer: str) -> str:
     return _interval_of_chain(answer.rstrip("."))
 
 
-def _decimal_comma(number: re.Match) -> str:
+def _decimal_comma(number: re.Match[str]) -> str:
     """`2,74`, `1000,99`, `0,111` are decimals; `1,2` stays a list of two, and `1,000` a thousand."""
     whole, fraction = number[1], number[2]
     if whole.lstrip("-") == "0" or len(fraction) not in (1, 3):
         return f"{whole}.{fraction}"
-    return number[0]
+    return str(number[0])
 
 
-def _without_thousands_commas(number: re.Match) -> str:
+def _without_thousands_commas(number: re.Match[str]) -> str:
     """`12,345,678` -> `12345678`; but `(12,102)` alone in brackets is an interval or a point."""
     text = number.string
     before, after = text[number.start() - 1 : number.start()], text[number.end() : number.end() + 1]
     if before and after and before in "([" and after in ")]":
-        return number[0]
-    return number[0].replace(",", "")
+        return str(number[0])
+    return str(number[0]).replace(",", "")
 
 
 _LOWER = r"<=|<|\\leq?|\\lt"
@@ -223,7 +223,7 @@ def _check(pred: str, gold: str) -> bool:
         return False
     exact_pred, exact_gold = parsed_pred[0], parsed_gold[0]
     if all(isinstance(v, sympy.Expr) and v.is_number and not v.has(sympy.Float) for v in (exact_pred, exact_gold)):
-        return sympy.simplify(exact_pred - exact_gold) == 0
+        return bool(sympy.simplify(exact_pred - exact_gold) == 0)
     return bool(verify(parsed_gold, parsed_pred, timeout_seconds=None))
 
 
@@ -326,7 +326,7 @@ class VerifierPool:
                 process.kill()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, function, argument_pairs: Sequence[tuple[str, ...]]) -> list[bool | None]:
+    def run(self, function: Callable[..., Any], argument_pairs: Sequence[tuple[str, ...]]) -> list[bool | None]:
         """function(*args) for each args, in parallel; None where a check timed out twice or crashed.
 
         A check past its deadline is retried once, with four times the time, in a fresh pool: on a node whose
@@ -357,7 +357,9 @@ class VerifierPool:
     def timeout_rate(self) -> float:
         return self.timeouts / max(self.checks + 0.0, 1.0)
 
-    def _run_once(self, function, argument_pairs: Sequence[tuple[str, ...]], timeout_s: float) -> list[Any]:
+    def _run_once(
+        self, function: Callable[..., Any], argument_pairs: Sequence[tuple[str, ...]], timeout_s: float
+    ) -> list[Any]:
         """Results, with _LATE for a check past its deadline and for those after it (their pool is killed)."""
         futures = [self._pool().submit(function, *args) for args in argument_pairs]
         results: list[Any] = []
@@ -452,6 +454,11 @@ def answers_match_many(pairs: Sequence[tuple[str, str]], pool: VerifierPool | No
     return results
 
 
+def answers_match(pred: str, gold: str) -> bool:
+    """Mathematical equivalence; LaTeX or plain, with or without `$…$`; False on timeout."""
+    return answers_match_many([(pred, gold)])[0]
+
+
 def gold_is_parseable(gold: str, pool: VerifierPool | None = None) -> bool:
     return golds_parseable_many([gold], pool)[0]
 
@@ -476,6 +483,6 @@ def math_accuracy_many(
     answers = [extract_answer(completion, lenient, guess=guess) for completion in completions]
     checkable = [i for i, answer in enumerate(answers) if answer is not None]
     scores = [0.0] * len(completions)
-    for index, match in zip(checkable, answers_match_many([(answers[i], golds[i]) for i in checkable], pool)):
+    for index, match in zip(checkable, answers_match_many([(str(answers[i]), golds[i]) for i in checkable], pool)):
         scores[index] = float(match)
     return scores

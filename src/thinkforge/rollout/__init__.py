@@ -1,6 +1,2 @@
-"""Generation engines behind one small interface, so a stage never depends on how rollouts are produced."""
-
-from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
-from thinkforge.rollout.hf import HFEngine
-
-__all__ = ["Rollout", "RolloutEngine", "SamplingConfig", "HFEngine"]
+"""Generation engines behind one small interface (`base.RolloutEngine`), built in one place from their settings
+(`engines.build_engine`, `settings.RolloutConfig`), so a stage never depends on how rollouts are produced."""

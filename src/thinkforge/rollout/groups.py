@@ -11,10 +11,12 @@ import torch
 
 from thinkforge.collectives import Collectives
 from thinkforge.data.loader import StepBatches
+from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.grading import Gold
 from thinkforge.rewards.math import shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
-from thinkforge.rollout.base import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout
+from thinkforge.rollout.settings import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,14 @@ class Group:
 
 
 class Generate(Protocol):
-    def __call__(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
         """This rank's prompts, sampled."""
 
 
@@ -54,7 +63,7 @@ def no_signal_cause(accuracy: float, answered: float, truncated: float, max_toke
     what = "every completion was wrong" if accuracy <= 0 else "every group's completions scored alike"
     if truncated >= 0.5:
         return what, (
-            f"completions are cut off at stage.max_completion_length={max_tokens} tokens: raise it, "
+            f"completions are cut off at stage.sampling.max_new_tokens={max_tokens} tokens: raise it, "
             "or ask for a shorter answer"
         )
     if answered < 0.5:
@@ -81,7 +90,7 @@ class GroupSampler:
         self.generate, self.reward_model, self.group_size = generate, reward_model, group_size
         self.refills, self.max_refills = refills, max_refills
 
-    def score(self, prompts: Sequence[Prompt], sampling: SamplingConfig, seed: int) -> list[Group]:
+    def score(self, prompts: Sequence[Prompt], sampling: SamplingParams, seed: int) -> list[Group]:
         rollouts = self.generate([p.text for p in prompts], sampling, seed=seed)
         flat = [(prompt, rollout) for prompt, group in zip(prompts, rollouts) for rollout in group]
         scored = self.reward_model.score(
@@ -99,7 +108,7 @@ class GroupSampler:
         return groups
 
     def sample(
-        self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, seed: int, position: int, collectives: Collectives
+        self, prompts: Sequence[Prompt], sampling: SamplingParams, *, seed: int, position: int, collectives: Collectives
     ) -> tuple[list[Group], dict[str, float]]:
         """Sampled, scored groups for the step at data `position`; with dynamic sampling, zero-variance groups are
         replaced by fresh prompts.

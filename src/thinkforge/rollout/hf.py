@@ -11,7 +11,10 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
-from thinkforge.rollout.base import GenerationProgress, Rollout, SamplingConfig, end_ids_of, rollout_of
+from thinkforge.chat import ChatFormat
+from thinkforge.progress import GenerationProgress
+from thinkforge.rollout.base import Rollout, rollout_of
+from thinkforge.rollout.settings import SamplingParams
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -22,17 +25,17 @@ class SampledLogprobs(LogitsProcessor):
     top-p warpers, so the same transforms are applied here to the unmodified scores.
     """
 
-    def __init__(self, sampling: SamplingConfig, progress: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(self, sampling: SamplingParams, on_step: Callable[[torch.Tensor], None] | None = None) -> None:
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.temperature > 0 and sampling.top_p < 1 else None
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
-        self.progress = progress
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._record(input_ids[:, -1])
-        if self.progress is not None:
-            self.progress(input_ids)
+        if self.on_step is not None:
+            self.on_step(input_ids)
         warped = scores.float() / self.temperature
         if self.top_p is not None:
             warped = self.top_p(input_ids, warped)
@@ -51,7 +54,7 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps[-num_new:], dim=1).tolist()
 
 
-class PreallocatedLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+class PreallocatedLayer(DynamicLayer):
     """A dynamic cache layer that writes each step into a buffer sized for the whole generation.
 
     HF's `DynamicLayer` concatenates its whole cache with every new token: generation of L tokens copies O(L²)
@@ -113,12 +116,12 @@ class HFEngine:
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        chat: ChatFormat,
         *,
-        batch_size: int = 32,
+        batch_size: int = 64,
         synced: bool = False,
         share_prefill: bool = True,
-        progress: GenerationProgress | None = None,
+        stop_point: Callable[[], None] | None = None,
     ) -> None:
         """`synced=True` under FSDP: every rank keeps stepping until all are done, or the all-gathers deadlock.
 
@@ -127,10 +130,12 @@ class HFEngine:
         not G padded ones. Only with several samples per prompt (one batched prefill is faster for distinct
         prompts), and in one process only: under FSDP the ranks' prefill calls would not line up.
 
-        A row ends at any of the model's end tokens (`end_ids_of`); `rollout_of` cuts it and decides `finished`."""
-        self.model, self.tokenizer, self.batch_size, self.synced = model, tokenizer, batch_size, synced
-        self.share_prefill, self.progress = share_prefill, progress
-        self.end_ids = end_ids_of(tokenizer, getattr(model, "generation_config", None))
+        A row ends at any of the chat format's end tokens; `rollout_of` cuts it and decides `finished`.
+        `stop_point` is called after every decode step: where a stop asked for from outside may end the work
+        (under FSDP every rank calls it at the same step)."""
+        self.model, self.tokenizer, self.batch_size, self.synced = model, chat.tokenizer, batch_size, synced
+        self.share_prefill, self.stop_point = share_prefill, stop_point
+        self.end_ids = chat.end_ids
 
     holds_weights = False
 
@@ -141,7 +146,14 @@ class HFEngine:
         """Nothing to free: the engine is the policy."""
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
         tokenizer = self.tokenizer
         jobs = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(sampling.num_samples)]
         rollouts: list[list[Rollout]] = [[] for _ in prompts]
@@ -164,7 +176,7 @@ class HFEngine:
                         cache = preallocated_cache(self._hf.config, capacity)
                     inputs[_cache_argument(self.model)] = cache
                     sampled = sampling.temperature > 0
-                    recorder = SampledLogprobs(sampling, self._progress_of(inputs["input_ids"].shape[1]))
+                    recorder = SampledLogprobs(sampling, self._on_step(inputs["input_ids"].shape[1], progress))
                     output = self.model.generate(
                         **inputs,
                         max_new_tokens=sampling.max_new_tokens,
@@ -185,8 +197,8 @@ class HFEngine:
                     )
                     new_tokens = output[:, inputs["input_ids"].shape[1] :]
                     logprobs = recorder.finish(output, new_tokens.shape[1])
-                    if self.progress is not None:
-                        self.progress.end_batch(len(chunk), int(self._generated(new_tokens)[0].sum()))
+                    if progress is not None:
+                        progress.end_batch(len(chunk), int(self._generated(new_tokens)[0].sum()))
                     for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
                         rollouts[index].append(
                             rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings)
@@ -204,17 +216,21 @@ class HFEngine:
             return finished.long(), finished
         return torch.where(finished, ended.int().argmax(1) + 1, new_tokens.shape[1]), finished
 
-    def _progress_of(self, prompt_width: int) -> Callable[[torch.Tensor], None] | None:
-        """A per-step report of the batch's new tokens and finished rows to the progress bar, if there is one."""
-        if self.progress is None:
+    def _on_step(self, prompt_width: int, progress: GenerationProgress | None) -> Callable[[torch.Tensor], None] | None:
+        """After each decode step: the batch's new tokens and finished rows to the progress report, if there is
+        one, and the stop point."""
+        if progress is None and self.stop_point is None:
             return None
-        progress = self.progress
+        stop_point = self.stop_point
 
-        def report(input_ids: torch.Tensor) -> None:
-            lengths, finished = self._generated(input_ids[:, prompt_width:])
-            progress.step(int(lengths.sum()), int(finished.sum()))
+        def on_step(input_ids: torch.Tensor) -> None:
+            if progress is not None:
+                lengths, finished = self._generated(input_ids[:, prompt_width:])
+                progress.step(int(lengths.sum()), int(finished.sum()))
+            if stop_point is not None:
+                stop_point()
 
-        return report
+        return on_step
 
     @property
     def _hf(self) -> Any:

@@ -13,9 +13,11 @@ import torch
 
 from thinkforge.adapters import has_adapter, merged_weights, whole_tensor
 from thinkforge.backbone import CausalLM
-from thinkforge.config import TrainConfig
-from thinkforge.rollout.base import Rollout, RolloutEngine, SamplingConfig
-from thinkforge.rollout.hf import HFEngine
+from thinkforge.chat import ChatFormat
+from thinkforge.progress import GenerationProgress
+from thinkforge.rollout.base import Rollout, RolloutEngine
+from thinkforge.rollout.engines import EngineSource, build_engine
+from thinkforge.rollout.settings import RolloutConfig, SamplingParams
 
 
 def policy_weights(policy: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
@@ -31,35 +33,48 @@ def policy_weights(policy: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class PolicySampler:
-    """`compute_context`: the trainer's compute dtype for the HF engine, which runs the live policy. `export`
-    writes the policy as an HF directory, vLLM's source when the policy was built from a config."""
+    """Feeds the engine the policy's weights whenever they moved on since it last sampled. `starting_weights`: the
+    directory (or hub id) of the checkpoint the policy started from, which an engine that holds its own weights
+    starts from; None when the policy was built from a config, which `export()` then writes for it.
+    `compute_context`: the trainer's compute dtype, for the HF engine, which runs the live policy."""
 
     def __init__(
         self,
         policy: CausalLM,
-        tokenizer: Any,
-        run: TrainConfig,
-        rank: int,
-        world_size: int,
+        chat: ChatFormat,
+        rollout: RolloutConfig,
+        *,
+        starting_weights: str | None,
+        export: Callable[[], Path],
         longest_sequence: int,
+        seed: int,
+        world_size: int,
         compute_context: Callable[[], Any],
-        export: Callable[[Path], None],
+        stop_point: Callable[[], None] | None = None,
     ) -> None:
-        self.policy, self.tokenizer, self.run = policy, tokenizer, run
-        # vLLM's context: the stage's longest prompt and completion, within what the model's positions allow
+        self.policy, self.chat, self.rollout = policy, chat, rollout
+        self.starting_weights, self.export = starting_weights, export
+        # an engine's context: the stage's longest prompt and completion, within what the model's positions allow
         positions = getattr(policy.hf.config, "max_position_embeddings", None) or longest_sequence
-        self.rank, self.world_size, self.max_model_len = rank, world_size, min(longest_sequence, positions)
-        self.compute_context, self.export = compute_context, export
+        self.max_model_len = min(longest_sequence, positions)
+        self.seed, self.world_size = seed, world_size
+        self.compute_context, self.stop_point = compute_context, stop_point
         self.engine: RolloutEngine | None = None
         self.engine_step = -1  # the optimizer step whose weights an engine that holds its own copy samples
         self.weight_sync_seconds = 0.0
 
     @property
     def holds_weights(self) -> bool:
-        return self.run.rollout.engine != "hf"
+        return self.rollout.engine != "hf"
 
     def generate(
-        self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int, step: int
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        step: int,
+        progress: GenerationProgress | None = None,
     ) -> list[list[Rollout]]:
         """This rank's prompts sampled from the weights of optimizer step `step`; under FSDP every rank calls it
         together."""
@@ -69,30 +84,27 @@ class PolicySampler:
             engine.update_weights(policy_weights(self.policy))
             self.weight_sync_seconds, self.engine_step = time.perf_counter() - started, step
         with contextlib.nullcontext() if engine.holds_weights else self.compute_context():
-            groups = engine.generate(prompts, sampling, seed=seed)
+            groups = engine.generate(prompts, sampling, seed=seed, progress=progress)
         engine.sleep()
         return groups
 
     def start(self, step: int) -> RolloutEngine:
-        if self.run.rollout.engine == "hf":
-            self.engine = HFEngine(
-                self.policy, self.tokenizer, batch_size=self.run.heldout.batch_size, synced=self.world_size > 1
-            )
-        else:
-            self.engine = self.vllm_engine(step)
-        return self.engine
-
-    def vllm_engine(self, step: int) -> RolloutEngine:
-        """vLLM serving the starting checkpoint's directory (or hub id), or an export of the policy when it was
-        built from a config."""
-        from thinkforge.rollout.vllm import VLLMEngine
-
-        source: str | Path | None = self.run.model.name_or_path
-        self.engine_step = 0
-        if source is None:
-            source = Path(self.run.output_dir) / "rollout_model"
-            self.export(source)
+        def weights_dir() -> str | Path:
+            """The checkpoint the policy started from, or an export of the policy as it is at `step`."""
+            if self.starting_weights is not None:
+                self.engine_step = 0
+                return self.starting_weights
             self.engine_step = step
-        return VLLMEngine(
-            source, self.tokenizer, self.run.rollout, max_model_len=self.max_model_len, seed=self.run.seed + self.rank
+            return self.export()
+
+        source = EngineSource(
+            self.chat,
+            model=lambda: self.policy,
+            weights_dir=weights_dir,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            synced=self.world_size > 1,
+            stop_point=self.stop_point,
         )
+        self.engine = build_engine(self.rollout, source)
+        return self.engine

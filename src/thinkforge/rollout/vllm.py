@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
-from thinkforge.config import RolloutConfig
-from thinkforge.rollout.base import Rollout, SamplingConfig, end_ids_of, rollout_of
+from thinkforge.chat import ChatFormat
+from thinkforge.progress import GenerationProgress
+from thinkforge.rollout.base import Rollout, rollout_of
+from thinkforge.rollout.settings import SamplingParams, VLLMEngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +72,37 @@ def contained() -> Iterator[None]:
                     os.environ[name] = value
 
 
+class RotaryNoticeFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight sync: the rotary tables are
+    computed from the config, never loaded, so nothing failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("RotaryEmbedding" in message and "Failed to load weights" in message)
+
+
+def quiet_vllm_notices() -> None:
+    vllm_logger = logging.getLogger("vllm")
+    for handler in [*vllm_logger.handlers, *logging.getLogger().handlers]:
+        if not any(isinstance(existing, RotaryNoticeFilter) for existing in handler.filters):
+            handler.addFilter(RotaryNoticeFilter())
+
+
 class VLLMEngine:
     holds_weights = True
 
     def __init__(
         self,
         model_dir: str | Path,
-        tokenizer: Any,
-        config: RolloutConfig,
+        chat: ChatFormat,
+        config: VLLMEngineConfig,
         *,
         max_model_len: int,
         seed: int,
-        show_progress: bool = False,
     ) -> None:
-        """An engine serving `model_dir` (an HF directory or hub id) with `tokenizer`: prompts arrive as token ids,
-        so vLLM never re-tokenizes them differently from the trainer. `show_progress`: vLLM's own bar."""
-        self.tokenizer, self.config, self.show_progress = tokenizer, config, show_progress
+        """An engine serving `model_dir` (an HF directory or hub id) with the chat format's tokenizer: prompts arrive
+        as token ids, so vLLM never re-tokenizes them differently from the trainer, and stop at its end tokens."""
+        self.tokenizer, self.config = chat.tokenizer, config
         on_gpu = torch.cuda.is_available()
         # the engine runs inside this process: a separate engine process could not read the policy's weights
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -95,6 +112,7 @@ class VLLMEngine:
             import vllm
 
             check_version(vllm.__version__)
+            quiet_vllm_notices()
             dtype = {"auto": "bfloat16" if on_gpu else "float32"}.get(config.dtype, config.dtype)
             options: dict[str, Any] = (
                 {
@@ -116,45 +134,69 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs",
                 **options,
             )
-        self.end_ids = end_ids_of(tokenizer, _generation_config(model_dir))
+        self.end_ids = chat.end_ids
         self.sleeps = on_gpu and config.sleep_while_training
         self.asleep = False
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
-        from vllm import SamplingParams
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
+        """One call to vLLM for all of them, or, with `progress`, one per tenth of them, so that progress is heard
+        of as it goes (each request has its own seed: the samples are the same either way)."""
+        if progress is None or len(prompts) < 2:
+            groups = self._generate(list(enumerate(prompts)), sampling, seed)
+        else:
+            chunk = -(-len(prompts) // 10)
+            groups = []
+            for start in range(0, len(prompts), chunk):
+                done = self._generate(list(enumerate(prompts))[start : start + chunk], sampling, seed)
+                progress.end_batch(
+                    sum(len(group) for group in done), sum(len(r.token_ids) for group in done for r in group)
+                )
+                groups += done
+        return groups
+
+    def _generate(self, prompts: Sequence[tuple[int, str]], sampling: SamplingParams, seed: int) -> list[list[Rollout]]:
+        """`prompts`: (index in the whole call, text); the index seeds each request."""
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer([text for _, text in prompts], add_special_tokens=False)["input_ids"]
         # vLLM draws n samples of one request only when sampling; greedy decoding repeats the request instead
         greedy = sampling.temperature == 0
         copies, n = (sampling.num_samples, 1) if greedy else (1, sampling.num_samples)
-        owners = [index for index in range(len(prompts)) for _ in range(copies)]
+        owners = [position for position in range(len(prompts)) for _ in range(copies)]
         # one seed per prompt: the same seed samples the same completions, whatever else is in the batch
         params = [
-            SamplingParams(
+            VLLMSamplingParams(
                 n=n,
                 temperature=sampling.temperature,
                 top_p=1.0 if greedy else sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 logprobs=0,
-                seed=(seed * 1_000_003 + index) % 2**31,
+                seed=(seed * 1_000_003 + prompts[position][0]) % 2**31,
                 stop_token_ids=self.end_ids,
                 stop=list(sampling.stop_strings) or None,
                 include_stop_str_in_output=True,
                 skip_special_tokens=False,
             )
-            for index in owners
+            for position in owners
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=encoded[index]) for index in owners], params, use_tqdm=self.show_progress
+            [TokensPrompt(prompt_token_ids=encoded[position]) for position in owners], params, use_tqdm=False
         )
         groups: list[list[Rollout]] = [[] for _ in prompts]
-        for index, output in zip(owners, outputs):
-            groups[index] += [
+        for position, output in zip(owners, outputs):
+            groups[position] += [
                 rollout_of(
                     self.tokenizer,
-                    index,
+                    prompts[position][0],
                     completion.token_ids,
                     [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
                     self.end_ids,
@@ -180,12 +222,3 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-
-
-def _generation_config(model_dir: str | Path) -> Any:
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        return None

@@ -9,32 +9,33 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from transformers import PreTrainedTokenizerBase
 
 from thinkforge.adapters import base_weights
 from thinkforge.backbone import CausalLM, build_backbone, resolve_attn_implementation
+from thinkforge.chat import ChatFormat
 from thinkforge.collectives import Collectives
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StageDataModule
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.losses import LossSum
 from thinkforge.optim import build_optimizer, warn_of_demo_scale_settings
+from thinkforge.preemption import StopRequest
+from thinkforge.progress import GenerationProgress
 from thinkforge.resume import data_position
-from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.sampler import PolicySampler
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stages.completions import Batch, CompletionBatcher
 from thinkforge.stages.export import export_hf
 from thinkforge.stages.heldout import HeldOut
 from thinkforge.stages.probe import StageProbe
 from thinkforge.stages.steps import StepSums, stop_unless_finite
-from thinkforge.tokenizer import render_chat, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,25 @@ class Stage(L.LightningModule):
     #: optimizer steps per loader batch (GRPO: stage.num_iterations)
     steps_per_batch = 1
 
-    def __init__(self, run: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__()
-        self.run, self.tokenizer = run, tokenizer
+        self.run, self.chat, self.tokenizer = run, chat, chat.tokenizer
         self.automatic_optimization = False
         self.policy: CausalLM | None = None
         # outside the module tree (a dict is not registered): checkpoints hold no copy of the reference
         self.frozen: dict[str, CausalLM] = {}
         self.export_dir = Path(run.output_dir) / "export"
         self.validates = run.data.val is not None
-        self.render_prompt = partial(render_prompt, tokenizer, system_prompt=run.data.system_prompt)
-        self.render_chat = partial(render_chat, tokenizer, system_prompt=run.data.system_prompt)
-        self.heldout = HeldOut(run, self.render_prompt)
+        self.heldout = HeldOut(run.heldout, run.data, run.stage, chat, output_dir=run.output_dir, seed=run.seed)
         self.heldout_metrics: dict[str, float] = {}
         self.initial_heldout: dict[str, float] = {}
         self.attention = resolve_attn_implementation(run.model.attn_implementation)
-        self.batcher = CompletionBatcher.for_run(run, tokenizer.pad_token_id, self.attention)
+        self.batcher = CompletionBatcher.for_attention(chat.pad_id, self.attention, pack=run.data.pack)
         self.sampler: PolicySampler | None = None
         self._val_sums = StepSums()
+        # replaced by thinkforge.preemption.Preemption's when a trainer runs the stage
+        self.stop_request = StopRequest()
+        self.batch_start_step = 0
 
     # ---- the stage's contract -------------------------------------------------------------------------------
     def build_items(self, split: str) -> Sequence[Any]:
@@ -124,7 +126,7 @@ class Stage(L.LightningModule):
     def load_backbone(self, *, frozen: bool = False) -> CausalLM:
         """The starting checkpoint, sharded over the data-parallel mesh under FSDP; `frozen` for references."""
         mesh = self.device_mesh if isinstance(self.trainer.strategy, ModelParallelStrategy) else None
-        return build_backbone(self.run.model, self.run.hardware, self.tokenizer, mesh, frozen=frozen)
+        return build_backbone(self.run.model, self.run.hardware, self.chat, mesh, frozen=frozen)
 
     @property
     def collectives(self) -> Collectives:
@@ -132,8 +134,11 @@ class Stage(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.trainer.is_global_zero:
-            warn_of_demo_scale_settings(self.policy, self.run)
-        return build_optimizer(self.policy, self.run)
+            warn_of_demo_scale_settings(self.policy, self.run.optim, self.run.model, self.run.trainer.max_steps)
+        return build_optimizer(self.policy, self.run.optim, self.run.trainer.max_steps)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.batch_start_step = self.global_step
 
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         self.optimization_step(micro_batches)
@@ -152,7 +157,11 @@ class Stage(L.LightningModule):
         scale = self.trainer.world_size / max(units, 1.0)
         sums = StepSums()
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # a stop point while no optimizer step of this loader batch is done (GRPO's later iterations run on)
+        first_pass = self.global_step == self.batch_start_step
         for index, batch in enumerate(micro_batches):
+            if first_pass and (index == 0 or self.trainer.world_size == 1):
+                self.stop_request.check(collective=True)
             if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP reduces gradients after the last one only
                 self.policy.set_requires_gradient_sync(index == len(micro_batches) - 1)
             loss, _, metrics = self.loss_sum(batch)
@@ -183,19 +192,39 @@ class Stage(L.LightningModule):
         if means:
             self.log_dict(means, prog_bar=True, rank_zero_only=True)
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
         """This rank's prompts sampled from the policy's current weights (`rollout.*`); every rank calls it together."""
         if self.sampler is None:
-            export = partial(export_hf, self.policy, self.tokenizer, self.run.model, self.trainer.strategy)
             completions = self.completion_length()
             longest = self.run.stage.longest_prompt(self.run.data) + max(
-                completions, self.heldout.max_new_tokens(completions)
+                completions, self.heldout.sampling(completions).max_new_tokens
             )
-            context, world = self.trainer.precision_plugin.forward_context, self.trainer.world_size
             self.sampler = PolicySampler(
-                self.policy, self.tokenizer, self.run, self.global_rank, world, longest, context, export
+                self.policy,
+                self.chat,
+                self.run.rollout,
+                starting_weights=self.run.model.name_or_path,
+                export=self.export_for_engine,
+                longest_sequence=longest,
+                seed=self.run.seed + self.global_rank,
+                world_size=self.trainer.world_size,
+                compute_context=self.trainer.precision_plugin.forward_context,
+                stop_point=lambda: self.stop_request.check(),
             )
-        return self.sampler.generate(prompts, sampling, seed=seed, step=self.global_step)
+        return self.sampler.generate(prompts, sampling, seed=seed, step=self.global_step, progress=progress)
+
+    def export_for_engine(self) -> Path:
+        """The policy as an HF directory, for an engine that loads its own copy of a model built from a config."""
+        directory = Path(self.run.output_dir) / "rollout_model"
+        export_hf(self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory)
+        return directory
 
     def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
         return self.heldout.evaluate(self.generate, self.collectives, self.completion_length(), filename=filename)

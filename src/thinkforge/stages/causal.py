@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence, collate_rows, fill_ratio, fit_to_length, pack
 from thinkforge.losses import LossSum, causal_lm_loss
 from thinkforge.stages.base import Batch, Stage
@@ -22,7 +24,7 @@ class CausalProbe(StageProbe):
 
     def __init__(self, stage: CausalLMStage, end_id: int | None = None) -> None:
         super().__init__(stage)
-        self.end_id = self.turn_end_id if end_id is None else end_id
+        self.end_id = self.chat.turn_end_id if end_id is None else end_id
 
     def examples(self, count: int) -> list[TrainingExample]:
         return [TrainingExample([], sequence, self.end_id) for sequence in self.stage.sequences("train")[:count]]
@@ -39,8 +41,8 @@ class CausalProbe(StageProbe):
 class CausalLMStage(Stage):
     """Token-mean cross-entropy over the global batch's target tokens; subclasses say which tokens are targets."""
 
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
+        super().__init__(run, chat)
         # flash-attn takes every document of a micro-batch as one padding-free row; SDPA keeps [B, L] rows
         self.flatten_rows = self.attention == "flash_attention_2"
         # unpadded rows are cut to their micro-batch's longest, rounded up to tensor-core friendly widths on GPU

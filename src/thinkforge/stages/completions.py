@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from thinkforge.backbone import CausalLM
-from thinkforge.config import TrainConfig
 from thinkforge.data.packing import Document, collate_documents, completion_documents, document_rows, unpack
 
 Batch = dict[str, torch.Tensor]
@@ -32,9 +31,9 @@ class CompletionBatcher:
     flatten: bool
 
     @classmethod
-    def for_run(cls, run: TrainConfig, pad_token_id: int, attention: str) -> CompletionBatcher:
+    def for_attention(cls, pad_token_id: int, attention: str, *, pack: bool) -> CompletionBatcher:
         """SDPA is the one backend that takes a custom attention mask; flash-attn takes packed rows flat."""
-        return cls(pad_token_id, attention == "sdpa", run.data.pack, attention == "flash_attention_2")
+        return cls(pad_token_id, attention == "sdpa", pack, attention == "flash_attention_2")
 
     def layout(
         self, prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], bool]], share_prompt: bool

@@ -12,18 +12,19 @@ from typing import Any
 import torch
 
 from thinkforge.backbone import CausalLM
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.packing import IGNORE_INDEX, TokenSequence
 from thinkforge.data.records import GOLD, load_split
 from thinkforge.losses import LossSum, dpo_loss_sum
 from thinkforge.resume import sampled_rows_path
-from thinkforge.rollout import SamplingConfig
 from thinkforge.rollout.pairs import pair_rollouts
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stage_configs import DPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.own_samples import sample_once
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
-from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +50,26 @@ class DPOProbe(StageProbe):
             replies = [(prompt, formatted_answer(gold)) for prompt, gold in self.gold_rows(count)]
         examples = []
         for prompt, reply in replies:
-            prompt_ids = self.tokenizer(stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+            prompt_ids = self.chat.encode(self.chat.prompt(prompt))
             completion = list(stage.completion_ids(prompt_ids, reply, True) or ())
             mask = [False] * len(prompt_ids) + [True] * len(completion)
             examples.append(
-                TrainingExample(prompt_ids, TokenSequence.causal(prompt_ids + completion, mask), self.turn_end_id)
+                TrainingExample(prompt_ids, TokenSequence.causal(prompt_ids + completion, mask), self.chat.turn_end_id)
             )
         return examples
 
-    def sampling(self) -> SamplingConfig | None:
+    def sampling(self) -> SamplingParams | None:
         return capped(self.stage.rollout) if self.stage.settings.pairs == "rollout" else None
 
 
 class DPO(Stage):
     loss_unit = "pairs"
 
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
+        super().__init__(run, chat)
         self.settings: DPOConfig = run.stage
-        rollout = self.settings.rollout
-        self.rollout = SamplingConfig(rollout.num_samples, rollout.temperature, rollout.top_p, rollout.max_new_tokens)
+        self.rollout = self.settings.sampling.at()
         self.items_need_model = self.settings.pairs == "rollout"
-        self.turn_end_id = tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] (chosen, rejected) when precomputed
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ class DPO(Stage):
     def build_items(self, split: str) -> Sequence[Pair]:
         items, dropped = [], 0
         for record in self.pair_records(split):
-            prompt_ids = self.tokenizer(self.render_prompt(record["prompt"]), add_special_tokens=False)["input_ids"]
+            prompt_ids = self.chat.encode(self.chat.prompt(record["prompt"]))
             sides = [
                 self.completion_ids(prompt_ids, record[side], record.get(f"{side}_finished", True))
                 for side in ("chosen", "rejected")
@@ -109,9 +108,7 @@ class DPO(Stage):
     def completion_ids(self, prompt_ids: list[int], completion: str, finished: bool) -> tuple[int, ...] | None:
         """A finished reply ends with the chat turn's end token, the one SFT trains and generation stops at; the
         prompt and reply together fit data.max_sequence_length (truncated or dropped)."""
-        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + (
-            [self.turn_end_id] if finished else []
-        )
+        completion_ids = self.chat.reply_ids(completion, finished)
         room = self.run.data.max_sequence_length - len(prompt_ids)
         if len(completion_ids) > room:
             if self.run.data.overflow == "drop" or room <= 0:

@@ -57,7 +57,7 @@ def save_model(
 def save_adapter(policy: CausalLM, state: dict[str, torch.Tensor], model: ModelConfig, directory: Path) -> None:
     """peft's adapter files, naming their base: the starting checkpoint, or, for a model built from a config,
     its weights saved beside the adapter in `base/`."""
-    adapter = policy.hf.active_adapter
+    adapter = str(policy.hf.active_adapter)
     if model.name_or_path is None:
         base_state = ((hf_name(name), tensor) for name, tensor in state.items() if ".lora_" not in name)
         save_model(policy.hf.get_base_model(), base_state, model, directory / "base")

@@ -7,32 +7,36 @@ them, compute group advantages, optionally drop zero-variance groups and refill 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from thinkforge.config import UserError
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
 from thinkforge.data.records import GOLD, DataError, load_records
+from thinkforge.errors import UserError
 from thinkforge.losses import (
     LossSum,
     entropy_threshold,
     group_advantages,
-    grpo_loss_sum,
-    grpo_loss_units,
     high_entropy_mask,
     is_extreme,
+    loss_units,
+    policy_loss_sum,
     rollout_correction,
 )
 from thinkforge.resume import data_position
 from thinkforge.rewards.grading import gold_is_usable
 from thinkforge.rewards.shaping import RewardModel
-from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cause
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
@@ -40,15 +44,8 @@ from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatt
 
 log = logging.getLogger(__name__)
 
-
-def scheduled(value: int | float | Mapping[int, Any], step: int) -> Any:
-    """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K);
-    `GRPOConfig` checked that a schedule starts at step 0."""
-    if not isinstance(value, Mapping):
-        return value
-    return [
-        setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step
-    ][-1]
+#: the starting checkpoint's held-out scores, in the run directory
+START_SCORES = "heldout_start.json"
 
 
 class GRPOProbe(StageProbe):
@@ -60,7 +57,7 @@ class GRPOProbe(StageProbe):
     def examples(self, count: int) -> list[TrainingExample]:
         return [self.reply_example(prompt, formatted_answer(gold)) for prompt, gold in self.gold_rows(count)]
 
-    def sampling(self) -> SamplingConfig | None:
+    def sampling(self) -> SamplingParams | None:
         return capped(self.stage.sampling())
 
 
@@ -69,15 +66,17 @@ class GRPO(Stage):
     # or the data position (and so the rollouts' seed) would never move on
     allows_empty_steps = True
 
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
+        super().__init__(run, chat)
         self.settings: GRPOConfig = run.stage
+        self.objective = self.settings.objective()
+        self.group_size = self.settings.sampling.num_samples
         self.reward_model = RewardModel(self.settings.reward, lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
         self.steps_per_batch = self.settings.num_iterations
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
-        self.step_sampling: SamplingConfig | None = None  # this step's: its loss is computed at its temperature
+        self.step_sampling: SamplingParams | None = None  # this step's: its loss is computed at its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
 
@@ -91,8 +90,8 @@ class GRPO(Stage):
         )
         if not rows:
             raise DataError(f"{data.train}: no prompt has a gold answer the verifier can parse, or tests")
-        rendered = [self.render_prompt(record["prompt"]) for record in rows]
-        encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        rendered = [self.chat.prompt(record["prompt"]) for record in rows]
+        encoded = self.chat.encode_many(rendered)
         longest = self.settings.max_prompt_length
         fitting = [(text, ids, row) for text, ids, row in zip(rendered, encoded, rows) if len(ids) <= longest]
         if len(fitting) < len(rows):
@@ -110,26 +109,27 @@ class GRPO(Stage):
         return GRPOProbe(self)
 
     def completion_length(self) -> int:
-        return int(
-            scheduled(
-                self.settings.max_completion_length, self.run.trainer.max_steps // self.settings.num_iterations - 1
-            )
-        )
+        """The token budget of the last step's rollouts."""
+        return self.settings.sampling.at(self.run.trainer.max_steps // self.steps_per_batch - 1).max_new_tokens
 
     def on_train_start(self) -> None:
-        if self.heldout.enabled() and not self.initial_heldout:
-            self.initial_heldout = self.evaluate_heldout(filename=None)
-            self.heldout.log_outside_steps(self.trainer, self.initial_heldout, "heldout_start/")
+        """The starting checkpoint's held-out scores, once per run: kept in `heldout_start.json`, so a run stopped
+        before its first checkpoint does not pay for them again."""
+        if not self.heldout.enabled() or self.initial_heldout:
+            return
+        saved = Path(self.run.output_dir) / START_SCORES
+        if saved.exists():
+            scores = json.loads(saved.read_text())
+            self.initial_heldout = {name: value for name, value in scores.items() if isinstance(value, (int, float))}
+            log.info("starting held-out scores read back from %s", saved)
+        else:
+            self.initial_heldout = self.evaluate_heldout(filename=START_SCORES)
+        self.heldout.log_outside_steps(self.trainer, self.initial_heldout, "heldout_start/")
 
     # ---- one step: sample, score, optimise --------------------------------------------------------------------
-    def sampling(self) -> SamplingConfig:
-        step = data_position(self.global_step, self.steps_per_batch)
-        return SamplingConfig(
-            num_samples=self.settings.group_size,
-            temperature=float(scheduled(self.settings.temperature, step)),
-            top_p=self.settings.top_p,
-            max_new_tokens=int(scheduled(self.settings.max_completion_length, step)),
-        )
+    def sampling(self) -> SamplingParams:
+        """This step's: `stage.sampling` at the current data position (its schedules move with it)."""
+        return self.settings.sampling.at(data_position(self.global_step, self.steps_per_batch))
 
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         started = time.perf_counter()
@@ -140,7 +140,7 @@ class GRPO(Stage):
         seed = self.run.seed * 7919 + position * 104729 + self.global_rank
         sampler = self.group_sampler(len(prompts))
         groups, stats = sampler.sample(prompts, sampling, seed=seed, position=position, collectives=self.collectives)
-        self.check_signal(groups, stats, sampling)
+        steps_without_signal = self.check_signal(groups, stats, sampling)
         generation_seconds = time.perf_counter() - started
         train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
@@ -152,14 +152,16 @@ class GRPO(Stage):
         if self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
+        # kept only once the step is done: a run stopped inside it resumes counting from the step before
+        self.steps_without_signal = steps_without_signal
 
-    def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingConfig) -> None:
+    def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingParams) -> int:
         """A step whose groups all have zero reward spread has zero advantages: it trains on nothing. Say so, with
-        the likely cause, and stop after `max_steps_without_signal` such steps in a row instead of running on."""
+        the likely cause, and stop after `max_steps_without_signal` such steps in a row instead of running on.
+        Returns the count of such steps in a row, this one included."""
         if self.collectives.sum(sum(group.has_signal for group in groups)).item() > 0:
-            self.steps_without_signal = 0
-            return
-        self.steps_without_signal += 1
+            return 0
+        steps_without_signal = self.steps_without_signal + 1
         accuracy, answered = stats["reward/accuracy"], stats["reward/answered"]
         truncated = stats["completion/truncation_rate"]
         what, cause = no_signal_cause(accuracy, answered, truncated, sampling.max_new_tokens)
@@ -169,12 +171,13 @@ class GRPO(Stage):
             f"{truncated:.0%} were truncated). Likely cause: {cause}"
         )
         limit = self.settings.max_steps_without_signal
-        if limit and self.steps_without_signal >= limit:
+        if limit and steps_without_signal >= limit:
             raise UserError(
                 f"{limit} steps in a row trained on nothing (stage.max_steps_without_signal={limit}); {message}"
             )
         if self.trainer.is_global_zero:
             log.warning(message)
+        return steps_without_signal
 
     def group_sampler(self, prompts_per_rank: int) -> GroupSampler:
         """Built on the first step, once the training prompts and this rank's share of a step are known; dynamic
@@ -194,11 +197,11 @@ class GRPO(Stage):
                 )
             settings = self.settings
             self._groups = GroupSampler(
-                self.generate, self.reward_model, settings.group_size, refills, settings.max_refills
+                self.generate, self.reward_model, self.group_size, refills, settings.max_refills
             )
         return self._groups
 
-    def training_batches(self, groups: list[Group], sampling: SamplingConfig) -> list[Batch]:
+    def training_batches(self, groups: list[Group], sampling: SamplingParams) -> list[Batch]:
         """Micro-batches of `data.micro_batch_size` prompts' completions, each packed with its prompt into rows,
         with their advantages, the sampler's log-probs, and old and reference log-probs, all at the sampling
         temperature of this step. Packing stays inside a micro-batch so that every rank runs as many micro-batches
@@ -207,7 +210,7 @@ class GRPO(Stage):
         rewards = torch.cat([g.rewards for g in groups])
         advantages = group_advantages(
             rewards,
-            self.settings.group_size,
+            self.group_size,
             self.settings.advantage_scale,
             batch_std=self.collectives.std(rewards) if self.settings.advantage_scale == "batch" else None,
         )
@@ -218,7 +221,7 @@ class GRPO(Stage):
             for index, group in enumerate(groups[first : first + self.run.data.micro_batch_size], start=first):
                 completions = [
                     (
-                        index * self.settings.group_size + k,
+                        index * self.group_size + k,
                         rollout.token_ids,
                         not (self.settings.mask_truncated and not rollout.finished),
                     )
@@ -241,7 +244,7 @@ class GRPO(Stage):
                         batch["old_logps"] = old_logps
                     if entropy is not None:
                         batch["entropy"] = entropy
-            if self.run.stage.uses_reference():
+            if self.settings.uses_reference():
                 with self.reference() as reference:
                     batch["ref_logps"], _ = completion_scores(reference, batch, temperature=sampling.temperature)
             batches.append(batch)
@@ -272,8 +275,8 @@ class GRPO(Stage):
         return logps
 
     def count_units(self, batch: Batch) -> torch.Tensor:
-        return grpo_loss_units(
-            batch["targets"] != IGNORE_INDEX, self.settings.loss_type, self.step_sampling.max_new_tokens
+        return loss_units(
+            batch["targets"] != IGNORE_INDEX, self.objective.aggregation, self.step_sampling.max_new_tokens
         )
 
     def loss_sum(self, batch: Batch) -> LossSum:
@@ -288,18 +291,12 @@ class GRPO(Stage):
             mode=self.settings.rollout_correction,
             cap=self.settings.rollout_correction_cap,
         )
-        result = grpo_loss_sum(
+        result = policy_loss_sum(
             logps,
             old_logps,
             batch["advantages"],
             mask,
-            loss_type=self.settings.loss_type,
-            epsilon_low=self.settings.epsilon_low,
-            epsilon_high=self.settings.epsilon_high,
-            importance_sampling_level=self.settings.importance_sampling_level,
-            delta=self.settings.delta,
-            beta=self.settings.beta,
-            kl_estimator=self.settings.kl_estimator,
+            self.objective,
             ref_logps=batch.get("ref_logps"),
             max_completion_length=sampling.max_new_tokens,
             correction_weights=None if self.settings.rollout_correction == "none" else weights,

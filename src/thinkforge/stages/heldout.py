@@ -5,22 +5,32 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from thinkforge.chat import ChatFormat
 from thinkforge.collectives import Collectives
-from thinkforge.config import TrainConfig
+from thinkforge.config import DataConfig, HeldOutConfig, StageSchema
 from thinkforge.data.records import GOLD, DataError, Records, load_split
 from thinkforge.metrics import HeldOutSums, score_rollouts
+from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.grading import Gold, verify_many
-from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout
+from thinkforge.rollout.settings import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class Generate(Protocol):
-    def __call__(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
         """This rank's prompts, sampled."""
 
 
@@ -29,9 +39,19 @@ class HeldOut:
     be cut from them when data.val is null. `lenient`: the stage grades stated answers; held-out scores read them
     too, or they would grade another format than the one the stage trains (both from the stage's schema)."""
 
-    def __init__(self, run: TrainConfig, render_prompt: Callable[[str], str]) -> None:
-        self.run, self.settings, self.render_prompt = run, run.heldout, render_prompt
-        self.trains_on_answers, self.lenient = run.stage.trains_on_answers(), run.stage.reads_stated_answers()
+    def __init__(
+        self,
+        settings: HeldOutConfig,
+        data: DataConfig,
+        stage: StageSchema,
+        chat: ChatFormat,
+        *,
+        output_dir: str,
+        seed: int,
+    ) -> None:
+        self.settings, self.data, self.chat = settings, data, chat
+        self.output_dir, self.seed = Path(output_dir), seed
+        self.trains_on_answers, self.lenient = stage.trains_on_answers(), stage.reads_stated_answers()
 
     def warn_when_missing(self, stage_name: str) -> None:
         if self.settings.num_prompts and not self.enabled():
@@ -41,9 +61,9 @@ class HeldOut:
                 stage_name,
             )
 
-    def max_new_tokens(self, completion_length: int) -> int:
-        """heldout.max_new_tokens, or as long as the stage's own completions may be."""
-        return self.settings.max_new_tokens or completion_length
+    def sampling(self, completion_length: int) -> SamplingParams:
+        """heldout.sampling, its token budget as long as the stage's own completions may be unless it sets one."""
+        return self.settings.sampling.at(max_new_tokens=completion_length)
 
     def log_outside_steps(self, trainer: Any, metrics: dict[str, float], prefix: str) -> None:
         """Scores measured outside a training step (before and after the stage), written straight to every logger
@@ -60,10 +80,10 @@ class HeldOut:
     def cuts_from_train(self) -> bool:
         """No data.val but held-out scores asked for: the last `heldout.num_prompts` training rows are held out
         (never trained on), for the stages whose rows have gold answers."""
-        return self.run.data.val is None and self.settings.num_prompts > 0 and self.trains_on_answers
+        return self.data.val is None and self.settings.num_prompts > 0 and self.trains_on_answers
 
     def enabled(self) -> bool:
-        return bool(self.settings.num_prompts) and (self.run.data.val is not None or self.cuts_from_train())
+        return bool(self.settings.num_prompts) and (self.data.val is not None or self.cuts_from_train())
 
     def training_rows(self, records: Records) -> list[dict[str, Any]]:
         """The training split's rows, less the held-out slice when there is one (named in the log)."""
@@ -83,42 +103,57 @@ class HeldOut:
         rows held out from training."""
         count = self.settings.num_prompts
         if self.cuts_from_train():
-            rows = load_split(self.run.data, "train", required=("prompt", GOLD)).rows[-count:]
+            rows = load_split(self.data, "train", required=("prompt", GOLD)).rows[-count:]
         else:
-            rows = load_split(self.run.data, "val", required=("prompt", GOLD)).rows[:count]
-        return [self.render_prompt(row["prompt"]) for row in rows], [row[GOLD] for row in rows]
+            rows = load_split(self.data, "val", required=("prompt", GOLD)).rows[:count]
+        return [self.chat.prompt(row["prompt"]) for row in rows], [row[GOLD] for row in rows]
 
     def evaluate(
         self, generate: Generate, collectives: Collectives, completion_length: int, *, filename: str | None
     ) -> dict[str, float]:
         """Every rank scores its share; rank 0 writes `filename` in the run directory (None: write nothing)."""
-        max_new_tokens = self.max_new_tokens(completion_length)
+        sampling = self.sampling(completion_length)
         prompts, golds = self.prompts()
-        settings = self.settings
-        sampling = SamplingConfig(settings.num_samples, settings.temperature, settings.top_p, max_new_tokens)
         share = collectives.share(len(prompts))
-        groups = generate([prompts[i] for i in share], sampling, seed=self.run.seed + collectives.rank)
+        progress = GenerationProgress(len(share) * sampling.num_samples, "held-out") if collectives.rank == 0 else None
+        try:
+            groups = generate(
+                [prompts[i] for i in share], sampling, seed=self.seed + collectives.rank, progress=progress
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         sums = score_rollouts(groups, [golds[i] for i in share], self.verify)
         total = HeldOutSums(*collectives.sum(sums.as_list()).tolist())
         metrics = total.metrics()
-        if settings.pass_k:
-            count = settings.pass_k_prompts
-            metrics.update(self.pass_at_k(prompts[:count], golds[:count], generate, collectives, max_new_tokens))
+        if self.settings.pass_k:
+            count = self.settings.pass_k_prompts
+            metrics.update(self.pass_at_k(prompts[:count], golds[:count], generate, collectives, sampling))
         if collectives.rank == 0 and filename:
-            (Path(self.run.output_dir) / filename).write_text(
-                json.dumps({**metrics, "samples": total.samples}, indent=2)
-            )
+            (self.output_dir / filename).write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
             log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 
     def pass_at_k(
-        self, prompts: list[str], golds: list[Gold], generate: Generate, collectives: Collectives, max_new_tokens: int
+        self,
+        prompts: list[str],
+        golds: list[Gold],
+        generate: Generate,
+        collectives: Collectives,
+        greedy: SamplingParams,
     ) -> dict[str, float]:
         """pass@k (a prompt counts when any of its k samples is right) and the sampled pass@1 at that temperature."""
         k = self.settings.pass_k
-        sampling = SamplingConfig(k, self.settings.pass_k_temperature, 1.0, max_new_tokens)
+        sampling = SamplingParams(k, self.settings.pass_k_temperature, 1.0, greedy.max_new_tokens)
         share = collectives.share(len(prompts))
-        groups = generate([prompts[i] for i in share], sampling, seed=self.run.seed + 1 + collectives.rank)
+        progress = GenerationProgress(len(share) * k, f"held-out pass@{k}") if collectives.rank == 0 else None
+        try:
+            groups = generate(
+                [prompts[i] for i in share], sampling, seed=self.seed + 1 + collectives.rank, progress=progress
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         scores = self.verify([r.text for g in groups for r in g], [golds[i] for i, g in zip(share, groups) for _ in g])
         solved = sum(any(scores[i * k : (i + 1) * k]) for i in range(len(groups)))
         correct, solved, count = collectives.sum([sum(scores), solved, len(groups)]).tolist()

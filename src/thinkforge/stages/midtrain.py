@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_split
 from thinkforge.stages.causal import CausalLMStage, CausalProbe
@@ -19,8 +21,8 @@ class MidTraining(CausalLMStage):
     `documents=text` trains on a raw `text` field.
     """
 
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
+        super().__init__(run, chat)
         self.document_format = run.stage.documents
 
     def probe(self) -> StageProbe:
@@ -35,11 +37,6 @@ class MidTraining(CausalLMStage):
         if text_mode:
             texts = [record["text"] + self.tokenizer.eos_token for record in records.rows]
         else:
-            texts = [
-                self.render_chat(
-                    [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
-                )
-                for r in records.rows
-            ]
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            texts = [self.chat.exchange(r["prompt"], r["completion"]) for r in records.rows]
+        encoded = self.chat.encode_many(texts)
         return [TokenSequence.causal(ids) for ids in encoded]

@@ -10,10 +10,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from thinkforge.chat import ChatFormat
+from thinkforge.collectives import Collectives
+from thinkforge.config import TrainConfig
+from thinkforge.progress import GenerationProgress
 from thinkforge.resume import read_sampled_rows, write_sampled_rows
 from thinkforge.rewards.grading import Gold, verify_many
-from thinkforge.rollout import Rollout, SamplingConfig
+from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.pairs import graded
+from thinkforge.rollout.settings import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +27,28 @@ Select = Callable[..., tuple[list[dict[str, Any]], Counter[str]]]
 
 
 class SamplingStage(Protocol):
-    run: Any
-    trainer: Any
-    collectives: Any
-    global_step: int
-    render_prompt: Callable[[str], str]
+    """What `sample_once` reads of a stage (a `Stage`, which imports this module)."""
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int) -> list[list[Rollout]]: ...
+    run: TrainConfig
+    chat: ChatFormat
+    trainer: Any
+    global_step: int
+
+    @property
+    def collectives(self) -> Collectives: ...
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]: ...
 
 
 def sample_once(
-    stage: SamplingStage, rows: Sequence[dict[str, Any]], sampling: SamplingConfig, path: Path, select: Select
+    stage: SamplingStage, rows: Sequence[dict[str, Any]], sampling: SamplingParams, path: Path, select: Select
 ) -> list[dict[str, Any]]:
     """Every rank samples its share of `rows` (prompt + gold) with the policy, still the starting checkpoint, and
     grades them as the stage reads answers; `select` turns them into training rows; rank 0 writes all of them to
@@ -44,7 +60,14 @@ def sample_once(
     rank = stage.trainer.global_rank
     prompts = [rows[i]["prompt"] for i in share]
     golds: list[Gold] = [rows[i]["gold"] for i in share]
-    groups = stage.generate([stage.render_prompt(p) for p in prompts], sampling, seed=stage.run.seed + rank)
+    progress = GenerationProgress(len(share) * sampling.num_samples, path.stem) if rank == 0 else None
+    try:
+        groups = stage.generate(
+            [stage.chat.prompt(p) for p in prompts], sampling, seed=stage.run.seed + rank, progress=progress
+        )
+    finally:
+        if progress is not None:
+            progress.close()
     lenient = stage.run.stage.reads_stated_answers()
     correct = graded(groups, golds, lambda texts, golds: verify_many(texts, golds, lenient=lenient, guess=False))
     provenance = {

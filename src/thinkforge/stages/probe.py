@@ -4,25 +4,23 @@ the doctor needs no knowledge of any stage's insides."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import GOLD, load_records
 from thinkforge.rewards.code import CodeTests
 from thinkforge.rewards.grading import Gold
-from thinkforge.rollout import SamplingConfig
-from thinkforge.tokenizer import turn_end_token
+from thinkforge.rollout.settings import SamplingParams
 
 
 class ProbedStage(Protocol):
     """What every probe reads of its stage (a `Stage`; the stages import this module, not the other way round)."""
 
-    run: Any
-    tokenizer: Any
-    render_prompt: Callable[[str], str]
-    render_chat: Callable[..., str]
+    run: TrainConfig
+    chat: ChatFormat
 
 
 @dataclass(frozen=True)
@@ -45,15 +43,18 @@ class StageProbe:
     #: whether each rank samples its own training data (a rank split then changes what is trained on)
     samples_per_rank = False
 
+    stage: ProbedStage
+
     def __init__(self, stage: ProbedStage) -> None:
-        self.stage, self.tokenizer = stage, stage.tokenizer
-        self.turn_end_id: int = self.tokenizer.convert_tokens_to_ids(turn_end_token(self.tokenizer))
+        self.stage = stage
+        self.chat = stage.chat
+        self.tokenizer = self.chat.tokenizer
 
     def examples(self, count: int) -> list[TrainingExample]:
         """The first `count` training sequences, built as the stage builds them."""
         return []
 
-    def sampling(self) -> SamplingConfig | None:
+    def sampling(self) -> SamplingParams | None:
         """The settings the stage samples its training data with (None: it samples none), capped for a quick check."""
         return None
 
@@ -71,16 +72,15 @@ class StageProbe:
 
     def reply_example(self, prompt: str, reply: str) -> TrainingExample:
         """A prompt and a reply rendered as one chat exchange, the reply's tokens the targets."""
-        prompt_ids = self.tokenizer(self.stage.render_prompt(prompt), add_special_tokens=False)["input_ids"]
-        text = self.stage.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.chat.encode(self.chat.prompt(prompt))
+        ids = self.chat.encode(self.chat.exchange(prompt, reply))
         mask = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
-        return TrainingExample(prompt_ids, TokenSequence.causal(ids, mask), self.turn_end_id)
+        return TrainingExample(prompt_ids, TokenSequence.causal(ids, mask), self.chat.turn_end_id)
 
 
-def capped(sampling: SamplingConfig) -> SamplingConfig:
+def capped(sampling: SamplingParams) -> SamplingParams:
     """Two samples of at most PROBE_MAX_NEW_TOKENS tokens with the stage's temperature and top_p."""
-    return SamplingConfig(2, sampling.temperature, sampling.top_p, min(PROBE_MAX_NEW_TOKENS, sampling.max_new_tokens))
+    return SamplingParams(2, sampling.temperature, sampling.top_p, min(PROBE_MAX_NEW_TOKENS, sampling.max_new_tokens))
 
 
 def formatted_answer(gold: Gold) -> str:

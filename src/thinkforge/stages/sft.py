@@ -9,16 +9,17 @@ import functools
 import logging
 from typing import Any
 
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import GOLD, load_split
 from thinkforge.resume import sampled_rows_path
-from thinkforge.rollout import SamplingConfig
 from thinkforge.rollout.pairs import verified_replies
+from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stage_configs import SFTConfig
 from thinkforge.stages.causal import CausalLMStage, CausalProbe
 from thinkforge.stages.own_samples import sample_once
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
-from thinkforge.tokenizer import turn_end_token
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +35,22 @@ class SFTProbe(CausalProbe):
         examples = []
         for messages in self.stage.conversations("train")[:count]:
             first_reply = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
-            prompt = self.stage.render_chat(messages[:first_reply], add_generation_prompt=True)
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            examples.append(TrainingExample(prompt_ids, self.stage.assistant_only(messages), self.turn_end_id))
+            prompt_ids = self.chat.encode(self.chat.render(messages[:first_reply], add_generation_prompt=True))
+            examples.append(TrainingExample(prompt_ids, self.stage.assistant_only(messages), self.chat.turn_end_id))
         return examples
 
-    def sampling(self) -> SamplingConfig | None:
+    def sampling(self) -> SamplingParams | None:
         return None if self.stage.rejection is None else capped(self.stage.rejection)
 
 
 class SFT(CausalLMStage):
     """`format=prompt_completion` reads prompt/completion fields; `format=messages` reads chat `messages` lists."""
 
-    def __init__(self, run, tokenizer) -> None:
-        super().__init__(run, tokenizer)
+    def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
+        super().__init__(run, chat)
         self.settings: SFTConfig = run.stage
         self.format = self.settings.format
-        # the token the template closes a reply with, which generation also stops at (not always the EOS)
-        self.turn_end = turn_end_token(tokenizer)
-        rollout = self.settings.rollout
-        self.rejection = (
-            SamplingConfig(rollout.num_samples, rollout.temperature, rollout.top_p, rollout.max_new_tokens)
-            if self.settings.replies == "rejection"
-            else None
-        )
+        self.rejection = self.settings.sampling.at() if self.settings.replies == "rejection" else None
         self.items_need_model = self.rejection is not None
 
     def probe(self) -> StageProbe:
@@ -86,7 +79,7 @@ class SFT(CausalLMStage):
         data = self.run.data
         records = load_split(data, split, required=("prompt", GOLD))
         rows = records.rows[: data.max_val_rows] if split == "val" else self.heldout.training_rows(records)
-        select = functools.partial(verified_replies, max_per_prompt=self.settings.rollout.max_per_prompt)
+        select = functools.partial(verified_replies, max_per_prompt=self.settings.max_per_prompt)
         path = sampled_rows_path(self.run.output_dir, "rejection_sampled", split)
         return sample_once(self, rows, self.rejection, path, select)
 
@@ -102,25 +95,6 @@ class SFT(CausalLMStage):
         return [self.assistant_only(messages) for messages in self.conversations(split)]
 
     def assistant_only(self, messages: list[dict[str, Any]]) -> TokenSequence:
-        """Tokens of the rendered conversation; targets are each assistant reply up to and including its end token.
-
-        The reply's characters are found by rendering the conversation up to it with the generation prompt and
-        up to its end: this works for any chat template that renders a conversation's prefixes as its prefix.
-        """
-        if self.run.data.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.run.data.system_prompt}, *messages]
-        template = self.tokenizer.apply_chat_template
-        text = template(messages, tokenize=False)
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(template(messages[:index], tokenize=False, add_generation_prompt=True))
-            upto = template(messages[: index + 1], tokenize=False)
-            if not text.startswith(upto) or len(upto) < start:
-                raise ValueError("the chat template does not render conversation prefixes as prefixes; cannot mask")
-            end_at = upto.find(self.turn_end, start)
-            spans.append((start, end_at + len(self.turn_end) if end_at >= 0 else len(upto)))
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        mask = [any(lo <= begin < hi for lo, hi in spans) for begin, _ in encoded["offset_mapping"]]
-        return TokenSequence.causal(encoded["input_ids"], mask)
+        """Tokens of the rendered conversation; targets are each assistant reply up to and including its end token."""
+        ids, mask = self.chat.reply_targets(messages)
+        return TokenSequence.causal(ids, mask)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from thinkforge.collectives import Collectives
-from thinkforge.config import UserError
+from thinkforge.errors import UserError
 from thinkforge.losses import is_extreme
 
 

@@ -5,24 +5,31 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from thinkforge.backbone import compute_dtype, load_tokenizer
-from thinkforge.config import ConfigError, TrainConfig, validate
+from thinkforge.backbone import compute_dtype
+from thinkforge.chat import ChatFormat
+from thinkforge.config import TrainConfig, validate
 from thinkforge.curves import stage_curves
+from thinkforge.errors import ConfigError
+from thinkforge.preemption import Preemption, timed_checkpoint
 from thinkforge.preflight import check_train_paths
+from thinkforge.progress import duration, on_terminal
 from thinkforge.resume import ResumeState, resume_checkpoint
+from thinkforge.run_record import record_run, task_overrides
 from thinkforge.stage_configs import STAGE_SCHEMAS
 from thinkforge.stages.base import Stage
 
@@ -52,7 +59,7 @@ def build_stage(run: TrainConfig) -> Stage:
     stage_class = get_class(run.stage._target_)
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
         raise ConfigError(f"stage._target_: {run.stage._target_} is not a thinkforge Stage")
-    return stage_class(run, load_tokenizer(run.model))
+    return stage_class(run, ChatFormat.for_model(run.model, run.data.system_prompt))
 
 
 def build_strategy(run: TrainConfig) -> Any:
@@ -67,7 +74,7 @@ def build_strategy(run: TrainConfig) -> Any:
     )
 
 
-def lightning_precision(run: TrainConfig) -> str:
+def lightning_precision(run: TrainConfig) -> Literal["bf16-mixed", "32-true"]:
     """One device: Lightning autocasts to the compute dtype over fp32 weights. FSDP: the weights' shards stay
     fp32 and `parallelize`'s mixed-precision policy casts, so Lightning must not cast a second time."""
     if run.hardware.strategy == "single" and compute_dtype(run.model.dtype) == torch.bfloat16:
@@ -90,12 +97,12 @@ class StepProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{type(self.trainer.lightning_module).__name__} steps"
 
-    def configure_columns(self, trainer: L.Trainer) -> list:
+    def configure_columns(self, trainer: L.Trainer) -> list[Any]:
         from rich.progress import ProgressColumn
         from rich.text import Text
 
         class StepSpeed(ProgressColumn):
-            def render(self, task) -> Text:
+            def render(self, task: Any) -> Text:
                 speed = task.finished_speed or task.speed
                 if not speed and task.completed and task.elapsed:
                     speed = task.completed / task.elapsed
@@ -108,19 +115,48 @@ class StepProgressBar(RichProgressBar):
         return [*super().configure_columns(trainer)[:-1], StepSpeed()]
 
 
+class StepLog(Callback):
+    """The step progress where no terminal shows a bar (`nohup`, a SLURM log, a pipeline's stage): a line every
+    `every_s` seconds with the step, its loss, seconds per step and the time left."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self.started = self.last_report = time.monotonic()
+        self.first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = self.last_report = time.monotonic()
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last_report < self.every_s or not trainer.is_global_zero:
+            return
+        self.last_report = now
+        done = trainer.global_step - self.first_step
+        per_step = (now - self.started) / max(done, 1)
+        loss = trainer.callback_metrics.get("loss")
+        log.info(
+            "step %d/%d%s, %.1f s/step, about %s left",
+            trainer.global_step,
+            trainer.max_steps,
+            "" if loss is None else f", loss {float(loss):.4g}",
+            per_step,
+            duration(per_step * (trainer.max_steps - trainer.global_step)),
+        )
+
+
 def build_trainer(
     run: TrainConfig, extra_callbacks: Sequence[Callback] = (), *, has_val: bool | None = None
 ) -> L.Trainer:
     """`has_val`: whether the stage validates (GRPO never does); by default, whether the data has a val split."""
+    checkpoints = Path(run.output_dir) / "checkpoints"
     callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=Path(run.output_dir) / "checkpoints",
-            every_n_train_steps=run.trainer.ckpt_every,
-            save_last=True,
-            save_top_k=1,
-        ),
+        ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=run.trainer.ckpt_every, save_last=True, save_top_k=1),
+        Preemption(checkpoints / "last.ckpt"),
+        *timed_checkpoint(checkpoints / "last.ckpt", run.trainer.ckpt_every_minutes),
         ResumeState(),
-        StepProgressBar(),
+        StepProgressBar() if on_terminal() else StepLog(),
         *_instantiate_group(run.callbacks),
         *extra_callbacks,
     ]
@@ -147,6 +183,7 @@ def build_trainer(
         callbacks=callbacks,
         default_root_dir=run.output_dir,
         enable_model_summary=False,
+        enable_progress_bar=on_terminal(),
     )
 
 
@@ -161,7 +198,7 @@ def own_process_command(cfg: DictConfig, directory: Path) -> list[str]:
     if found is None:
         raise RuntimeError("thinkforge-train is not installed in this environment (pip install -e .)")
     directory.mkdir(parents=True, exist_ok=True)
-    schema = next(name for name, node in STAGE_SCHEMAS.items() if node._target_ == cfg.stage._target_)
+    schema = next(name for name, node in STAGE_SCHEMAS.items() if getattr(node, "_target_", None) == cfg.stage._target_)
     defaults = f"defaults:\n  - train_schema\n  - stage_schema@stage: {schema}\n  - _self_\n\n"
     (directory / STAGE_CONFIG).write_text(defaults + OmegaConf.to_yaml(cfg))
     return [
@@ -174,6 +211,15 @@ def own_process_command(cfg: DictConfig, directory: Path) -> list[str]:
     ]
 
 
+def draw_curves(run: TrainConfig, stage: Stage) -> Path | None:
+    """The stage's curves.png, from whatever its CSV holds; a failure to draw never hides why the run stopped."""
+    try:
+        return stage_curves(Path(run.output_dir), title=f"{type(stage).__name__}: {run.output_dir}")
+    except Exception as error:
+        log.warning("curves.png not drawn: %s", error)
+        return None
+
+
 def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Trains one stage (a dry run is the command line's); `callbacks` join the configured ones (the doctor times
     and interrupts runs with them)."""
@@ -181,10 +227,19 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     check_train_paths(run)
     L.seed_everything(run.seed, workers=True, verbose=False)
     stage = build_stage(run)
+    datamodule = stage.datamodule()
+    datamodule.setup("fit")  # the data's rows are read and checked before anything is written
+    if getattr(rank_zero_only, "rank", 0) == 0:  # FSDP's other ranks relaunch this command and read the same config
+        record_run(cfg, task_overrides(), Path(run.output_dir))
     trainer = build_trainer(run, callbacks, has_val=stage.validates)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=resume_checkpoint(run))
+        hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(hyperparameters, dict)
+        logger.log_hyperparams({str(key): value for key, value in hyperparameters.items()})
+    try:
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=resume_checkpoint(run))
+    finally:  # whatever the CSV holds when the run stops, for any reason
+        curves = draw_curves(run, stage) if trainer.is_global_zero else None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update({f"heldout/{name}": value for name, value in stage.heldout_metrics.items()})
     metrics.update({f"heldout_start/{name}": value for name, value in stage.initial_heldout.items()})
@@ -193,7 +248,6 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()) if name != "loss")
         print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")
         print(f"[thinkforge] HF export: {stage.export_dir}")
-        curves = stage_curves(Path(run.output_dir), title=f"{type(stage).__name__}: {run.output_dir}")
         if curves:
             print(f"[thinkforge] curves: {curves}")
     return RunResult(Path(run.output_dir), stage.export_dir, metrics)

