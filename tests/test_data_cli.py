@@ -100,6 +100,16 @@ def test_filter_verifiable_keeps_parseable_gold_answers(tmp_path, capsys):
     assert "kept 4, dropped 2" in capsys.readouterr().out
 
 
+def test_filter_verifiable_drops_rows_without_an_answer_with_their_reason(tmp_path, capsys):
+    rows = [{"answer": "3"}, {"answer": ""}, {"prompt": "no answer"}, {"answer": None}]
+    out = tmp_path / "ok.jsonl"
+    cli.main(["filter-verifiable", write_jsonl(tmp_path / "in.jsonl", rows), "--out", str(out)])
+    assert [r["answer"] for r in read_jsonl(out)] == ["3"]
+    assert "kept 1, dropped 3" in capsys.readouterr().out
+    reasons = [r["reason"] for r in read_jsonl(tmp_path / "ok.dropped.jsonl")]
+    assert len(reasons) == 3 and all("answer" in reason for reason in reasons), reasons
+
+
 def test_bad_rows_are_named_in_one_line_with_exit_2(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": \n{"other": 1}\n')

@@ -18,7 +18,7 @@ LAYERS = [
     ["losses", "stage_configs", "preflight"],
     ["adapters", "backbone", "pretrained", "collectives", "optim"],
     ["rollout", "metrics"],
-    ["stages", "resume", "preemption"],
+    ["stages", "resume", "preemption", "loggers"],
     ["curves", "sweeps", "training"],
     ["eval", "doctor", "pipeline", "data_cli", "cli", "api"],
 ]

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import compose_config
 
-from thinkforge.config import validate
-from thinkforge.data.records import DataError, load_records
+from thinkforge.config import DataConfig, validate
+from thinkforge.data.records import GOLD, DataError, load_records
 
 
 def data_config(*overrides):
@@ -79,3 +79,13 @@ def test_synthetic_source_gives_canonical_records():
         "synthetic", "val", data_config("data.synthetic.num_val=5"), required=("prompt", "completion", "answer")
     )
     assert len(records) == 5 and all("\\boxed{" in r["completion"] for r in records.rows)
+
+
+def test_a_row_of_another_shape_names_what_the_stage_reads_and_what_the_row_has(tmp_path):
+    """GRPO given SFT's `messages` rows: not just "field 'prompt' missing"."""
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}]}) + "\n")
+    with pytest.raises(
+        DataError, match=r"row 1: .*this stage reads prompt and an answer \(or tests\), the row has messages"
+    ):
+        load_records(str(path), "train", DataConfig(train=str(path)), required=("prompt", GOLD))

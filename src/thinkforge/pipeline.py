@@ -129,24 +129,23 @@ def run_forwarding_stops(command: list[str]) -> int:
             signal.signal(signum, handler)
 
 
-def run_one(stage: PlannedStage) -> dict[str, Any]:
-    """Runs, resumes or skips one stage; returns its finished record."""
+def run_one(stage: PlannedStage, position: str = "") -> dict[str, Any]:
+    """Runs, resumes or skips one stage (`position`: e.g. "stage 2 of 4"); returns its finished record."""
+    label = f"{position}, {stage.name}" if position else stage.name
     record = stage.record()
     if record and record["fingerprint"] != stage.fingerprint:
         stale = stage.directory.with_name(f"{stage.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
         stage.directory.rename(stale)
-        print(
-            f"[pipeline] {stage.name}: config or an upstream stage changed; previous run moved to {stale}", flush=True
-        )
+        print(f"[pipeline] {label}: config or an upstream stage changed; previous run moved to {stale}", flush=True)
         record = None
     if record and record["status"] == "done" and stage.export_dir.exists():
-        print(f"[pipeline] {stage.name}: already done ({stage.directory}), skipped", flush=True)
+        print(f"[pipeline] {label}: already done ({stage.directory}), skipped", flush=True)
         return {**record, "from": stage.source}
     resume = record is not None and stage.last_checkpoint.exists()
     stage.directory.mkdir(parents=True, exist_ok=True)
     command = own_process_command(stage.config, stage.directory)
     print(
-        f"[pipeline] {stage.name}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}",
+        f"[pipeline] {label}: {'resuming from ' + str(stage.last_checkpoint) if resume else 'starting'}",
         flush=True,
     )
     stage.write_record(status="running")
@@ -269,8 +268,8 @@ def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:
         return []
     records: list[dict[str, Any]] = []
     try:
-        for stage in stages:
-            records.append(run_one(stage))
+        for number, stage in enumerate(stages, 1):
+            records.append(run_one(stage, f"stage {number} of {len(stages)}"))
     finally:  # the stages done so far, however the pipeline stops
         if records:
             report(pipeline, records, stages)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -128,19 +129,19 @@ class StepLog(Callback):
         self.started = self.last_report = time.monotonic()
         self.first_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         now = time.monotonic()
         if now - self.last_report < self.every_s or not trainer.is_global_zero:
             return
         self.last_report = now
         done = trainer.global_step - self.first_step
         per_step = (now - self.started) / max(done, 1)
-        loss = trainer.callback_metrics.get("loss")
+        shown = [(short, trainer.callback_metrics.get(short)) for _, short in pl_module.headline_metrics]
         log.info(
             "step %d/%d%s, %.1f s/step, about %s left",
             trainer.global_step,
             trainer.max_steps,
-            "" if loss is None else f", loss {float(loss):.4g}",
+            "".join(f", {name} {float(value):.4g}" for name, value in shown if value is not None),
             per_step,
             duration(per_step * (trainer.max_steps - trainer.global_step)),
         )
@@ -232,12 +233,15 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     if getattr(rank_zero_only, "rank", 0) == 0:  # FSDP's other ranks relaunch this command and read the same config
         record_run(cfg, task_overrides(), Path(run.output_dir))
     trainer = build_trainer(run, callbacks, has_val=stage.validates)
+    checkpoint = resume_checkpoint(run)
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(hyperparameters, dict)
     for logger in trainer.loggers:
-        hyperparameters = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(hyperparameters, dict)
-        logger.log_hyperparams({str(key): value for key, value in hyperparameters.items()})
+        # MLflow's params cannot change: a continued run (more steps) keeps those it started with
+        if checkpoint is None or not isinstance(logger, MLFlowLogger):
+            logger.log_hyperparams({str(key): value for key, value in hyperparameters.items()})
     try:
-        trainer.fit(stage, datamodule=datamodule, ckpt_path=resume_checkpoint(run))
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=checkpoint)
     finally:  # whatever the CSV holds when the run stops, for any reason
         curves = draw_curves(run, stage) if trainer.is_global_zero else None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

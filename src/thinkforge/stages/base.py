@@ -51,6 +51,8 @@ class Stage(L.LightningModule):
     items_need_model = False
     #: optimizer steps per loader batch (GRPO: stage.num_iterations)
     steps_per_batch = 1
+    #: the step's metrics the progress bar (and the step log under a non-TTY) shows, under their short names
+    headline_metrics: tuple[tuple[str, str], ...] = (("loss", "loss"),)
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__()
@@ -180,7 +182,9 @@ class Stage(L.LightningModule):
         metrics.update({self.loss_unit: units, **(extra_metrics or {})})
         self.log_dict({prefix + name: value for name, value in metrics.items()}, prog_bar=False, rank_zero_only=True)
         if prefix == "train/":
-            self.log("loss", metrics["loss"], prog_bar=True, logger=False, rank_zero_only=True)
+            for name, short in self.headline_metrics:
+                if name in metrics:
+                    self.log(short, metrics[name], prog_bar=True, logger=False, rank_zero_only=True)
 
     def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         for batch in micro_batches:

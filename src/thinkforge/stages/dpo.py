@@ -64,6 +64,7 @@ class DPOProbe(StageProbe):
 
 class DPO(Stage):
     loss_unit = "pairs"
+    headline_metrics = (("loss", "loss"), ("rewards/margins", "margin"))
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__(run, chat)

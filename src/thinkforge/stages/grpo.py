@@ -65,6 +65,7 @@ class GRPO(Stage):
     # with mask_truncated, a step whose rollouts were all truncated trains on nothing; it still counts as a step,
     # or the data position (and so the rollouts' seed) would never move on
     allows_empty_steps = True
+    headline_metrics = (("loss", "loss"), ("reward/mean", "reward"), ("reward/accuracy", "accuracy"))
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__(run, chat)
