@@ -25,8 +25,8 @@ class Sample:
     # Whether the completion is verified correct (its final answer matches the gold one, or its code passes every
     # test): checked for a whole batch at once, in parallel.
     correct: bool
-    # The completion budget it was sampled with (max_completion_length at this step): length rewards scale to it,
-    # so a preset works at 96 tokens as at 32K and follows a context-lengthening schedule.
+    # The completion budget it was sampled with (stage.sampling.max_new_tokens at this step): length rewards scale
+    # to it, so a preset works at 96 tokens as at 32K and follows a context-lengthening schedule.
     max_tokens: int
     # The share of a coding row's tests the completion's code passed (on a math row, its 1/0 grade).
     tests_passed: float = 0.0
