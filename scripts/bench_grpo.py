@@ -101,7 +101,7 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
     def median(name: str) -> float:
         return statistics.median(step.metrics[name] for step in measured)
 
-    samples = cfg.data.batch_size * cfg.stage.group_size
+    samples = cfg.data.batch_size * cfg.stage.sampling.num_samples
     generated = median("train/completion/mean_length") * samples
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = matmul_peak_flops(compute_dtype(cfg.model.dtype), device)

@@ -84,7 +84,7 @@ def run_causal_bench(overrides: list[str], steps: int, warmup: int, profile: int
         raise SystemExit(f"{type(stage).__name__} is not a packed causal-LM stage; use scripts/bench_grpo.py for GRPO")
     rows = stage.build_items("train")
     # fp32 master weights, compute in `dtype`, through `parallelize` (hardware.compile): what training does
-    model = CausalLM(load_hf_model(run.model, stage.tokenizer, param_dtype=torch.float32), run.model.logprob_chunk_size)
+    model = CausalLM(load_hf_model(run.model, stage.chat, param_dtype=torch.float32), run.model.logprob_chunk_size)
     model = parallelize(model.to(device), None, run.hardware, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.optim.lr)
     batches = StepBatches(

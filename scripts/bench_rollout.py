@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from compare_trl import build_model, read_jsonl
 
-from thinkforge.backbone import load_hf_model, load_tokenizer
-from thinkforge.config import ModelConfig, RolloutConfig
+from thinkforge.backbone import load_hf_model
+from thinkforge.chat import ChatFormat
+from thinkforge.config import ModelConfig
 from thinkforge.rollout.hf import HFEngine
-from thinkforge.rollout.settings import SamplingParams
-from thinkforge.tokenizer import render_prompt
+from thinkforge.rollout.settings import SamplingParams, VLLMEngineConfig
 
 OPTIONS = ("plain", "shared_prefill", "static", "compiled", "generate_batch", "vllm")
 DEMO_MODEL = {
@@ -96,10 +96,10 @@ def runner(option: str, model, tokenizer, model_dir: Path) -> Callable[[list[str
         if option == "vllm":
             from thinkforge.rollout.vllm import VLLMEngine
 
-            engine = VLLMEngine(model_dir, tokenizer, RolloutConfig(engine="vllm"), max_model_len=2048, seed=0)
+            engine = VLLMEngine(model_dir, ChatFormat(tokenizer), VLLMEngineConfig(), max_model_len=2048, seed=0)
             engine.end_ids = end_ids  # random weights: no end token, decode to the budget as the HF options do
         else:
-            engine = HFEngine(model, tokenizer, batch_size=1024)
+            engine = HFEngine(model, ChatFormat(tokenizer), batch_size=1024)
             engine.end_ids = end_ids or [-1]  # -1: a token no row samples
 
         def sample(prompts, samples, new_tokens, greedy):
@@ -128,7 +128,7 @@ def model_directory(name: str | None, benchmarks: Path, work: Path) -> tuple[Pat
 
         tokenizer = build_synthetic_tokenizer()
         load_hf_model(
-            ModelConfig(config=dict(DEMO_MODEL), dtype="float32"), tokenizer, param_dtype=torch.float32
+            ModelConfig(config=dict(DEMO_MODEL), dtype="float32"), ChatFormat(tokenizer), param_dtype=torch.float32
         ).save_pretrained(work)
         tokenizer.save_pretrained(work)
         return work, True
@@ -153,12 +153,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model_dir, random_weights = model_directory(args.model, args.benchmarks, Path(work))
         model_cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32", attn_implementation="sdpa")
-        tokenizer = load_tokenizer(model_cfg)
-        model = load_hf_model(model_cfg, tokenizer).eval()
+        chat = ChatFormat.for_model(model_cfg)
+        tokenizer = chat.tokenizer
+        model = load_hf_model(model_cfg, chat).eval()
         if random_weights:
             model.generation_config.eos_token_id = None  # every row decodes all --new-tokens tokens
         rows = read_jsonl(args.benchmarks / ("gsm8k_test.jsonl" if args.gsm8k else "math500.jsonl"))[: args.prompts]
-        prompts = [render_prompt(tokenizer, row.get("problem") or row["question"]) for row in rows]
+        prompts = [chat.prompt(row.get("problem") or row["question"]) for row in rows]
         reference = runner("plain", model, tokenizer, model_dir)(prompts, args.samples, 16, True)
         print(
             f"{model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "

@@ -34,6 +34,7 @@ from bench_midtrain import run_causal_bench
 from transformers import TrainerCallback
 
 from thinkforge.backbone import load_hf_model
+from thinkforge.chat import ChatFormat
 from thinkforge.config import ModelConfig
 from thinkforge.rewards.math import math_accuracy_many
 from thinkforge.tokenizer import train_chat_tokenizer
@@ -78,7 +79,7 @@ def build_model(benchmarks: Path, directory: Path) -> None:
     ]
     tokenizer = train_chat_tokenizer(corpus, VOCAB_SIZE)
     model = load_hf_model(
-        ModelConfig(config=dict(MODEL), init_seed=0, dtype="float32"), tokenizer, param_dtype=torch.float32
+        ModelConfig(config=dict(MODEL), init_seed=0, dtype="float32"), ChatFormat(tokenizer), param_dtype=torch.float32
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

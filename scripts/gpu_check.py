@@ -32,6 +32,7 @@ import torch
 from bench_rollout import DEMO_MODEL
 
 from thinkforge.backbone import CausalLM, load_hf_model
+from thinkforge.chat import ChatFormat
 from thinkforge.config import ModelConfig
 from thinkforge.data import synthetic
 from thinkforge.data.packing import TokenSequence, collate_rows
@@ -88,7 +89,7 @@ def check_packing(device: str, dtype: torch.dtype) -> tuple[bool, str]:
         "num_key_value_heads": 4,
         "max_position_embeddings": 4096,
     }
-    model = CausalLM(load_hf_model(ModelConfig(config=config), tokenizer, param_dtype=torch.float32)).to(device)
+    model = CausalLM(load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32)).to(device)
     attention = model.hf.config._attn_implementation
     problems = synthetic.generate("train", 3, seed=1)
     documents = [TokenSequence.causal(tokenizer.encode(p.prompt + p.completion)) for p in problems]
@@ -251,7 +252,7 @@ def main() -> None:
             size = {"hidden_size": 256} if args.cpu else HUNDRED_M
             tokenizer = build_synthetic_tokenizer()
             config = {**DEMO_MODEL, **size}
-            load_hf_model(ModelConfig(config=config), tokenizer, param_dtype=torch.float32).save_pretrained(model_dir)
+            load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32).save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
             bench = subprocess.run(
                 [sys.executable, str(SCRIPTS / "bench_lora.py"), "--model", str(model_dir), one],
