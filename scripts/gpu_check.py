@@ -89,7 +89,8 @@ def check_packing(device: str, dtype: torch.dtype) -> tuple[bool, str]:
         "num_key_value_heads": 4,
         "max_position_embeddings": 4096,
     }
-    model = CausalLM(load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32)).to(device)
+    hf_model = load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32)
+    model = CausalLM(hf_model).to(device)
     attention = model.hf.config._attn_implementation
     problems = synthetic.generate("train", 3, seed=1)
     documents = [TokenSequence.causal(tokenizer.encode(p.prompt + p.completion)) for p in problems]
@@ -252,7 +253,9 @@ def main() -> None:
             size = {"hidden_size": 256} if args.cpu else HUNDRED_M
             tokenizer = build_synthetic_tokenizer()
             config = {**DEMO_MODEL, **size}
-            load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32).save_pretrained(model_dir)
+            load_hf_model(ModelConfig(config=config), ChatFormat(tokenizer), param_dtype=torch.float32).save_pretrained(
+                model_dir
+            )
             tokenizer.save_pretrained(model_dir)
             bench = subprocess.run(
                 [sys.executable, str(SCRIPTS / "bench_lora.py"), "--model", str(model_dir), one],
