@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from thinkforge.config import config_dir, validate
-from thinkforge.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
+from thinkforge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
 from thinkforge.keys import explain_composition_error
 from thinkforge.preflight import check_eval_paths, check_train_paths
 from thinkforge.run_record import record_run, remove_if_empty, task_overrides
@@ -147,7 +147,7 @@ def _doctor(cfg: DictConfig) -> None:
     findings = run_doctor(cfg)
     print(format_findings(findings))
     if any(finding.status == "fail" for finding in findings):
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")

@@ -82,7 +82,7 @@ class Preemption(Callback):
         self._install()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._install()  # again: Lightning registers its own handlers between fit start and here on some paths
+        self._install()  # again: Lightning registers its own handlers after `on_fit_start`; these stay from here on
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.request.check(collective=True)
