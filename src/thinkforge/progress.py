@@ -52,24 +52,23 @@ class GenerationProgress:
 
     def report(self, done: int, rate: float, now: float) -> None:
         elapsed = now - self.started
-        left = elapsed / done * (self.total - done) if done else float("nan")
-        eta = duration(left) if done else "unknown"
-        log.info(
-            "%s: %d/%d samples, %s new tokens/s, %s elapsed, about %s left",
-            self.description,
-            done,
-            self.total,
-            f"{rate:,.0f}",
-            duration(elapsed),
-            eta,
-        )
+        if done >= self.total:
+            when = f"done in {duration(elapsed)}"
+        else:
+            left = duration(elapsed / done * (self.total - done)) if done else "unknown"
+            when = f"{duration(elapsed)} elapsed, about {left} left"
+        log.info("%s: %d/%d samples, %s new tokens/s, %s", self.description, done, self.total, f"{rate:,.0f}", when)
 
     def end_batch(self, rows: int, new_tokens: int) -> None:
         self.done, self.tokens = self.done + rows, self.tokens + new_tokens
         self.step(0, 0)
 
     def close(self) -> None:
+        """On a terminal the bar stays at its last count; in a log, one last line says the phase finished."""
         if self.bar is not None:
             self.bar.n = self.done
             self.bar.close()
             self.bar = None
+            return
+        now = time.perf_counter()
+        self.report(self.done, self.tokens / max(now - self.started, 1e-9), now)
