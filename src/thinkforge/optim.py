@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from thinkforge.config import ModelConfig, OptimConfig
@@ -21,7 +21,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(policy: nn.Module, optim: OptimConfig, total_steps: int) -> dict[str, Any]:
+def build_optimizer(policy: nn.Module, optim: OptimConfig, total_steps: int) -> OptimizerLRSchedulerConfig:
     """Lightning's optimizer config: AdamW over the trainable parameters, stepped per optimizer step, its schedule
     decaying over `total_steps`."""
     decay = [p for p in policy.parameters() if p.requires_grad and p.ndim >= 2]

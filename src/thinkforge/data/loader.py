@@ -15,25 +15,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+Batch = dict[str, torch.Tensor]
+#: what a collate function makes of a micro-batch's items (a tensor batch; GRPO's refills keep its prompts as a list)
+MicroBatchT = TypeVar("MicroBatchT")
+Collate = Callable[[Sequence[Any]], MicroBatchT]
 
 log = logging.getLogger(__name__)
 
 
-class StepBatches(IterableDataset[list[Any]]):
+class StepBatches(IterableDataset[list[MicroBatchT]]):
     def __init__(
         self,
         items: Sequence[Any],
         *,
         batch_size: int,
         micro_batch_size: int,
-        collate: Collate,
+        collate: Collate[MicroBatchT],
         seed: int,
         rank: int,
         world_size: int,
@@ -72,27 +75,27 @@ class StepBatches(IterableDataset[list[Any]]):
         micro_batches = [indices[i : i + size] for i in range(0, len(indices), size)]
         return micro_batches[self.rank :: self.world_size]
 
-    def rank_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def rank_batch(self, step: int) -> list[MicroBatchT]:
         return [self.collate([self.items[index] for index in micro]) for micro in self.rank_micro_batches(step)]
 
-    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[list[MicroBatchT]]:
         step = self.start_step
         while True:
             yield self.rank_batch(step)
             step += 1
 
 
-class EvalBatches(IterableDataset[list[Any]]):
+class EvalBatches(IterableDataset[list[Batch]]):
     """Each rank takes every world_size-th item, trimmed so all ranks run the same number of batches."""
 
     def __init__(
-        self, items: Sequence[Any], *, micro_batch_size: int, collate: Collate, rank: int, world_size: int
+        self, items: Sequence[Any], *, micro_batch_size: int, collate: Collate[Batch], rank: int, world_size: int
     ) -> None:
         usable = len(items) - len(items) % world_size
         self.items = list(items[rank:usable:world_size])
         self.micro_batch_size, self.collate = micro_batch_size, collate
 
-    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[list[Batch]]:
         for start in range(0, len(self.items), self.micro_batch_size):
             yield [self.collate(self.items[start : start + self.micro_batch_size])]
 
@@ -105,7 +108,7 @@ class StageDataModule(L.LightningDataModule):
     def __init__(
         self,
         build_items: Callable[[str], Sequence[Any]],
-        collate: Collate,
+        collate: Collate[Batch],
         *,
         batch_size: int,
         micro_batch_size: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -65,7 +66,7 @@ def packed_vs_unpacked(model: CausalLM, documents: Sequence[TokenSequence], row_
     return relative_gap(results[0], results[1])
 
 
-def check_packing(probe: StageProbe, run: TrainConfig, documents: Sequence[TokenSequence]) -> Finding:
+def check_packing(probe: StageProbe[Any], run: TrainConfig, documents: Sequence[TokenSequence]) -> Finding:
     model = CausalLM(load_hf_model(run.model, probe.chat, param_dtype=torch.float32), run.model.logprob_chunk_size)
     gap = packed_vs_unpacked(model, documents, run.data.max_sequence_length, probe.chat.pad_id)
     measured = f"{len(documents)} documents: relative gap of loss and gradient norm {gap:.1e}"
@@ -79,7 +80,7 @@ def check_packing(probe: StageProbe, run: TrainConfig, documents: Sequence[Token
     return Finding("split: packed vs unpacked", "pass", measured)
 
 
-def check_ranks(cfg: DictConfig, run: TrainConfig, probe: StageProbe, workdir: Path) -> Finding:
+def check_ranks(cfg: DictConfig, run: TrainConfig, probe: StageProbe[Any], workdir: Path) -> Finding:
     if probe.samples_per_rank:
         return Finding("split: ranks", "skip", "each rank samples its own rollouts: another split samples other ones")
     sharded = first_step(cfg, workdir / "ranks_all")

@@ -43,7 +43,7 @@ def mask_problems(tokenizer: Any, prompt_ids: Sequence[int], sequence: TokenSequ
     return problems
 
 
-def check_template(probe: StageProbe, examples: int = 2) -> Finding:
+def check_template(probe: StageProbe[Any], examples: int = 2) -> Finding:
     tokenizer = probe.tokenizer
     cases = probe.examples(examples)
     if not cases:

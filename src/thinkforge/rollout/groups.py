@@ -84,7 +84,7 @@ class GroupSampler:
         generate: Generate,
         reward_model: RewardModel,
         group_size: int,
-        refills: StepBatches | None,
+        refills: StepBatches[list[Prompt]] | None,
         max_refills: int,
     ) -> None:
         self.generate, self.reward_model, self.group_size = generate, reward_model, group_size

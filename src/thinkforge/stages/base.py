@@ -10,11 +10,16 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from thinkforge.adapters import base_weights
 from thinkforge.backbone import CausalLM, build_backbone, resolve_attn_implementation
@@ -53,12 +58,13 @@ class Stage(L.LightningModule):
     steps_per_batch = 1
     #: the step's metrics the progress bar (and the step log under a non-TTY) shows, under their short names
     headline_metrics: tuple[tuple[str, str], ...] = (("loss", "loss"),)
+    #: the trained model, set by `configure_model` (on its device, sharded under FSDP)
+    policy: CausalLM
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__()
         self.run, self.chat, self.tokenizer = run, chat, chat.tokenizer
         self.automatic_optimization = False
-        self.policy: CausalLM | None = None
         # outside the module tree (a dict is not registered): checkpoints hold no copy of the reference
         self.frozen: dict[str, CausalLM] = {}
         self.export_dir = Path(run.output_dir) / "export"
@@ -94,8 +100,12 @@ class Stage(L.LightningModule):
         """How long this stage's completions may be: held-out generation follows it unless heldout sets one."""
         return self.run.data.max_sequence_length
 
-    def probe(self) -> StageProbe:  # what thinkforge-doctor reads of the stage
+    def probe(self) -> StageProbe[Any]:  # what thinkforge-doctor reads of the stage
         return StageProbe(self)
+
+    def item_length(self, item: Any) -> int:
+        """An item's length in tokens, for `data.group_by_length` (stages whose rows have one override it)."""
+        raise NotImplementedError(f"{type(self).__name__} items have no length to group by")
 
     def datamodule(self) -> StageDataModule:
         data = self.run.data
@@ -113,7 +123,7 @@ class Stage(L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        if self.policy is None:
+        if getattr(self, "policy", None) is None:  # built once: a restarted fit keeps its weights
             self.policy = self.load_backbone()
         if self.run.stage.uses_reference() and not self.run.model.lora.rank and "reference" not in self.frozen:
             self.frozen["reference"] = self.load_backbone(frozen=True).to(self.trainer.strategy.root_device)
@@ -134,7 +144,12 @@ class Stage(L.LightningModule):
     def collectives(self) -> Collectives:
         return Collectives(self.global_rank, self.trainer.world_size, self.device)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    @property
+    def loaded_data(self) -> StageDataModule:
+        """The data module the trainer runs this stage with (its loaders' state is what resume restores)."""
+        return cast(StageDataModule, self.trainer.datamodule)  # type: ignore[attr-defined]
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         if self.trainer.is_global_zero:
             warn_of_demo_scale_settings(self.policy, self.run.optim, self.run.model, self.run.trainer.max_steps)
         return build_optimizer(self.policy, self.run.optim, self.run.trainer.max_steps)
@@ -150,7 +165,9 @@ class Stage(L.LightningModule):
     ) -> None:
         """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch."""
         started = time.perf_counter()
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        # one optimizer and one per-step schedule: `configure_optimizers` returns exactly those
+        optimizer = cast(LightningOptimizer, self.optimizers())
+        schedule = cast(LRScheduler, self.lr_schedulers())
         units = self.collectives.sum(sum(self.count_units(batch) for batch in micro_batches)).item()
         if units == 0:
             if not self.allows_empty_steps:
@@ -164,27 +181,29 @@ class Stage(L.LightningModule):
         for index, batch in enumerate(micro_batches):
             if first_pass and (index == 0 or self.trainer.world_size == 1):
                 self.stop_request.check(collective=True)
-            if hasattr(self.policy, "set_requires_gradient_sync"):  # FSDP reduces gradients after the last one only
+            if isinstance(self.policy, FSDPModule):  # FSDP reduces gradients after the last micro-batch only
                 self.policy.set_requires_gradient_sync(index == len(micro_batches) - 1)
             loss, _, metrics = self.loss_sum(batch)
             self.manual_backward(loss * scale)
             step_loss += loss.detach()
             sums.add(metrics, batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.run.optim.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        loss = step_loss.item()
-        stop_unless_finite(self.collectives, self.global_step, loss, grad_norm, self.run.output_dir)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.run.optim.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        total_loss = step_loss.item()
+        stop_unless_finite(self.collectives, self.global_step, total_loss, grad_norm, self.run.output_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lr = schedule.get_last_lr()[0]
+        lr = float(schedule.get_last_lr()[0])
         schedule.step()
-        metrics = sums.metrics(self.collectives, loss, units, grad_norm, lr, time.perf_counter() - started)
-        metrics.update({self.loss_unit: units, **(extra_metrics or {})})
-        self.log_dict({prefix + name: value for name, value in metrics.items()}, prog_bar=False, rank_zero_only=True)
+        step_metrics = sums.metrics(self.collectives, total_loss, units, grad_norm, lr, time.perf_counter() - started)
+        step_metrics.update({self.loss_unit: units, **(extra_metrics or {})})
+        self.log_dict(
+            {prefix + name: value for name, value in step_metrics.items()}, prog_bar=False, rank_zero_only=True
+        )
         if prefix == "train/":
             for name, short in self.headline_metrics:
-                if name in metrics:
-                    self.log(short, metrics[name], prog_bar=True, logger=False, rank_zero_only=True)
+                if name in step_metrics:
+                    self.log(short, step_metrics[name], prog_bar=True, logger=False, rank_zero_only=True)
 
     def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         for batch in micro_batches:

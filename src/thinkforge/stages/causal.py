@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -12,17 +12,22 @@ from thinkforge.chat import ChatFormat
 from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence, collate_rows, fill_ratio, fit_to_length, pack
 from thinkforge.losses import LossSum, causal_lm_loss
-from thinkforge.stages.base import Batch, Stage
+from thinkforge.stages.base import Stage
+from thinkforge.stages.completions import Batch
 from thinkforge.stages.probe import StageProbe, TrainingExample
 
 log = logging.getLogger(__name__)
 
 
-class CausalProbe(StageProbe):
+#: the causal stage a `CausalProbe` reads (SFT's probe reads an SFT stage)
+CausalStageT = TypeVar("CausalStageT", bound="CausalLMStage")
+
+
+class CausalProbe(StageProbe[CausalStageT]):
     """Every training document, loss on its targets; `end_id` is the token each must end with (default: the chat
     turn's end)."""
 
-    def __init__(self, stage: CausalLMStage, end_id: int | None = None) -> None:
+    def __init__(self, stage: CausalStageT, end_id: int | None = None) -> None:
         super().__init__(stage)
         self.end_id = self.chat.turn_end_id if end_id is None else end_id
 
@@ -83,7 +88,7 @@ class CausalLMStage(Stage):
         )
         return [[sequence] for sequence in sequences]
 
-    def probe(self) -> StageProbe:
+    def probe(self) -> CausalProbe[Any]:
         return CausalProbe(self)
 
     def item_length(self, item: Sequence[TokenSequence]) -> int:

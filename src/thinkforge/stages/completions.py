@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 
@@ -51,6 +52,14 @@ class CompletionBatcher:
         return collate_documents(rows, self.pad_token_id, capacity=capacity, flatten=self.flatten and self.pack)
 
 
+@overload
+def completion_scores(
+    model: CausalLM, batch: Batch, *, with_entropy: Literal[True], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def completion_scores(
+    model: CausalLM, batch: Batch, *, with_entropy: bool = False, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 def completion_scores(
     model: CausalLM, batch: Batch, *, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,12 +38,12 @@ class Pair:
     rejected_ids: tuple[int, ...]
 
 
-class DPOProbe(StageProbe):
+class DPOProbe(StageProbe["DPO"]):
     """A pair's chosen side as the stage builds it (end token, truncation); rollout pairs' replies stand in as the
     gold answers, formatted, since the real ones are sampled at the start of training."""
 
     def examples(self, count: int) -> list[TrainingExample]:
-        stage: DPO = self.stage
+        stage = self.stage
         if stage.settings.pairs == "file":
             replies = [(record["prompt"], record["chosen"]) for record in stage.pair_records("train")[:count]]
         else:
@@ -83,24 +83,25 @@ class DPO(Stage):
         path = sampled_rows_path(self.run.output_dir, "rollout_pairs", split)
         return sample_once(self, rows, self.rollout, path, pair_rollouts)
 
-    def probe(self) -> StageProbe:
+    def probe(self) -> DPOProbe:
         return DPOProbe(self)
 
     def completion_length(self) -> int:
         return self.rollout.max_new_tokens if self.settings.pairs == "rollout" else self.run.data.max_sequence_length
 
     def build_items(self, split: str) -> Sequence[Pair]:
-        items, dropped = [], 0
+        items: list[Pair] = []
+        dropped = 0
         for record in self.pair_records(split):
             prompt_ids = self.chat.encode(self.chat.prompt(record["prompt"]))
-            sides = [
+            chosen, rejected = (
                 self.completion_ids(prompt_ids, record[side], record.get(f"{side}_finished", True))
                 for side in ("chosen", "rejected")
-            ]
-            if any(side is None for side in sides):
+            )
+            if chosen is None or rejected is None:
                 dropped += 1
                 continue
-            items.append(Pair(split, len(items), tuple(prompt_ids), *sides))
+            items.append(Pair(split, len(items), tuple(prompt_ids), chosen, rejected))
         log.info(
             "%s: %d pairs%s", split, len(items), f", {dropped} over data.max_sequence_length dropped" if dropped else ""
         )
@@ -145,7 +146,7 @@ class DPO(Stage):
         (both splits: validation comes later, from a trained policy). Reference log-probs are precomputed once
         per fit from the starting checkpoint, so a resumed run gets the very same values."""
         super().on_fit_start()
-        datamodule = self.trainer.datamodule
+        datamodule = self.loaded_data
         train_items, val_items = datamodule.train_items, datamodule.val_items
         if self.settings.precompute_ref_logps and not self.ref_logps:
             self.ref_logps = {"train": self._precompute(train_items)}

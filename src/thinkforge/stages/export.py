@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 from lightning.pytorch.strategies import Strategy
+from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,9 +30,13 @@ def export_hf(
         for name, weight in merged_weights(policy.hf, whole_tensor):  # every rank joins every gather
             if strategy.is_global_zero:
                 state[name] = weight.cpu()
-        base = policy.hf.get_base_model()
+        base = cast(PreTrainedModel, cast(PeftModel, policy.hf).get_base_model())
     else:
-        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # full_state_dict: every value a whole tensor (DTensor shards gathered)
+        full = cast(
+            dict[str, torch.Tensor],
+            get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
         state = {name.removeprefix("hf."): tensor for name, tensor in full.items()}
         base = policy.hf
     if strategy.is_global_zero:
@@ -57,11 +63,12 @@ def save_model(
 def save_adapter(policy: CausalLM, state: dict[str, torch.Tensor], model: ModelConfig, directory: Path) -> None:
     """peft's adapter files, naming their base: the starting checkpoint, or, for a model built from a config,
     its weights saved beside the adapter in `base/`."""
-    adapter = str(policy.hf.active_adapter)
+    lora = cast(PeftModel, policy.hf)
+    adapter = str(lora.active_adapter)
     if model.name_or_path is None:
         base_state = ((hf_name(name), tensor) for name, tensor in state.items() if ".lora_" not in name)
-        save_model(policy.hf.get_base_model(), base_state, model, directory / "base")
-    policy.hf.peft_config[adapter].base_model_name_or_path = str(
+        save_model(cast(PreTrainedModel, lora.get_base_model()), base_state, model, directory / "base")
+    lora.peft_config[adapter].base_model_name_or_path = str(
         (directory / "base").resolve() if model.name_or_path is None else model.name_or_path
     )
-    policy.hf.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    lora.save_pretrained(str(directory), state_dict=state, safe_serialization=True)

@@ -19,7 +19,7 @@ from thinkforge.chat import ChatFormat
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
-from thinkforge.data.records import GOLD, DataError, load_records
+from thinkforge.data.records import GOLD, DataError, load_split
 from thinkforge.errors import UserError
 from thinkforge.losses import (
     LossSum,
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 START_SCORES = "heldout_start.json"
 
 
-class GRPOProbe(StageProbe):
+class GRPOProbe(StageProbe["GRPO"]):
     """GRPO trains on its rollouts, whose end token the engine keeps; what can drift is the prompt, so a formatted
     reply to it stands in. Each rank samples its own prompts' rollouts."""
 
@@ -77,13 +77,13 @@ class GRPO(Stage):
         self.steps_per_batch = self.settings.num_iterations
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
-        self.step_sampling: SamplingParams | None = None  # this step's: its loss is computed at its temperature
+        self.step_sampling = self.sampling()  # this step's (set as each step starts): its loss uses its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
 
     def build_items(self, split: str) -> Sequence[Prompt]:
         data = self.run.data
-        records = load_records(data.train, data.train_split, data, required=("prompt", GOLD))
+        records = load_split(data, "train", required=("prompt", GOLD))
         training = self.heldout.training_rows(records)
         rows = [record for record in training if gold_is_usable(record[GOLD])]
         log.info(
@@ -106,7 +106,7 @@ class GRPO(Stage):
     def collate(self, items: Sequence[Prompt]) -> Batch:
         return {"prompt_index": torch.tensor([item.index for item in items])}
 
-    def probe(self) -> StageProbe:
+    def probe(self) -> GRPOProbe:
         return GRPOProbe(self)
 
     def completion_length(self) -> int:
@@ -134,7 +134,7 @@ class GRPO(Stage):
 
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         started = time.perf_counter()
-        items = self.trainer.datamodule.train_items
+        items = self.loaded_data.train_items
         prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
         sampling = self.step_sampling = self.sampling()
         position = data_position(self.global_step, self.steps_per_batch)
@@ -150,7 +150,7 @@ class GRPO(Stage):
             prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
             self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
-        if self.sampler.holds_weights:
+        if self.sampler is not None and self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
         # kept only once the step is done: a run stopped inside it resumes counting from the step before
@@ -187,7 +187,7 @@ class GRPO(Stage):
             refills = None
             if self.settings.dynamic_sampling:
                 refills = StepBatches(
-                    self.trainer.datamodule.train_items,
+                    self.loaded_data.train_items,
                     batch_size=prompts_per_rank * self.trainer.world_size,
                     micro_batch_size=prompts_per_rank,
                     collate=list,

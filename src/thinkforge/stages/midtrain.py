@@ -9,7 +9,6 @@ from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
 from thinkforge.data.records import load_split
 from thinkforge.stages.causal import CausalLMStage, CausalProbe
-from thinkforge.stages.probe import StageProbe
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ class MidTraining(CausalLMStage):
         super().__init__(run, chat)
         self.document_format = run.stage.documents
 
-    def probe(self) -> StageProbe:
+    def probe(self) -> CausalProbe[MidTraining]:
         """A raw text document ends with the EOS token; a chat one with the turn's end."""
         return CausalProbe(self, self.tokenizer.eos_token_id if self.document_format == "text" else None)
 

@@ -32,7 +32,9 @@ class SamplingStage(Protocol):
     run: TrainConfig
     chat: ChatFormat
     trainer: Any
-    global_step: int
+
+    @property
+    def global_step(self) -> int: ...
 
     @property
     def collectives(self) -> Collectives: ...

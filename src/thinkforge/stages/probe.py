@@ -5,12 +5,12 @@ the doctor needs no knowledge of any stage's insides."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from thinkforge.chat import ChatFormat
 from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
-from thinkforge.data.records import GOLD, load_records
+from thinkforge.data.records import GOLD, load_split
 from thinkforge.rewards.code import CodeTests
 from thinkforge.rewards.grading import Gold
 from thinkforge.rollout.settings import SamplingParams
@@ -21,6 +21,10 @@ class ProbedStage(Protocol):
 
     run: TrainConfig
     chat: ChatFormat
+
+
+#: the stage a probe reads: each stage's probe sees its own stage's type
+StageT = TypeVar("StageT", bound=ProbedStage)
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,13 @@ class TrainingExample:
 PROBE_MAX_NEW_TOKENS = 64
 
 
-class StageProbe:
+class StageProbe(Generic[StageT]):
     """The answers of a stage that trains on fixed data and samples nothing; stages override what differs."""
 
     #: whether each rank samples its own training data (a rank split then changes what is trained on)
     samples_per_rank = False
 
-    stage: ProbedStage
-
-    def __init__(self, stage: ProbedStage) -> None:
+    def __init__(self, stage: StageT) -> None:
         self.stage = stage
         self.chat = stage.chat
         self.tokenizer = self.chat.tokenizer
@@ -63,7 +65,7 @@ class StageProbe:
         run = self.stage.run
         if not run.stage.trains_on_answers():
             return []
-        rows = load_records(run.data.train, run.data.train_split, run.data, required=("prompt", GOLD)).rows[:limit]
+        rows = load_split(run.data, "train", required=("prompt", GOLD)).rows[:limit]
         return [(row["prompt"], row[GOLD]) for row in rows]
 
     def packed_documents(self, count: int) -> list[TokenSequence]:

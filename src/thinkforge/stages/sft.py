@@ -19,17 +19,17 @@ from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stage_configs import SFTConfig
 from thinkforge.stages.causal import CausalLMStage, CausalProbe
 from thinkforge.stages.own_samples import sample_once
-from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
+from thinkforge.stages.probe import TrainingExample, capped, formatted_answer
 
 log = logging.getLogger(__name__)
 
 
-class SFTProbe(CausalProbe):
+class SFTProbe(CausalProbe["SFT"]):
     """Each conversation up to its first reply is the prompt; the loss mask is the stage's own. Rejection-sampled
     replies are sampled when training starts, so formatted gold answers stand in for them."""
 
     def examples(self, count: int) -> list[TrainingExample]:
-        stage: SFT = self.stage
+        stage = self.stage
         if stage.rejection is not None:
             return [self.reply_example(prompt, formatted_answer(gold)) for prompt, gold in self.gold_rows(count)]
         examples = []
@@ -50,10 +50,12 @@ class SFT(CausalLMStage):
         super().__init__(run, chat)
         self.settings: SFTConfig = run.stage
         self.format = self.settings.format
-        self.rejection = self.settings.sampling.at() if self.settings.replies == "rejection" else None
+        self.rejection: SamplingParams | None = (
+            self.settings.sampling.at() if self.settings.replies == "rejection" else None
+        )
         self.items_need_model = self.rejection is not None
 
-    def probe(self) -> StageProbe:
+    def probe(self) -> SFTProbe:
         return SFTProbe(self)
 
     def completion_length(self) -> int:
@@ -61,7 +63,7 @@ class SFT(CausalLMStage):
 
     def conversations(self, split: str) -> list[list[dict[str, str]]]:
         if self.rejection is not None:
-            rows = self.rejection_sampled(split)
+            rows = self.rejection_sampled(split, self.rejection)
         elif self.format == "messages":
             records = load_split(self.run.data, split, ("messages",))
             log.info("%s data: %s", split, records.summary())
@@ -74,14 +76,14 @@ class SFT(CausalLMStage):
             [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}] for r in rows
         ]
 
-    def rejection_sampled(self, split: str) -> list[dict[str, Any]]:
+    def rejection_sampled(self, split: str, sampling: SamplingParams) -> list[dict[str, Any]]:
         """The starting model's verified-correct replies to the split's prompt + gold rows, sampled once."""
         data = self.run.data
         records = load_split(data, split, required=("prompt", GOLD))
         rows = records.rows[: data.max_val_rows] if split == "val" else self.heldout.training_rows(records)
         select = functools.partial(verified_replies, max_per_prompt=self.settings.max_per_prompt)
         path = sampled_rows_path(self.run.output_dir, "rejection_sampled", split)
-        return sample_once(self, rows, self.rejection, path, select)
+        return sample_once(self, rows, sampling, path, select)
 
     def on_fit_start(self) -> None:
         """Rejection samples are drawn here, from the policy on its device and still the starting checkpoint (both
@@ -89,7 +91,7 @@ class SFT(CausalLMStage):
         super().on_fit_start()
         if self.rejection is not None:
             for split in ("train", "val"):
-                self.trainer.datamodule.items(split)
+                self.loaded_data.items(split)
 
     def sequences(self, split: str) -> list[TokenSequence]:
         return [self.assistant_only(messages) for messages in self.conversations(split)]

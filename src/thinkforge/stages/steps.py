@@ -25,8 +25,8 @@ class StepSums:
         self.extremes: dict[str, float] = {}
 
     def add(self, metrics: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        for name, value in metrics.items():
-            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        for name, tensor in metrics.items():
+            value = float(tensor.detach())
             if is_extreme(name):
                 self.extremes[name] = (min if name.endswith("/min") else max)(self.extremes.get(name, value), value)
             else:
