@@ -1,5 +1,5 @@
 """Writes docs/configuration.md, every key of every command with its default and the comment the schema gives it,
-from the schema dataclasses themselves; `--check` fails when the file is stale (tests/test_docs.py runs it).
+from the schema dataclasses themselves; `--check` fails when the file is stale (tests/project/test_docs.py runs it).
 
     python scripts/configuration_doc.py            # rewrite docs/configuration.md
     python scripts/configuration_doc.py --check    # exit 1 if it differs from what the schemas say
@@ -77,7 +77,7 @@ def document() -> str:
         "# Configuration",
         "",
         "Every key of every command, its default and what it is, generated from the schema dataclasses by",
-        "`python scripts/configuration_doc.py` (`tests/test_docs.py` fails when this file is stale). A YAML in",
+        "`python scripts/configuration_doc.py` (`tests/project/test_docs.py` fails when this file is stale). A YAML in",
         "`conf/` sets only what differs from these defaults.",
         "",
         "## thinkforge-train and thinkforge-doctor (`thinkforge.config.TrainConfig`)",

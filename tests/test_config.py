@@ -29,7 +29,7 @@ def group_options(group: str) -> list[str]:
         (group, option)
         for group in ("model", "data", "prompt", "stage", "hardware", "logger")
         for option in group_options(group)
-        if option != "multinode"  # sized by the SLURM launcher at run time: tests/test_slurm.py
+        if option != "multinode"  # sized by the SLURM launcher at run time: tests/runs/test_slurm.py
     ],
 )
 def test_every_group_option_composes_and_validates(group, option):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_grpo_losses import setup_case
+from test_losses_grpo import setup_case
 
 from thinkforge.errors import ConfigError
 from thinkforge.losses import (
