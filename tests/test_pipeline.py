@@ -46,6 +46,21 @@ def test_init_from_picks_the_starting_export_and_its_upstream(tmp_path):
         plan_recipe(tmp_path, "recipe=demo", "++stages.sft.init_from=grpo")
 
 
+def test_a_stage_hands_over_its_best_export_when_told_to(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.sft\.export: best needs stages\.sft\.heldout\.keep_best"):
+        plan_recipe(tmp_path, "recipe=demo", "++stages.sft.export=best")
+    last = {s.name: s for s in plan_recipe(tmp_path, "recipe=demo")}
+    best = {
+        s.name: s
+        for s in plan_recipe(
+            tmp_path, "recipe=demo", "++stages.sft.export=best", "++stages.sft.heldout.keep_best=accuracy"
+        )
+    }
+    assert best["grpo"].config.model.name_or_path == str(tmp_path / "sft" / "export_best")
+    assert best["dpo"].config.model.name_or_path == str(tmp_path / "sft" / "export_best")
+    assert best["grpo"].fingerprint != last["grpo"].fingerprint, "another start: the stages after it run again"
+
+
 def test_every_demo_stage_is_scored_on_the_same_500_held_out_prompts(tmp_path):
     for stage in plan_recipe(tmp_path, "recipe=demo"):
         assert stage.config.data.synthetic.num_val == stage.config.heldout.num_prompts == 500, stage.name
@@ -293,3 +308,21 @@ def test_the_table_says_where_a_stage_started_unless_it_is_a_plain_chain():
     ]
     labels = [line.split("|")[1].strip() for line in format_table(records).splitlines()[2:]]
     assert labels == ["midtrain", "sft", "dpo (from sft)", "grpo (from sft)"]
+
+
+def test_the_table_shows_the_best_point_of_a_stage_that_kept_one():
+    from thinkforge.pipeline import format_table
+
+    records = [
+        {"stage": "sft", "from": None, "heldout": {"accuracy": 0.25}, "export": "sft/export"},
+        {
+            "stage": "grpo",
+            "from": "sft",
+            "heldout": {"accuracy": 0.652},
+            "best": {"step": 32, "metric": "accuracy", "accuracy": 0.702},
+            "export": "grpo/export_best",
+        },
+    ]
+    header, _, sft, grpo = format_table(records).splitlines()
+    assert "best held-out point" in header
+    assert "| accuracy 70.2% (step 32) |" in grpo and "| - |" in sft

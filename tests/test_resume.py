@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,26 @@ def test_the_extra_state_a_checkpoint_carries_comes_back_into_a_fresh_stage():
     sft = SimpleNamespace(initial_heldout={})  # a stage without the GRPO counter ignores it
     ResumeState().on_load_checkpoint(None, sft, checkpoint)
     assert not hasattr(sft, "steps_without_signal")
+
+
+def test_objects_travel_as_their_state_dict_and_come_back_into_the_fresh_stages_own():
+    import torch
+
+    from thinkforge.stages.watch import EntropyCollapseWatch
+
+    watch = EntropyCollapseWatch()
+    for step in range(12):
+        watch.update(step, 0.2 - 0.01 * step, 0.5)
+    trained = SimpleNamespace(collapse_watch=watch, heldout_history=[{"step": 8, "accuracy": 0.5}])
+    checkpoint: dict = {}
+    ResumeState().on_save_checkpoint(None, trained, checkpoint)
+    # plain values: a checkpoint loads with torch.load(weights_only=True)
+    path = Path(tempfile.mkdtemp()) / "state.pt"
+    torch.save(checkpoint, path)
+    checkpoint = torch.load(path, weights_only=True)
+    fresh = SimpleNamespace(collapse_watch=EntropyCollapseWatch(), heldout_history=[])
+    ResumeState().on_load_checkpoint(None, fresh, checkpoint)
+    assert fresh.collapse_watch.state_dict() == watch.state_dict() and fresh.heldout_history == trained.heldout_history
 
 
 def test_data_position_counts_loader_batches():

@@ -260,6 +260,20 @@ class HeldOutConfig:
     pass_k: int = 0
     pass_k_prompts: int = 100
     pass_k_temperature: float = 1.0
+    # scores during the stage too, every this many optimizer steps, logged as heldout/* curves and drawn in
+    # curves.png; null: a handful of points in an RL stage (GRPO, DPO: 4 between the start and the end), none in
+    # midtrain and SFT; 0: at the end only
+    every_n_steps: Optional[int] = None
+    # pass@k and the sampled pass@1 at those points too (k samples a prompt each time); false: the points score
+    # greedy pass@1, EOS rate and length, and pass@k is measured at the start and the end
+    pass_k_at_points: bool = False
+    # keep the best-scoring point's weights in export_best/ (and its scores in heldout_best.json) by this
+    # held-out metric: accuracy (greedy pass@1), or sampled_accuracy or pass@<k> when the points measure them
+    # (pass_k_at_points); null: keep the last only
+    keep_best: Optional[str] = None
+    # the first samples of each held-out point, beside heldout.json (heldout_samples.jsonl: all of rank 0's) and,
+    # with logger=wandb, as a table: prompt, completion, gold answer, whether it was right
+    log_samples: int = 8
 
     def __post_init__(self) -> None:
         require(self.num_prompts >= 0, "heldout.num_prompts", "must be >= 0 (0 switches held-out evaluation off)")
@@ -268,6 +282,22 @@ class HeldOutConfig:
             self.pass_k >= 0 and self.pass_k_prompts > 0, "heldout.pass_k", "need pass_k >= 0 and pass_k_prompts > 0"
         )
         require(self.pass_k_temperature > 0, "heldout.pass_k_temperature", "must be positive (pass@k samples)")
+        require(
+            self.every_n_steps is None or self.every_n_steps >= 0,
+            "heldout.every_n_steps",
+            "must be >= 0 (0: score at the end only) or null (the stage's default)",
+        )
+        require(self.log_samples >= 0, "heldout.log_samples", "must be >= 0")
+        if self.keep_best is not None:
+            sampled = self.pass_k and self.pass_k_at_points
+            kept = ("accuracy", "sampled_accuracy", f"pass@{self.pass_k}") if sampled else ("accuracy",)
+            require(
+                self.keep_best in kept,
+                "heldout.keep_best",
+                f"must be one of {', '.join(kept)} (a held-out metric measured here, higher is better); "
+                f"got {self.keep_best!r}",
+            )
+            require(self.num_prompts > 0, "heldout.keep_best", "needs held-out prompts (heldout.num_prompts > 0)")
 
 
 @dataclass
@@ -345,7 +375,8 @@ class PipelineConfig:
     model: ModelConfig = MISSING
     hardware: HardwareConfig = MISSING
     # name -> {overrides: [thinkforge-train overrides, e.g. stage=grpo], init_from: <an earlier stage; default the
-    # previous one>, <config values, e.g. optim: {lr: 1e-6}>}
+    # previous one>, export: <what the stages after it start from: last (the last step's weights) or best (the
+    # best held-out point's, which needs heldout.keep_best)>, <config values, e.g. optim: {lr: 1e-6}>}
     stages: dict[str, Any] = field(default_factory=dict)
     # Data settings for every stage, over the recipe's own (e.g. data.train=/data/prompts.jsonl for all of
     # DeepScaleR's GRPO stages); stages.<name>.data.* sets one stage's.
@@ -382,6 +413,12 @@ class PipelineConfig:
                 source is None or source in names[:position],
                 f"stages.{name}.init_from",
                 f"must name an earlier stage ({', '.join(names[:position]) or 'none before it'}); got {source!r}",
+            )
+            one_of(entry.get("export", "last"), ("last", "best"), f"stages.{name}.export")
+            require(
+                entry.get("export", "last") == "last" or (entry.get("heldout") or {}).get("keep_best") is not None,
+                f"stages.{name}.export",
+                f"best needs stages.{name}.heldout.keep_best: the held-out metric that picks the best point",
             )
 
 

@@ -1,8 +1,9 @@
 """Pictures of a run: `curves.png` from the CSV log of one stage, and one for a whole pipeline.
 
 A stage's picture has a panel for each of its headline metrics that the log holds (loss for the language-model
-stages; margins and chosen log-probs for DPO; reward, accuracy, length, entropy and KL for GRPO). A pipeline's
-picture puts held-out accuracy after each stage first, then the RL stages' panels.
+stages; margins and chosen log-probs for DPO; reward, accuracy, length, entropy and KL for GRPO), and the held-out
+scores at each point of the stage when it was scored during training. A pipeline's picture puts held-out accuracy
+after each stage first, then the RL stages' panels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RL_PANELS: tuple[tuple[str, str], ...] = (
     ("val/rewards/accuracies", "DPO held-out implicit-reward accuracy"),
 )
 SMOOTHING_WINDOW = 5
+HELDOUT_TITLE = "held-out greedy pass@1 (%)"
 
 
 def _smoothed(values: Sequence[float]) -> list[float]:
@@ -39,6 +41,21 @@ def _plot_series(axis: Any, points: list[tuple[int, float]], title: str, label: 
     steps, values = zip(*points)
     line = axis.plot(steps, values, alpha=0.3, linewidth=1)[0]
     axis.plot(steps, _smoothed(values), color=line.get_color(), linewidth=2, label=label)
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("step", fontsize=8)
+    axis.grid(alpha=0.3)
+
+
+def heldout_points(series: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Greedy pass@1 at the start (when scored) and at every held-out point; [] unless there are two or more."""
+    points = series.get("heldout_start/accuracy", [])[:1] + series.get("heldout/accuracy", [])
+    return points if len(points) >= 2 else []
+
+
+def _plot_points(axis: Any, points: list[tuple[int, float]], title: str) -> None:
+    """Held-out points as measured (a few, not noisy per step: no smoothing), as percentages."""
+    steps, values = zip(*points)
+    axis.plot(steps, [100 * value for value in values], marker="o", linewidth=2)
     axis.set_title(title, fontsize=10)
     axis.set_xlabel("step", fontsize=8)
     axis.grid(alpha=0.3)
@@ -72,11 +89,14 @@ def stage_curves(run_dir: Path, title: str = "") -> Path | None:
     """`run_dir/curves.png` with the stage's headline metrics; None when its log holds none of them."""
     series = read_csv_log(run_dir)
     panels = [(name, panel_title) for name, panel_title in LOSS_PANELS + RL_PANELS if series.get(name)]
-    if not panels:
+    heldout = heldout_points(series)
+    if not panels and not heldout:
         return None
-    figure, axes = _figure(len(panels))
+    figure, axes = _figure(len(panels) + bool(heldout))
     for axis, (name, panel_title) in zip(axes, panels):
         _plot_series(axis, series[name], panel_title)
+    if heldout:
+        _plot_points(axes[-1], heldout, HELDOUT_TITLE)
     if title:
         figure.suptitle(title)
     return _save(figure, run_dir / "curves.png")
@@ -87,7 +107,8 @@ def pipeline_curves(records: Sequence[dict[str, Any]], stage_dirs: Sequence[Path
     RL stages' training curves."""
     logs = {record["stage"]: read_csv_log(directory) for record, directory in zip(records, stage_dirs)}
     rl_panels = [(stage, name, title) for stage, log_ in logs.items() for name, title in RL_PANELS if log_.get(name)]
-    figure, axes = _figure(1 + len(rl_panels))
+    during = [(stage, points) for stage, log_ in logs.items() if (points := heldout_points(log_))]
+    figure, axes = _figure(1 + len(rl_panels) + len(during))
     stages = [record["stage"] for record in records]
     heldout = [record.get("heldout") or {} for record in records]
     summary = axes[0]
@@ -102,6 +123,8 @@ def pipeline_curves(records: Sequence[dict[str, Any]], stage_dirs: Sequence[Path
     summary.legend(fontsize=8)
     for axis, (stage, name, panel_title) in zip(axes[1:], rl_panels):
         _plot_series(axis, logs[stage][name], f"{stage}: {panel_title}")
+    for axis, (stage, points) in zip(axes[1 + len(rl_panels) :], during):
+        _plot_points(axis, points, f"{stage}: {HELDOUT_TITLE}")
     if title:
         figure.suptitle(title)
     return _save(figure, path)

@@ -73,3 +73,13 @@ def mlflow_logger(
         directory.mkdir(parents=True, exist_ok=True)
         remembered.write_text(str(logger.run_id))
     return logger
+
+
+def log_samples(logger: Any, key: str, samples: list[dict[str, Any]], *, step: int) -> None:
+    """Samples as a table, where the logger keeps tables (W&B: one table per held-out point, under `key`); the
+    others have the samples in the run directory's `*_samples.jsonl`."""
+    if isinstance(logger, WandbLogger):
+        columns = list(samples[0])
+        logger.log_table(
+            key, columns=columns, data=[[sample[name] for name in columns] for sample in samples], step=step
+        )

@@ -40,15 +40,17 @@ class HeldOutSums:
 
 def score_rollouts(
     groups: Sequence[Sequence[Rollout]], golds: Sequence[Gold], verifier: BatchVerifier = verify_many
-) -> HeldOutSums:
+) -> tuple[HeldOutSums, list[float]]:
+    """The sums over every sample, and each sample's score (groups flattened in order)."""
     flat = [(rollout, gold) for rollouts, gold in zip(groups, golds) for rollout in rollouts]
     scores = verifier([rollout.text for rollout, _ in flat], [gold for _, gold in flat])
-    return HeldOutSums(
+    sums = HeldOutSums(
         samples=float(len(flat)),
         correct=float(sum(scores)),
         finished=float(sum(rollout.finished for rollout, _ in flat)),
         tokens=float(sum(len(rollout.token_ids) for rollout, _ in flat)),
     )
+    return sums, scores
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -34,6 +34,8 @@ from thinkforge.errors import EXIT_INTERRUPTED, ConfigError, Interrupted, UserEr
 from thinkforge.keys import explain_composition_error
 from thinkforge.preflight import check_train_paths
 from thinkforge.run_record import record_run, task_overrides
+from thinkforge.stages.export import BEST_EXPORT
+from thinkforge.stages.heldout import BEST_SCORES
 from thinkforge.training import own_process_command
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,17 @@ class PlannedStage:
     fingerprint: str
     #: the stage whose export this one starts from; None for the first, which starts from the pipeline's model
     source: str | None = None
+    #: what the stages after this one start from: its last step's export or its best held-out point's
+    hands_over: str = "last"
 
     @property
     def export_dir(self) -> Path:
         return self.directory / "export"
+
+    @property
+    def handed_over(self) -> Path:
+        """The export the stages after this one start from (`stages.<name>.export`)."""
+        return self.directory / BEST_EXPORT if self.hands_over == "best" else self.export_dir
 
     @property
     def last_checkpoint(self) -> Path:
@@ -78,7 +87,7 @@ def compose_stage(
     """The train config of one stage: its overrides composed like a `thinkforge-train` command line, then the
     pipeline's model and hardware, the handoff from the previous stage, the entry's own values, and the
     pipeline-wide data settings on top."""
-    values = {key: value for key, value in entry.items() if key not in ("overrides", "init_from")}
+    values = {key: value for key, value in entry.items() if key not in ("overrides", "init_from", "export")}
     try:
         cfg = compose("train", overrides=list(entry.get("overrides", [])))
         with open_dict(cfg):
@@ -106,10 +115,11 @@ def plan(pipeline: DictConfig) -> list[PlannedStage]:
     planned: dict[str, PlannedStage] = {}
     for name, entry in run.stages.items():
         source = planned[entry.get("init_from") or list(planned)[-1]] if planned else None
-        cfg = compose_stage(name, entry, pipeline, root / name, source.export_dir if source else None)
-        upstream = source.fingerprint if source else ""
+        cfg = compose_stage(name, entry, pipeline, root / name, source.handed_over if source else None)
+        upstream = source.fingerprint + source.hands_over if source else ""
         fingerprint = hashlib.sha256((upstream + OmegaConf.to_yaml(cfg)).encode()).hexdigest()[:16]
-        planned[name] = PlannedStage(name, cfg, root / name, fingerprint, source.name if source else None)
+        hands_over = entry.get("export", "last")
+        planned[name] = PlannedStage(name, cfg, root / name, fingerprint, source.name if source else None, hands_over)
     return list(planned.values())
 
 
@@ -138,7 +148,7 @@ def run_one(stage: PlannedStage, position: str = "") -> dict[str, Any]:
         stage.directory.rename(stale)
         print(f"[pipeline] {label}: config or an upstream stage changed; previous run moved to {stale}", flush=True)
         record = None
-    if record and record["status"] == "done" and stage.export_dir.exists():
+    if record and record["status"] == "done" and stage.handed_over.exists():
         print(f"[pipeline] {label}: already done ({stage.directory}), skipped", flush=True)
         return {**record, "from": stage.source}
     resume = record is not None and stage.last_checkpoint.exists()
@@ -159,14 +169,16 @@ def run_one(stage: PlannedStage, position: str = "") -> dict[str, Any]:
         raise StageFailed(
             f"stage {stage.name} failed (exit code {returncode}); its output is above, logs in {stage.directory}"
         )
-    heldout_file = stage.directory / "heldout.json"
+    heldout_file, best_file = stage.directory / "heldout.json", stage.directory / BEST_SCORES
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {}
     done = {
         "status": "done",
         "seconds": round(time.monotonic() - started, 1),
         "heldout": heldout,
-        "export": str(stage.export_dir),
+        "export": str(stage.handed_over),
     }
+    if best_file.exists():  # heldout.keep_best: the best held-out point, beside the last step's scores
+        done["best"] = json.loads(best_file.read_text())
     stage.write_record(**done)
     return {"stage": stage.name, "fingerprint": stage.fingerprint, "from": stage.source, **done}
 
@@ -178,9 +190,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     sampled = sorted({name for record in records for name in (record.get("heldout") or {}) if name.startswith("pass@")})
     columns = [("accuracy", "held-out pass@1 (greedy)"), ("eos_rate", "EOS rate"), ("mean_length", "mean length")]
     columns += [("sampled_accuracy", "sampled pass@1")] * bool(sampled) + [(name, name) for name in sampled]
+    kept_best = any("best" in record for record in records)
     lines = [
-        "| after | " + " | ".join(title for _, title in columns) + " | wall (s) | export |",
-        "|---" * (len(columns) + 3) + "|",
+        "| after | "
+        + " | ".join(title for _, title in columns)
+        + (" | best held-out point" if kept_best else "")
+        + " | wall (s) | export |",
+        "|---" * (len(columns) + 3 + kept_best) + "|",
     ]
     starts = Counter(record.get("from") for record in records)
     for previous, record in zip([None, *records], records):
@@ -192,6 +208,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         start = record.get("from")
         chained = start is None or (previous is not None and previous["stage"] == start and starts[start] == 1)
         label = record["stage"] if chained else f"{record['stage']} (from {start})"
+        if kept_best:
+            best = record.get("best")
+            cells.append(f"{best['metric']} {best[best['metric']]:.1%} (step {best['step']})" if best else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {record.get('seconds', '-')} | {record['export']} |")
     return "\n".join(lines)
 
@@ -224,7 +243,8 @@ def overview(stages: list[PlannedStage]) -> str:
     for stage in stages:
         cfg = stage.config
         source = cfg.model.name_or_path or "model.config"
-        source = Path(source).parent.name if Path(source).name == "export" else source
+        if Path(source).name in ("export", BEST_EXPORT):  # an earlier stage's export: that stage's name
+            source = Path(source).parent.name + (" (best)" if Path(source).name == BEST_EXPORT else "")
         if "max_prompt_length" in cfg.stage:
             lengths = f"prompts {cfg.stage.max_prompt_length}, completions {cfg.stage.sampling.max_new_tokens}"
         else:
@@ -246,7 +266,7 @@ def check_paths(stages: list[PlannedStage]) -> None:
             check_train_paths(validate(stage.config), will_exist=exports)
         except ConfigError as error:
             raise ConfigError(f"stages.{stage.name}: {error}") from None
-        exports.add(stage.export_dir.resolve())
+        exports.add(stage.handed_over.resolve())
 
 
 def run_pipeline(pipeline: DictConfig) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,6 +41,7 @@ class StopRequest:
         #: the ranks agree before stopping (None: one process, stop at once)
         self.agree: Any = None
         self.child_pids: list[int] = []
+        self.deferring = 0
 
     def ask(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -51,9 +53,21 @@ class StopRequest:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Stop points inside do not stop: work whose result belongs in the next checkpoint (a held-out point
+        between steps) finishes first, and the stop comes at the next stop point after it."""
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+
     def check(self, *, collective: bool = False) -> None:
         """A stop point: raise `Interrupted` if a stop was asked for. `collective`: every rank calls this point
         together, so under FSDP the ranks can agree; elsewhere only a single process stops."""
+        if self.deferring:
+            return
         if self.agree is None:
             asked = self.signal_name is not None
         elif collective:

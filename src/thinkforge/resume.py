@@ -55,16 +55,25 @@ class ResumeState(Callback):
     """The stage attributes a checkpoint carries beside Lightning's own state. `initial_heldout`: the starting
     checkpoint's held-out scores, measured once before the first step (a resumed run must not measure its resumed
     weights instead). `steps_without_signal`: GRPO's run of steps with no reward spread, so its stop rule counts
-    across a resume."""
+    across a resume. `heldout_history`: the held-out points measured so far, for the best of them and the
+    summary. `collapse_watch`: GRPO's entropy-collapse watch (its start, peak and whether it warned)."""
 
-    KEPT = ("initial_heldout", "steps_without_signal")
+    KEPT = ("initial_heldout", "steps_without_signal", "heldout_history", "collapse_watch")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint["thinkforge"] = {name: getattr(pl_module, name) for name in self.KEPT if hasattr(pl_module, name)}
+        checkpoint["thinkforge"] = {
+            name: value.state_dict() if hasattr(value, "state_dict") else value
+            for name in self.KEPT
+            if (value := getattr(pl_module, name, None)) is not None
+        }
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         for name, value in checkpoint.get("thinkforge", {}).items():
-            if name in self.KEPT and hasattr(pl_module, name):
+            if name not in self.KEPT or not hasattr(pl_module, name):
+                continue
+            if hasattr(getattr(pl_module, name), "load_state_dict"):  # an object keeps its state as plain values
+                getattr(pl_module, name).load_state_dict(value)
+            else:
                 setattr(pl_module, name, value)
 
 

@@ -33,6 +33,7 @@ from thinkforge.resume import ResumeState, resume_checkpoint
 from thinkforge.run_record import record_run, task_overrides
 from thinkforge.stage_configs import STAGE_SCHEMAS
 from thinkforge.stages.base import Stage
+from thinkforge.stages.heldout import HeldOutPoints, describe_points
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def build_trainer(
     """`has_val`: whether the stage validates (GRPO never does); by default, whether the data has a val split."""
     checkpoints = Path(run.output_dir) / "checkpoints"
     callbacks: list[Callback] = [
+        HeldOutPoints(),  # first: a step's held-out point comes before that step's checkpoints
         ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=run.trainer.ckpt_every, save_last=True, save_top_k=1),
         Preemption(checkpoints / "last.ckpt"),
         *timed_checkpoint(checkpoints / "last.ckpt", run.trainer.ckpt_every_minutes),
@@ -251,6 +253,9 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         # `loss` is the progress bar's copy of train/loss
         summary = ", ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()) if name != "loss")
         print(f"[thinkforge] stage done after {trainer.global_step} steps: {summary}")
+        points = describe_points(stage.heldout_history, stage.initial_heldout, run.heldout.keep_best)
+        if points:
+            print(f"[thinkforge] {points}")
         print(f"[thinkforge] HF export: {stage.export_dir}")
         if curves:
             print(f"[thinkforge] curves: {curves}")

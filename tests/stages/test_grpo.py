@@ -218,8 +218,8 @@ def test_heldout_start_is_measured_once_and_survives_a_resume(tmp_path, monkeypa
     starts = []
     evaluate = Stage.evaluate_heldout
 
-    def counting(self, filename="heldout.json"):
-        metrics = evaluate(self, filename)
+    def counting(self, filename="heldout.json", **options):
+        metrics = evaluate(self, filename, **options)
         if filename == "heldout_start.json":
             starts.append(metrics)
         return metrics

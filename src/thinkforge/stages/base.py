@@ -6,7 +6,9 @@ over the global batch, however it was split. Its parts live beside it (heldout, 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,8 +39,8 @@ from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.sampler import PolicySampler
 from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stages.completions import Batch, CompletionBatcher
-from thinkforge.stages.export import export_hf
-from thinkforge.stages.heldout import HeldOut
+from thinkforge.stages.export import BEST_EXPORT, export_hf
+from thinkforge.stages.heldout import BEST_SCORES, HeldOut, best_point, last_due_point
 from thinkforge.stages.probe import StageProbe
 from thinkforge.stages.steps import StepSums, stop_unless_finite
 
@@ -58,6 +60,8 @@ class Stage(L.LightningModule):
     steps_per_batch = 1
     #: the step's metrics the progress bar (and the step log under a non-TTY) shows, under their short names
     headline_metrics: tuple[tuple[str, str], ...] = (("loss", "loss"),)
+    #: held-out points between the start and the end when `heldout.every_n_steps` is null (the RL stages: 4)
+    default_heldout_points = 0
     #: the trained model, set by `configure_model` (on its device, sharded under FSDP)
     policy: CausalLM
 
@@ -72,6 +76,9 @@ class Stage(L.LightningModule):
         self.heldout = HeldOut(run.heldout, run.data, run.stage, chat, output_dir=run.output_dir, seed=run.seed)
         self.heldout_metrics: dict[str, float] = {}
         self.initial_heldout: dict[str, float] = {}
+        #: every held-out point of this run, the last step's included: {"step": s, <metric>: value, ...}
+        self.heldout_history: list[dict[str, float]] = []
+        self.heldout_seconds, self.train_started = 0.0, time.perf_counter()
         self.attention = resolve_attn_implementation(run.model.attn_implementation)
         self.batcher = CompletionBatcher.for_attention(chat.pad_id, self.attention, pack=run.data.pack)
         self.sampler: PolicySampler | None = None
@@ -162,8 +169,9 @@ class Stage(L.LightningModule):
 
     def optimization_step(
         self, micro_batches: list[Batch], extra_metrics: dict[str, float] | None = None, prefix: str = "train/"
-    ) -> None:
-        """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch."""
+    ) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; the loss is the exact mean over the global batch.
+        Returns the step's metrics (means over the global batch), as logged."""
         started = time.perf_counter()
         # one optimizer and one per-step schedule: `configure_optimizers` returns exactly those
         optimizer = cast(LightningOptimizer, self.optimizers())
@@ -204,6 +212,7 @@ class Stage(L.LightningModule):
             for name, short in self.headline_metrics:
                 if name in step_metrics:
                     self.log(short, step_metrics[name], prog_bar=True, logger=False, rank_zero_only=True)
+        return step_metrics
 
     def validation_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
         for batch in micro_batches:
@@ -249,15 +258,87 @@ class Stage(L.LightningModule):
         export_hf(self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory)
         return directory
 
-    def evaluate_heldout(self, filename: str | None = "heldout.json") -> dict[str, float]:
-        return self.heldout.evaluate(self.generate, self.collectives, self.completion_length(), filename=filename)
+    def evaluate_heldout(self, filename: str | None = "heldout.json", *, with_pass_k: bool = True) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = self.heldout.evaluate(
+            self.generate, self.collectives, self.completion_length(), filename=filename, with_pass_k=with_pass_k
+        )
+        self.heldout_seconds += time.perf_counter() - started
+        return metrics
+
+    # ---- held-out points during training (`heldout.every_n_steps`) and the best of them (`heldout.keep_best`) --
+    def heldout_every(self) -> int:
+        """Optimizer steps between held-out points during training; 0: none."""
+        every = self.run.heldout.every_n_steps
+        if every is None:
+            points = self.default_heldout_points
+            every = self.run.trainer.max_steps // (points + 1) if points else 0
+        return every if self.heldout.enabled() else 0
+
+    def heldout_point_if_due(self) -> None:
+        step, every = self.global_step, self.heldout_every()
+        if every and step < self.run.trainer.max_steps and last_due_point(step, every, self.steps_per_batch) == step:
+            self.measure_heldout_point()
+
+    def measure_heldout_point(self, *, final: bool = False) -> None:
+        """Scores, logs and keeps one point; the best so far also becomes `export_best/` (`heldout.keep_best`).
+        `final`: the stage's last, whose scores are `heldout.json` and whose weights are `export/` already. A stop
+        asked for meanwhile waits for the point, so the checkpoint it saves holds it."""
+        step = self.global_step
+        with self.stop_request.deferred():
+            metrics = self.evaluate_heldout(
+                filename="heldout.json" if final else None,
+                with_pass_k=final or self.run.heldout.pass_k_at_points,
+            )
+        self.heldout.log_outside_steps(self.trainer, metrics, "heldout/")
+        self.heldout_history.append({"step": step, **metrics})
+        if self.trainer.is_global_zero:
+            spent = self.heldout_seconds / max(time.perf_counter() - self.train_started, 1e-9)
+            log.info(
+                "held-out at step %d: %s (held-out scoring so far: %.0f%% of the stage's time)",
+                step,
+                ", ".join(f"{name}={value:.3f}" for name, value in metrics.items()),
+                100 * spent,
+            )
+        self.on_heldout_point(step, metrics)
+        if self.run.heldout.keep_best is not None:
+            self.keep_if_best(step, metrics, self.run.heldout.keep_best, exported=final)
+        if final:
+            self.heldout_metrics = metrics
+
+    def on_heldout_point(self, step: int, metrics: dict[str, float]) -> None:
+        """What a stage reads from a held-out point as it is measured (GRPO: its collapse watch)."""
+
+    def keep_if_best(self, step: int, metrics: dict[str, float], metric: str, *, exported: bool) -> None:
+        """`exported`: this step's weights are `export/` already (copied, not gathered again)."""
+        best = best_point(self.heldout_history, metric)
+        if best is None or best["step"] != step:
+            return
+        directory = Path(self.run.output_dir) / BEST_EXPORT
+        if exported:
+            if self.trainer.is_global_zero:
+                shutil.rmtree(directory, ignore_errors=True)
+                shutil.copytree(self.export_dir, directory)
+            self.trainer.strategy.barrier("best export")
+        else:
+            if self.trainer.is_global_zero:
+                shutil.rmtree(directory, ignore_errors=True)
+            export_hf(self.policy, self.tokenizer, self.run.model, self.trainer.strategy, directory)
+        if self.trainer.is_global_zero:
+            best_scores = {"step": step, "metric": metric, **metrics}
+            (Path(self.run.output_dir) / BEST_SCORES).write_text(json.dumps(best_scores, indent=2))
+            log.info(
+                "held-out %s %.3f at step %d: the best so far, kept in %s", metric, metrics[metric], step, directory
+            )
 
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             self.heldout.warn_when_missing(type(self).__name__)
 
+    def on_train_start(self) -> None:
+        self.train_started = time.perf_counter()
+
     def on_train_end(self) -> None:
         export_hf(self.policy, self.tokenizer, self.run.model, self.trainer.strategy, self.export_dir)
         if self.heldout.enabled():
-            self.heldout_metrics = self.evaluate_heldout()
-            self.heldout.log_outside_steps(self.trainer, self.heldout_metrics, "heldout/")
+            self.measure_heldout_point(final=True)

@@ -65,6 +65,7 @@ class DPOProbe(StageProbe["DPO"]):
 class DPO(Stage):
     loss_unit = "pairs"
     headline_metrics = (("loss", "loss"), ("rewards/margins", "margin"))
+    default_heldout_points = 4
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__(run, chat)

@@ -19,6 +19,9 @@ from thinkforge.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+#: the best held-out point's export (`heldout.keep_best`), beside the last step's `export/`
+BEST_EXPORT = "export_best"
+
 
 def export_hf(
     policy: CausalLM, tokenizer: PreTrainedTokenizerBase, model: ModelConfig, strategy: Strategy, directory: Path

@@ -41,6 +41,7 @@ from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
+from thinkforge.stages.watch import EntropyCollapseWatch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class GRPO(Stage):
     # or the data position (and so the rollouts' seed) would never move on
     allows_empty_steps = True
     headline_metrics = (("loss", "loss"), ("reward/mean", "reward"), ("reward/accuracy", "accuracy"))
+    default_heldout_points = 4
 
     def __init__(self, run: TrainConfig, chat: ChatFormat) -> None:
         super().__init__(run, chat)
@@ -74,6 +76,7 @@ class GRPO(Stage):
         self.group_size = self.settings.sampling.num_samples
         self.reward_model = RewardModel(self.settings.reward, lenient=self.settings.answer_extraction == "lenient")
         self.steps_without_signal = 0
+        self.collapse_watch = EntropyCollapseWatch()
         self.steps_per_batch = self.settings.num_iterations
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
@@ -116,6 +119,7 @@ class GRPO(Stage):
     def on_train_start(self) -> None:
         """The starting checkpoint's held-out scores, once per run: kept in `heldout_start.json`, so a run stopped
         before its first checkpoint does not pay for them again."""
+        super().on_train_start()
         if not self.heldout.enabled() or self.initial_heldout:
             return
         saved = Path(self.run.output_dir) / START_SCORES
@@ -145,16 +149,26 @@ class GRPO(Stage):
         generation_seconds = time.perf_counter() - started
         train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
+        step = self.global_step
         for iteration in range(self.settings.num_iterations):
             # every iteration keeps its own metrics: the first under train/, later ones under train/iteration_<k>/
             prefix = "train/" if iteration == 0 else f"train/iteration_{iteration}/"
-            self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
+            metrics = self.optimization_step(train_batches, stats if iteration == 0 else None, prefix=prefix)
+            if iteration == 0 and "entropy" in metrics:  # a step with nothing to train on has no entropy
+                collapse = self.collapse_watch.update(step, metrics["entropy"], stats["reward/mean"])
+                if collapse and self.trainer.is_global_zero:
+                    log.warning(collapse)
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
         if self.sampler is not None and self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
         # kept only once the step is done: a run stopped inside it resumes counting from the step before
         self.steps_without_signal = steps_without_signal
+
+    def on_heldout_point(self, step: int, metrics: dict[str, float]) -> None:
+        collapse = self.collapse_watch.heldout_point(step, metrics["accuracy"])
+        if collapse and self.trainer.is_global_zero:
+            log.warning(collapse)
 
     def check_signal(self, groups: list[Group], stats: dict[str, float], sampling: SamplingParams) -> int:
         """A step whose groups all have zero reward spread has zero advantages: it trains on nothing. Say so, with
