@@ -261,8 +261,8 @@ class HeldOutConfig:
     pass_k_prompts: int = 100
     pass_k_temperature: float = 1.0
     # scores during the stage too, every this many optimizer steps, logged as heldout/* curves and drawn in
-    # curves.png; null: a handful of points in an RL stage (GRPO, DPO: 4 between the start and the end), none in
-    # midtrain and SFT; 0: at the end only
+    # curves.png; null: a handful of points in an RL stage (GRPO, DPO: at most 4 between the start and the end,
+    # every ceil(max_steps / 5) steps), none in midtrain and SFT; 0: at the end only
     every_n_steps: Optional[int] = None
     # pass@k and the sampled pass@1 at those points too (k samples a prompt each time); false: the points score
     # greedy pass@1, EOS rate and length, and pass@k is measured at the start and the end

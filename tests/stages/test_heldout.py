@@ -51,6 +51,24 @@ def test_a_point_follows_the_batch_that_reaches_or_passes_a_multiple(every, per_
     assert {step: last_due_point(step, every, per_batch) for step in expected} == expected
 
 
+@pytest.mark.parametrize(
+    ("overrides", "every"),
+    [
+        (["experiment=demo_grpo", "trainer.max_steps=40"], 8),
+        (["experiment=demo_grpo", "trainer.max_steps=6"], 2),
+        (["stage=dpo", "trainer.max_steps=20"], 4),
+        (["stage=sft", "trainer.max_steps=40"], 0),
+        (["stage=sft", "trainer.max_steps=40", "heldout.every_n_steps=10"], 10),
+        (["experiment=demo_grpo", "trainer.max_steps=40", "heldout.num_prompts=0"], 0),
+    ],
+)
+def test_rl_stages_score_a_handful_of_points_by_default(overrides, every, tmp_path):
+    from thinkforge.config import validate
+    from thinkforge.training import build_stage
+
+    assert build_stage(validate(compose_config(*overrides, output_dir=tmp_path))).heldout_every() == every
+
+
 def test_the_summary_line_names_the_best_point_and_what_the_last_scored():
     history = [
         {"step": 8, "accuracy": 0.5},

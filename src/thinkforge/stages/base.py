@@ -270,9 +270,9 @@ class Stage(L.LightningModule):
     def heldout_every(self) -> int:
         """Optimizer steps between held-out points during training; 0: none."""
         every = self.run.heldout.every_n_steps
-        if every is None:
+        if every is None:  # at most `default_heldout_points` points strictly between the start and the end
             points = self.default_heldout_points
-            every = self.run.trainer.max_steps // (points + 1) if points else 0
+            every = -(-self.run.trainer.max_steps // (points + 1)) if points else 0
         return every if self.heldout.enabled() else 0
 
     def heldout_point_if_due(self) -> None:
