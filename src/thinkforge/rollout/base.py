@@ -27,6 +27,21 @@ class Rollout:
     logprobs: tuple[float, ...] = ()
 
 
+class Generate(Protocol):
+    """What samples a rank's prompts: an engine's `generate` bound to its weights, or a stage's (policy, seed and
+    progress wired in); GRPO's groups and the held-out scores take either."""
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
+        """This rank's prompts, sampled."""
+
+
 class RolloutEngine(Protocol):
     #: whether the engine samples its own copy of the weights, which `update_weights` must refresh
     holds_weights: bool

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from thinkforge.collectives import Collectives
 from thinkforge.data.loader import StepBatches
-from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.grading import Gold
 from thinkforge.rewards.math import shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
-from thinkforge.rollout.base import Rollout
+from thinkforge.rollout.base import Generate, Rollout
 from thinkforge.rollout.settings import SamplingParams
 
 
@@ -39,18 +37,6 @@ class Group:
     @property
     def has_signal(self) -> bool:
         return bool(self.rewards.std() > 0)
-
-
-class Generate(Protocol):
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        sampling: SamplingParams,
-        *,
-        seed: int,
-        progress: GenerationProgress | None = None,
-    ) -> list[list[Rollout]]:
-        """This rank's prompts, sampled."""
 
 
 def no_signal_cause(accuracy: float, answered: float, truncated: float, max_tokens: int) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -20,7 +20,7 @@ from thinkforge.loggers import log_samples
 from thinkforge.metrics import HeldOutSums, score_rollouts
 from thinkforge.progress import GenerationProgress
 from thinkforge.rewards.grading import Gold, verify_many
-from thinkforge.rollout.base import Rollout
+from thinkforge.rollout.base import Generate, Rollout
 from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stages.export import BEST_EXPORT
 
@@ -28,18 +28,6 @@ log = logging.getLogger(__name__)
 
 #: the best held-out point's step and scores (`heldout.keep_best`), beside its weights in export_best/
 BEST_SCORES = "heldout_best.json"
-
-
-class Generate(Protocol):
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        sampling: SamplingParams,
-        *,
-        seed: int,
-        progress: GenerationProgress | None = None,
-    ) -> list[list[Rollout]]:
-        """This rank's prompts, sampled."""
 
 
 class HeldOut:
