@@ -32,6 +32,7 @@ class GenerationProgress:
         self.total, self.description, self.every_s = total, description, every_s
         self.done, self.tokens, self.started = 0, 0, time.perf_counter()
         self.last_report = self.started
+        self.reported = False
         self.bar: Any = None
         if on_terminal():
             from tqdm.auto import tqdm
@@ -51,6 +52,7 @@ class GenerationProgress:
             self.report(self.done + finished, rate, now)
 
     def report(self, done: int, rate: float, now: float) -> None:
+        self.reported = True
         elapsed = now - self.started
         if done >= self.total:
             when = f"done in {duration(elapsed)}"
@@ -64,11 +66,12 @@ class GenerationProgress:
         self.step(0, 0)
 
     def close(self) -> None:
-        """On a terminal the bar stays at its last count; in a log, one last line says the phase finished."""
+        """On a terminal the bar stays at its last count; in a log, a phase long enough to have reported its
+        progress ends with a line saying it finished (a short one stays silent)."""
         if self.bar is not None:
             self.bar.n = self.done
             self.bar.close()
             self.bar = None
-            return
-        now = time.perf_counter()
-        self.report(self.done, self.tokens / max(now - self.started, 1e-9), now)
+        elif self.reported:
+            now = time.perf_counter()
+            self.report(self.done, self.tokens / max(now - self.started, 1e-9), now)

@@ -228,9 +228,11 @@ def test_heldout_start_is_measured_once_and_survives_a_resume(tmp_path, monkeypa
     first = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=2", "trainer.ckpt_every=1", output_dir=tmp_path))
     resumed = run_stage(compose_config(*GRPO_FAST, "trainer.max_steps=3", "trainer.ckpt_every=1", output_dir=tmp_path))
     assert len(starts) == 1
-    # logged where the tools look: at step 0 before training, at the last step after it (the resumed run's step 3;
-    # resuming from step 2 rewrites the log from there)
-    assert set(logged(tmp_path, "heldout_start/accuracy")) == {0} and set(logged(tmp_path, "heldout/accuracy")) == {3}
+    # logged where the tools look: at step 0 before training, at the held-out point of step 1 (a 2-step run scores
+    # every step) and at the last step after it (the resumed run's step 3; resuming from step 2 rewrites the log
+    # from there)
+    assert set(logged(tmp_path, "heldout_start/accuracy")) == {0}
+    assert set(logged(tmp_path, "heldout/accuracy")) == {1, 3}
     start = {k: v for k, v in first.metrics.items() if k.startswith("heldout_start/")}
     assert start and start == {k: v for k, v in resumed.metrics.items() if k.startswith("heldout_start/")}
 

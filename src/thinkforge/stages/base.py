@@ -40,7 +40,7 @@ from thinkforge.rollout.sampler import PolicySampler
 from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stages.completions import Batch, CompletionBatcher
 from thinkforge.stages.export import BEST_EXPORT, export_hf
-from thinkforge.stages.heldout import BEST_SCORES, HeldOut, best_point, last_due_point
+from thinkforge.stages.heldout import BEST_SCORES, HeldOut, best_point, describe_scores, last_due_point
 from thinkforge.stages.probe import StageProbe
 from thinkforge.stages.steps import StepSums, stop_unless_finite
 
@@ -297,7 +297,7 @@ class Stage(L.LightningModule):
             log.info(
                 "held-out at step %d: %s (held-out scoring so far: %.0f%% of the stage's time)",
                 step,
-                ", ".join(f"{name}={value:.3f}" for name, value in metrics.items()),
+                describe_scores(metrics),
                 100 * spent,
             )
         self.on_heldout_point(step, metrics)

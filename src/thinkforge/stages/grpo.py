@@ -40,6 +40,7 @@ from thinkforge.rollout.settings import SamplingParams
 from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
+from thinkforge.stages.heldout import describe_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
 from thinkforge.stages.watch import EntropyCollapseWatch
 
@@ -129,6 +130,8 @@ class GRPO(Stage):
             log.info("starting held-out scores read back from %s", saved)
         else:
             self.initial_heldout = self.evaluate_heldout(filename=START_SCORES)
+            if self.trainer.is_global_zero:
+                log.info("held-out at the start: %s", describe_scores(self.initial_heldout))
         self.heldout.log_outside_steps(self.trainer, self.initial_heldout, "heldout_start/")
 
     # ---- one step: sample, score, optimise --------------------------------------------------------------------

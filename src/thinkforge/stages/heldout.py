@@ -143,7 +143,6 @@ class HeldOut:
             path.write_text(json.dumps({**metrics, "samples": total.samples}, indent=2))
             with path.with_name(f"{path.stem}_samples.jsonl").open("w") as handle:
                 handle.writelines(json.dumps(sample) + "\n" for sample in self.samples)
-            log.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
 
     def pass_at_k(
@@ -170,6 +169,10 @@ class HeldOut:
         solved = sum(any(scores[i * k : (i + 1) * k]) for i in range(len(groups)))
         correct, solved, count = collectives.sum([sum(scores), solved, len(groups)]).tolist()
         return {f"pass@{k}": solved / count, "sampled_accuracy": correct / (count * k)}
+
+
+def describe_scores(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:.3f}" for name, value in metrics.items())
 
 
 def last_due_point(step: int, every: int, per_batch: int) -> int:
