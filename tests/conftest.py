@@ -30,6 +30,8 @@ FAST = [
     "trainer.val_every=2",
     "trainer.ckpt_every=2",
     "optim.warmup_steps=1",
+    # held-out scoring at the end of each run samples as by default, for fewer tokens (a random model never stops)
+    "heldout.sampling.max_new_tokens=32",
 ]
 
 

@@ -17,16 +17,10 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     assert exports["cpu"].keys() == exports["cpu_fsdp"].keys()
     for name, tensor in exports["cpu"].items():
         torch.testing.assert_close(exports["cpu_fsdp"][name], tensor, atol=1e-4, rtol=0, msg=name)
-    assert any(not torch.equal(exports["cpu"][name], t) for name, t in load_init(tmp_path).items())
-
-
-def load_init(tmp_path):
-    """The untrained weights, to make sure the runs above actually moved them."""
-    result = run_cli(
-        *FAST, "trainer.max_steps=1", "optim.lr=1e-12", "logger=csv", f"hydra.run.dir={tmp_path / 'init'}", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(tmp_path / "init" / "export" / "model.safetensors")
+    # AdamW with a nonzero gradient and learning rate moves every weight it steps: the match is not of untrained models
+    for hardware in exports:
+        assert all(norm > 0 for norm in logged(tmp_path / hardware, "train/grad_norm").values())
+        assert all(lr > 0 for lr in logged(tmp_path / hardware, "train/lr").values())
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path):

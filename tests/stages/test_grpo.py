@@ -126,17 +126,21 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
 @pytest.mark.parametrize(
     "settings",
     [
-        # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint
-        ["stage.aggregation=token_mean", "stage.advantage_scale=batch", "stage.beta=0.04"],
-        ["stage.aggregation=constant", "stage.advantage_scale=none"],
-        # the entropy threshold is taken over both ranks' tokens
+        # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint; the
+        # entropy threshold is taken over both ranks' tokens
         [
-            "stage.surrogate=gspo",
-            "stage.top_entropy_quantile=0.2",
-            "stage.num_iterations=2",
-            "stage.delta=2.0",
+            "stage.aggregation=token_mean",
+            "stage.advantage_scale=batch",
             "stage.beta=0.04",
             "stage.kl_estimator=k2",
+            "stage.top_entropy_quantile=0.2",
+        ],
+        [
+            "stage.surrogate=gspo",
+            "stage.aggregation=constant",
+            "stage.advantage_scale=none",
+            "stage.num_iterations=2",
+            "stage.delta=2.0",
         ],
     ],
 )
