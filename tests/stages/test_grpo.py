@@ -300,7 +300,9 @@ def test_heldout_length_follows_the_stages_completion_length_unless_set(tmp_path
     assert stage.heldout.sampling(stage.completion_length()).max_new_tokens == 16384, "the length of the last steps"
     fixed = build_stage(validate(compose_config(*GRPO_FAST, output_dir=tmp_path)))
     assert fixed.heldout.sampling(fixed.completion_length()).max_new_tokens == 24
-    sft = build_stage(validate(compose_config(*FAST, "stage=sft", output_dir=tmp_path)))
+    sft = build_stage(
+        validate(compose_config(*FAST, "stage=sft", "heldout.sampling.max_new_tokens=null", output_dir=tmp_path))
+    )
     assert sft.heldout.sampling(sft.completion_length()).max_new_tokens == 256, "data.max_sequence_length"
 
 
