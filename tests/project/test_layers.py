@@ -14,7 +14,7 @@ PACKAGE = Path(thinkforge.__file__).parent
 LAYERS = [
     ["errors", "keys", "objectives", "progress", "rollout.settings"],
     ["config", "console", "csv_log", "run_record"],
-    ["data", "rewards", "tokenizer", "chat", "benchmarks"],
+    ["data", "rewards", "sandbox", "tokenizer", "chat", "benchmarks"],
     ["losses", "stage_configs", "preflight"],
     ["adapters", "backbone", "pretrained", "collectives", "optim"],
     ["rollout", "metrics"],

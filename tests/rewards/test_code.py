@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from thinkforge.rewards.code import CodeTests, SandboxLimits, code_scores_many, last_python_block, run_tests
+from thinkforge.rewards.code import CodeTests, code_scores_many, last_python_block, run_tests
+from thinkforge.sandbox import SandboxLimits
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=3)
