@@ -12,10 +12,35 @@ import torch
 from thinkforge.progress import GenerationProgress
 from thinkforge.rollout.settings import SamplingParams
 
+#: what an engine samples from: a rendered prompt, or token ids (a multi-turn rollout goes on from its own tokens,
+#: never from text rendered again)
+EnginePrompt = str | Sequence[int]
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[EnginePrompt]) -> list[list[int]]:
+    """Each prompt's token ids: texts encoded without special tokens (the chat template has put them in), ids as
+    they are."""
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [list(next(encoded)) if isinstance(prompt, str) else list(prompt) for prompt in prompts]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call of a multi-turn rollout and how it went."""
+
+    #: ran to its end without an exception, within its limits
+    ok: bool
+    seconds: float = 0.0
+    timed_out: bool = False
+    #: why it was not run: "malformed", "nested", "unclosed", "max_turns", "step_budget"; None when it ran
+    not_run: str | None = None
+
 
 @dataclass(frozen=True)
 class Rollout:
     prompt_index: int
+    #: the model's own text (a multi-turn rollout's model turns, joined): what the rewards read
     text: str
     token_ids: tuple[int, ...]
     # Ended with EOS within max_new_tokens; False means truncated or stopped by a stop string.
@@ -25,6 +50,24 @@ class Rollout:
     # log p(token) of each completion token under the distribution it was sampled from (logits / T, top-p
     # renormalised): what the trainer's recomputed log-probs must match.
     logprobs: tuple[float, ...] = ()
+    #: per token, whether the environment inserted it (a tool's result and the template's turn markers around it):
+    #: such tokens carry no loss, advantage or KL; empty when every token was sampled
+    inserted: tuple[bool, ...] = ()
+    #: a multi-turn rollout's conversation after the prompt: (role, text) turns, "assistant" or "tool"
+    turns: tuple[tuple[str, str], ...] = ()
+    calls: tuple[ToolCall, ...] = ()
+
+    @property
+    def trainable(self) -> tuple[bool, ...]:
+        """Per token: sampled by the model (and so scored by the loss)."""
+        return tuple(not inserted for inserted in self.inserted) if self.inserted else (True,) * len(self.token_ids)
+
+    @property
+    def transcript(self) -> str:
+        """The text with the tool's results in place, for logs and samples."""
+        if not self.turns:
+            return self.text
+        return "".join(text if role == "assistant" else f"\n[{role}]\n{text}\n[/{role}]\n" for role, text in self.turns)
 
 
 class Generate(Protocol):
@@ -33,7 +76,7 @@ class Generate(Protocol):
 
     def __call__(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,
@@ -48,7 +91,7 @@ class RolloutEngine(Protocol):
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,

@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicLayer
 
 from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
-from thinkforge.rollout.base import Rollout, rollout_of
+from thinkforge.rollout.base import EnginePrompt, Rollout, prompt_token_ids, rollout_of
 from thinkforge.rollout.settings import SamplingParams
 
 
@@ -106,6 +106,18 @@ def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     return cache
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, Any]:
+    """Prompts' token ids as one batch, padded on the left (generation appends on the right), with their mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for position, row in enumerate(rows):
+        if row:
+            ids[position, width - len(row) :] = torch.tensor(row)
+            mask[position, width - len(row) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 def _cache_argument(model: Any) -> str:
     """What the installed transformers calls the KV cache argument and output: `cache` (5.x), `past_key_values`."""
     hf = getattr(model, "hf", model)
@@ -148,30 +160,28 @@ class HFEngine:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,
         progress: GenerationProgress | None = None,
     ) -> list[list[Rollout]]:
         tokenizer = self.tokenizer
-        jobs = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(sampling.num_samples)]
+        encoded = prompt_token_ids(tokenizer, prompts)
+        jobs = [index for index in range(len(prompts)) for _ in range(sampling.num_samples)]
         rollouts: list[list[Rollout]] = [[] for _ in prompts]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 for start in range(0, len(jobs), self.batch_size):
                     chunk = jobs[start : start + self.batch_size]
-                    inputs = tokenizer(
-                        [prompt for _, prompt in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-                    ).to(device)
+                    inputs = left_padded([encoded[index] for index in chunk], tokenizer.pad_token_id, device)
                     capacity = inputs["input_ids"].shape[1] + sampling.max_new_tokens
                     if self.share_prefill and sampling.num_samples > 1 and not self.synced:
-                        cache = self._prefilled_cache([index for index, _ in chunk], inputs, capacity)
+                        cache = self._prefilled_cache(chunk, inputs, capacity)
                     else:
                         cache = preallocated_cache(self._hf.config, capacity)
                     inputs[_cache_argument(self.model)] = cache
@@ -199,12 +209,11 @@ class HFEngine:
                     logprobs = recorder.finish(output, new_tokens.shape[1])
                     if progress is not None:
                         progress.end_batch(len(chunk), int(self._generated(new_tokens)[0].sum()))
-                    for (index, _), row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
+                    for index, row, row_logprobs in zip(chunk, new_tokens.tolist(), logprobs):
                         rollouts[index].append(
                             rollout_of(tokenizer, index, row, row_logprobs, self.end_ids, sampling.stop_strings)
                         )
         finally:
-            tokenizer.padding_side = previous_side
             self.model.train(was_training)
         return rollouts
 

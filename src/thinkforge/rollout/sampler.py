@@ -15,7 +15,7 @@ from thinkforge.adapters import has_adapter, merged_weights, whole_tensor
 from thinkforge.backbone import CausalLM
 from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
-from thinkforge.rollout.base import Rollout, RolloutEngine
+from thinkforge.rollout.base import EnginePrompt, Rollout, RolloutEngine
 from thinkforge.rollout.engines import EngineSource, build_engine
 from thinkforge.rollout.settings import RolloutConfig, SamplingParams
 
@@ -69,7 +69,7 @@ class PolicySampler:
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,

@@ -26,7 +26,7 @@ import torch
 
 from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
-from thinkforge.rollout.base import Rollout, rollout_of
+from thinkforge.rollout.base import EnginePrompt, Rollout, prompt_token_ids, rollout_of
 from thinkforge.rollout.settings import SamplingParams, VLLMEngineConfig
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class VLLMEngine:
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,
@@ -161,13 +161,15 @@ class VLLMEngine:
                 groups += done
         return groups
 
-    def _generate(self, prompts: Sequence[tuple[int, str]], sampling: SamplingParams, seed: int) -> list[list[Rollout]]:
-        """`prompts`: (index in the whole call, text); the index seeds each request."""
+    def _generate(
+        self, prompts: Sequence[tuple[int, EnginePrompt]], sampling: SamplingParams, seed: int
+    ) -> list[list[Rollout]]:
+        """`prompts`: (index in the whole call, text or token ids); the index seeds each request."""
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
-        encoded = self.tokenizer([text for _, text in prompts], add_special_tokens=False)["input_ids"]
+        encoded = prompt_token_ids(self.tokenizer, [prompt for _, prompt in prompts])
         # vLLM draws n samples of one request only when sampling; greedy decoding repeats the request instead
         greedy = sampling.temperature == 0
         copies, n = (sampling.num_samples, 1) if greedy else (1, sampling.num_samples)
