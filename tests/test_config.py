@@ -251,3 +251,12 @@ def test_a_misspelt_key_is_one_line_naming_the_closest_and_a_plus_key_is_refused
         result = run_cli(*args, cwd=tmp_path)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr[-2000:])
         assert result.stderr.startswith(message), (args, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [(["stage=dpo"], "rollout DPO's pairs"), (["stage=sft", "stage.replies=rejection"], "rejection-sampled replies")],
+)
+def test_a_stage_that_samples_one_turn_rows_refuses_tools_in_one_line(overrides, named):
+    with pytest.raises(ConfigError, match=f"tools.tool.*{named}.*take no tools"):
+        validate(compose_config(*overrides, "tools=python"))

@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from thinkforge.errors import one_of, require
 from thinkforge.keys import check_known_keys
-from thinkforge.rollout.settings import RolloutConfig, SamplingConfig
+from thinkforge.rollout.settings import RolloutConfig, SamplingConfig, ToolsConfig
 
 
 def config_dir() -> str:
@@ -96,12 +96,13 @@ class ModelConfig:
         require(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be positive")
 
 
-SYNTHETIC_TASKS = ("math", "code")
+SYNTHETIC_TASKS = ("math", "code", "tool")
 
 
 @dataclass
 class SyntheticConfig:
-    # math: word problems with a boxed answer; code: the same stories as Python functions graded by their tests
+    # math: word problems with a boxed answer; code: the same stories as Python functions graded by their tests;
+    # tool: products of two (level + 1)-digit numbers, solved by calling the Python tool (data/synthetic_tool.py)
     task: str = "math"
     num_train: int = 4000
     num_val: int = 200
@@ -318,6 +319,11 @@ class StageSchema:
         be cut from them when data.val is null."""
         return False
 
+    def samples_rows_before_training(self) -> str | None:
+        """What the stage samples from its starting model before it trains (rollout DPO's pairs, rejection-sampled
+        SFT's replies), named for an error: those are one-turn samples, which take no tools."""
+        return None
+
     def uses_reference(self) -> bool:
         """Whether the stage holds a frozen copy of its starting checkpoint (DPO's reference, GRPO's KL anchor)."""
         return False
@@ -340,6 +346,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     seed: int = 1234
     # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position); "last" is
     # this run directory's newest checkpoint if there is one.
@@ -362,6 +369,13 @@ class TrainConfig:
             "must select a stage config built on a stage schema (stage=midtrain|sft|dpo|grpo)",
         )
         self.stage.check_data(self.data)
+        sampled = self.stage.samples_rows_before_training()
+        require(
+            not (sampled and self.tools.enabled),
+            "tools.tool",
+            f"{sampled} are one-turn samples and take no tools: set tools=none (multi-turn rows with their tool "
+            "turns can be trained from a file)",
+        )
 
 
 @dataclass

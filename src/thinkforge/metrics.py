@@ -29,13 +29,19 @@ class HeldOutSums:
     correct: float = 0.0
     finished: float = 0.0
     tokens: float = 0.0
+    # samples that could call a tool (multi-turn), and their calls
+    tool_samples: float = 0.0
+    tool_calls: float = 0.0
 
     def as_list(self) -> list[float]:
-        return [self.samples, self.correct, self.finished, self.tokens]
+        return [self.samples, self.correct, self.finished, self.tokens, self.tool_samples, self.tool_calls]
 
     def metrics(self) -> dict[str, float]:
         n = max(self.samples, 1.0)
-        return {"accuracy": self.correct / n, "eos_rate": self.finished / n, "mean_length": self.tokens / n}
+        scores = {"accuracy": self.correct / n, "eos_rate": self.finished / n, "mean_length": self.tokens / n}
+        if self.tool_samples:
+            scores["tool_calls"] = self.tool_calls / self.tool_samples
+        return scores
 
 
 def score_rollouts(
@@ -49,6 +55,8 @@ def score_rollouts(
         correct=float(sum(scores)),
         finished=float(sum(rollout.finished for rollout, _ in flat)),
         tokens=float(sum(len(rollout.token_ids) for rollout, _ in flat)),
+        tool_samples=float(sum(bool(rollout.turns) for rollout, _ in flat)),
+        tool_calls=float(sum(len(rollout.calls) for rollout, _ in flat)),
     )
     return sums, scores
 

@@ -190,6 +190,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     sampled = sorted({name for record in records for name in (record.get("heldout") or {}) if name.startswith("pass@")})
     columns = [("accuracy", "held-out pass@1 (greedy)"), ("eos_rate", "EOS rate"), ("mean_length", "mean length")]
     columns += [("sampled_accuracy", "sampled pass@1")] * bool(sampled) + [(name, name) for name in sampled]
+    if any("tool_calls" in (record.get("heldout") or {}) for record in records):
+        columns.append(("tool_calls", "tool calls per sample"))
     kept_best = any("best" in record for record in records)
     lines = [
         "| after | "
@@ -202,7 +204,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     for previous, record in zip([None, *records], records):
         heldout = record.get("heldout") or {}
         cells = [
-            "-" if name not in heldout else f"{heldout[name]:.1f}" if name == "mean_length" else f"{heldout[name]:.1%}"
+            "-"
+            if name not in heldout
+            else f"{heldout[name]:.2f}"
+            if name == "tool_calls"
+            else f"{heldout[name]:.1f}"
+            if name == "mean_length"
+            else f"{heldout[name]:.1%}"
             for name, _ in columns
         ]
         start = record.get("from")

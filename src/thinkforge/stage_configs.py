@@ -90,6 +90,9 @@ class SFTConfig(StageSchema):
     def trains_on_answers(self) -> bool:
         return self.replies == "rejection"
 
+    def samples_rows_before_training(self) -> str | None:
+        return "rejection-sampled replies (stage.replies=rejection)" if self.replies == "rejection" else None
+
     def reads_stated_answers(self) -> bool:
         return self.answer_extraction == "lenient"
 
@@ -132,6 +135,9 @@ class DPOConfig(StageSchema):
 
     def trains_on_answers(self) -> bool:
         return self.pairs == "rollout"
+
+    def samples_rows_before_training(self) -> str | None:
+        return "rollout DPO's pairs (stage.pairs=rollout)" if self.pairs == "rollout" else None
 
     def uses_reference(self) -> bool:
         return not self.precompute_ref_logps

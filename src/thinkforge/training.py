@@ -61,7 +61,7 @@ def build_stage(run: TrainConfig) -> Stage:
     stage_class = get_class(run.stage._target_)
     if not (isinstance(stage_class, type) and issubclass(stage_class, Stage)):
         raise ConfigError(f"stage._target_: {run.stage._target_} is not a thinkforge Stage")
-    return stage_class(run, ChatFormat.for_model(run.model, run.data.system_prompt))
+    return stage_class(run, ChatFormat.for_model(run.model, run.data.system_prompt, tools=run.tools.enabled))
 
 
 def build_strategy(run: TrainConfig) -> Any:

@@ -166,17 +166,25 @@ class Document:
         return len(self.input_ids)
 
 
+#: a completion's trainable tokens: all or none, or token by token (a multi-turn rollout's own tokens, not the
+#: tool's)
+Trainable = bool | Sequence[bool]
+
+
 def completion_documents(
-    prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], bool]], *, share_prompt: bool
+    prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], Trainable]], *, share_prompt: bool
 ) -> list[Document]:
     """Documents for `completions` = (member, token ids, trainable) of one prompt: one per completion, or one in all
-    when `share_prompt`. A completion that is not trainable is still laid out; its labels are IGNORE_INDEX."""
+    when `share_prompt`. Tokens that are not trainable are still laid out; their labels are IGNORE_INDEX."""
     prompt = tuple(prompt_ids)
     if not prompt:
         raise ValueError("a completion needs a prompt of at least one token")
 
-    def labels_of(tokens: Sequence[int], trainable: bool) -> tuple[int, ...]:
-        return (tuple(tokens) if trainable else (IGNORE_INDEX,) * len(tokens)) + (IGNORE_INDEX,)
+    def labels_of(tokens: Sequence[int], trainable: Trainable) -> tuple[int, ...]:
+        flags = [trainable] * len(tokens) if isinstance(trainable, bool) else list(trainable)
+        if len(flags) != len(tokens):
+            raise ValueError(f"{len(flags)} trainable flags for a completion of {len(tokens)} tokens")
+        return (*(token if flag else IGNORE_INDEX for token, flag in zip(tokens, flags)), IGNORE_INDEX)
 
     if not share_prompt:
         return [

@@ -3,7 +3,7 @@ sampling (zero-variance groups replaced by fresh prompts) and the step's rollout
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ from thinkforge.rewards.math import shared_verifier_pool
 from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout.base import Generate, Rollout
 from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.tools import tool_stats
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ class GroupSampler:
         group_size: int,
         refills: StepBatches[list[Prompt]] | None,
         max_refills: int,
+        tool_reward: Callable[[Rollout], float] | None = None,
     ) -> None:
+        """`tool_reward`: a multi-turn sample's shaping term for its tool calls, added to its reward."""
         self.generate, self.reward_model, self.group_size = generate, reward_model, group_size
-        self.refills, self.max_refills = refills, max_refills
+        self.refills, self.max_refills, self.tool_reward = refills, max_refills, tool_reward
 
     def score(self, prompts: Sequence[Prompt], sampling: SamplingParams, seed: int) -> list[Group]:
         rollouts = self.generate([p.text for p in prompts], sampling, seed=seed)
@@ -86,6 +89,9 @@ class GroupSampler:
             [not r.finished for _, r in flat],
             sampling.max_new_tokens,
         )
+        if self.tool_reward is not None:
+            shaping = [self.tool_reward(rollout) for _, rollout in flat]
+            scored = [(total + extra, {**parts, "tool_calls": extra}) for (total, parts), extra in zip(scored, shaping)]
         groups = []
         for index, (prompt, group) in enumerate(zip(prompts, rollouts)):
             block = scored[index * self.group_size : (index + 1) * self.group_size]
@@ -145,6 +151,9 @@ def rollout_stats(groups: list[Group], dropped: int, collectives: Collectives) -
         "dropped": float(dropped),
         **{f"part/{k}": v * len(rollouts) for k, v in parts.items()},
     }
+    multi_turn = any(r.turns for r in rollouts)
+    if multi_turn:
+        local.update({f"tools/{k}": v for k, v in tool_stats(rollouts).items()})
     totals = collectives.sums(local)
     longest = collectives.extremes({"completion/max_length": lengths.max().item()})["completion/max_length"]
     n = totals["samples"]
@@ -160,4 +169,21 @@ def rollout_stats(groups: list[Group], dropped: int, collectives: Collectives) -
         "groups/dropped_fraction": totals["dropped"] / totals["groups"],
         "reward/verifier_timeouts": float(shared_verifier_pool().timeouts),
         "reward/verifier_timeout_rate": shared_verifier_pool().timeout_rate,
+        **(tool_metrics(totals) if multi_turn else {}),
+    }
+
+
+def tool_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Per sample: calls and model turns; per call: the share that ran cleanly, timed out, or could not run (and
+    why), over every rank's samples."""
+    samples, calls = totals["samples"], totals["tools/calls"]
+    counted = [name for name in totals if name.startswith("tools/") and name not in ("tools/calls", "tools/turns")]
+    # a step without calls has no per-call shares (0 of 0); its clean share is 0, as no call ran cleanly
+    return {
+        "tools/calls_per_sample": calls / samples,
+        "tools/turns_per_sample": totals["tools/turns"] / samples,
+        **{
+            f"{name.replace('clean_calls', 'clean_call')}_rate": totals[name] / calls if calls else 0.0
+            for name in counted
+        },
     }

@@ -109,6 +109,56 @@ class SamplingConfig:
         )
 
 
+TOOLS = ("python",)
+TOOL_SYNTAXES = ("auto", "hermes", "fenced")
+
+
+@dataclass
+class ToolsConfig:
+    """Python the model may call while it reasons (`tools=python`): generation stops at a call, the sandbox runs it,
+    its output comes back as the chat template's tool turn, and generation goes on, until the answer, `max_turns`
+    or the sampling's token budget, which counts the whole completion (the tool's tokens too)."""
+
+    # null: no tools; python: the sandboxed Python tool
+    tool: Optional[str] = None
+    # how the model writes a call: hermes (the chat template's `<tool_call>` JSON, as Qwen2.5's), fenced (a
+    # ```python block ended by ``` and a new line), auto (hermes where the template has it, else fenced)
+    syntax: str = "auto"
+    # model turns per sample; a call in the last one is not run
+    max_turns: int = 4
+    # each call's limits: wall clock, CPU seconds, memory
+    wall_s: float = 5.0
+    cpu_s: int = 5
+    memory_mb: int = 1024
+    # characters of a call's output the model is shown; the rest is cut, with a note saying how much
+    max_output_chars: int = 512
+    # seconds of tool time per rank and training step; calls past it are not run (null: no budget)
+    step_budget_s: Optional[float] = 120.0
+    # added to a sample's reward for each call that failed or ran into the end of its turns or of the step's budget
+    # (negative to discourage them; 0: the reward reads the answer alone)
+    failed_call_reward: float = 0.0
+    over_budget_call_reward: float = 0.0
+    # calls run at once (null: one per core)
+    workers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.tool is not None:
+            one_of(self.tool, TOOLS, "tools.tool")
+        one_of(self.syntax, TOOL_SYNTAXES, "tools.syntax")
+        require(self.max_turns >= 1, "tools.max_turns", f"must be at least 1; got {self.max_turns}")
+        require(self.wall_s > 0 and self.cpu_s > 0, "tools.wall_s", "the wall and CPU limits must be positive")
+        require(self.memory_mb >= 64, "tools.memory_mb", f"must be at least 64 (Python needs it); got {self.memory_mb}")
+        require(self.max_output_chars > 0, "tools.max_output_chars", "must be positive")
+        require(
+            self.step_budget_s is None or self.step_budget_s > 0, "tools.step_budget_s", "must be positive (or null)"
+        )
+        require(self.workers is None or self.workers > 0, "tools.workers", "must be positive (or null)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tool is not None
+
+
 ROLLOUT_ENGINES = ("hf", "vllm")
 VLLM_DTYPES = ("auto", "float32", "bfloat16")
 

@@ -35,9 +35,10 @@ from thinkforge.optim import build_optimizer, warn_of_demo_scale_settings
 from thinkforge.preemption import StopRequest
 from thinkforge.progress import GenerationProgress
 from thinkforge.resume import data_position
-from thinkforge.rollout.base import Rollout
+from thinkforge.rollout.base import EnginePrompt, Rollout
 from thinkforge.rollout.sampler import PolicySampler
 from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.tools import ToolRollouts
 from thinkforge.stages.completions import Batch, CompletionBatcher
 from thinkforge.stages.export import BEST_EXPORT, export_hf
 from thinkforge.stages.heldout import BEST_SCORES, HeldOut, best_point, describe_scores, last_due_point
@@ -82,6 +83,15 @@ class Stage(L.LightningModule):
         self.attention = resolve_attn_implementation(run.model.attn_implementation)
         self.batcher = CompletionBatcher.for_attention(chat.pad_id, self.attention, pack=run.data.pack)
         self.sampler: PolicySampler | None = None
+        #: the multi-turn loop around the sampler when the model may call tools (`tools=python`)
+        self.tool_rollouts: ToolRollouts | None = None
+        if run.tools.enabled:
+            self.tool_rollouts = ToolRollouts(
+                self.sample_policy,
+                chat,
+                run.tools,
+                synced_any=lambda local: bool(self.collectives.sum(int(local)).item() > 0),
+            )
         self._val_sums = StepSums()
         # replaced by thinkforge.preemption.Preemption's when a trainer runs the stage
         self.stop_request = StopRequest()
@@ -226,13 +236,27 @@ class Stage(L.LightningModule):
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[EnginePrompt],
         sampling: SamplingParams,
         *,
         seed: int,
         progress: GenerationProgress | None = None,
     ) -> list[list[Rollout]]:
-        """This rank's prompts sampled from the policy's current weights (`rollout.*`); every rank calls it together."""
+        """This rank's prompts sampled from the policy's current weights (`rollout.*`), calling tools between turns
+        where the run has them (`tools.*`); every rank calls it together."""
+        if self.tool_rollouts is not None:
+            return self.tool_rollouts(prompts, sampling, seed=seed, progress=progress)
+        return self.sample_policy(prompts, sampling, seed=seed, progress=progress)
+
+    def sample_policy(
+        self,
+        prompts: Sequence[EnginePrompt],
+        sampling: SamplingParams,
+        *,
+        seed: int,
+        progress: GenerationProgress | None = None,
+    ) -> list[list[Rollout]]:
+        """One turn of this rank's prompts, sampled from the policy's current weights (`rollout.*`)."""
         if self.sampler is None:
             completions = self.completion_length()
             longest = self.run.stage.longest_prompt(self.run.data) + max(

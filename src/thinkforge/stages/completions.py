@@ -13,7 +13,14 @@ from typing import Literal, overload
 import torch
 
 from thinkforge.backbone import CausalLM
-from thinkforge.data.packing import Document, collate_documents, completion_documents, document_rows, unpack
+from thinkforge.data.packing import (
+    Document,
+    Trainable,
+    collate_documents,
+    completion_documents,
+    document_rows,
+    unpack,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -37,7 +44,7 @@ class CompletionBatcher:
         return cls(pad_token_id, attention == "sdpa", pack, attention == "flash_attention_2")
 
     def layout(
-        self, prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], bool]], share_prompt: bool
+        self, prompt_ids: Sequence[int], completions: Sequence[tuple[int, Sequence[int], Trainable]], share_prompt: bool
     ) -> list[Document]:
         """One prompt's completions (member, token ids, trainable) as documents."""
         if share_prompt and self.masks_attention and len(completions) > 1:

@@ -37,6 +37,7 @@ from thinkforge.rewards.shaping import RewardModel
 from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cause
 from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.tools import tool_call_reward
 from thinkforge.stage_configs import GRPOConfig
 from thinkforge.stages.base import Stage
 from thinkforge.stages.completions import Batch, completion_scores
@@ -147,6 +148,8 @@ class GRPO(Stage):
         position = data_position(self.global_step, self.steps_per_batch)
         seed = self.run.seed * 7919 + position * 104729 + self.global_rank
         sampler = self.group_sampler(len(prompts))
+        if self.tool_rollouts is not None:
+            self.tool_rollouts.start_step()
         groups, stats = sampler.sample(prompts, sampling, seed=seed, position=position, collectives=self.collectives)
         steps_without_signal = self.check_signal(groups, stats, sampling)
         generation_seconds = time.perf_counter() - started
@@ -164,6 +167,10 @@ class GRPO(Stage):
         stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
         if self.sampler is not None and self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
+        if self.tool_rollouts is not None:
+            tool_seconds = self.tool_rollouts.tool_seconds
+            stats_time["tools/time_s"] = tool_seconds
+            stats_time["tools/time_share"] = tool_seconds / max(time.perf_counter() - started, 1e-9)
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
         # kept only once the step is done: a run stopped inside it resumes counting from the step before
         self.steps_without_signal = steps_without_signal
@@ -213,9 +220,14 @@ class GRPO(Stage):
                     world_size=self.trainer.world_size,
                     start_step=0,
                 )
-            settings = self.settings
+            tools = self.run.tools
             self._groups = GroupSampler(
-                self.generate, self.reward_model, self.group_size, refills, settings.max_refills
+                self.generate,
+                self.reward_model,
+                self.group_size,
+                refills,
+                self.settings.max_refills,
+                tool_reward=(lambda rollout: tool_call_reward(rollout, tools)) if tools.enabled else None,
             )
         return self._groups
 
@@ -241,7 +253,7 @@ class GRPO(Stage):
                     (
                         index * self.group_size + k,
                         rollout.token_ids,
-                        not (self.settings.mask_truncated and not rollout.finished),
+                        rollout.trainable if not (self.settings.mask_truncated and not rollout.finished) else False,
                     )
                     for k, rollout in enumerate(group.rollouts)
                 ]

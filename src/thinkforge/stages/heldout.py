@@ -220,11 +220,12 @@ def sample_rows(
     return [
         {
             "prompt": row["prompt"],
-            "completion": rollout.text,
+            "completion": rollout.transcript,
             "gold": row[GOLD] if isinstance(row[GOLD], str) else "(tests)",
             "correct": bool(score),
             "finished": rollout.finished,
             "tokens": len(rollout.token_ids),
+            **({"tool_calls": len(rollout.calls)} if rollout.turns else {}),
         }
         for (row, rollout), score in zip(flat, scores)
     ]
