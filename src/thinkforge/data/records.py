@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.config import DataConfig
-from thinkforge.data import synthetic, synthetic_code
+from thinkforge.data import synthetic, synthetic_code, synthetic_tool
 from thinkforge.errors import UserError
 from thinkforge.rewards.code import CodeTests
 
@@ -42,8 +42,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
     for position, message in enumerate(value):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise TypeError(f"message {position} needs a string 'role'")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise TypeError(f"message {position} has role {message['role']!r}; expected system, user or assistant")
+        if message["role"] not in ("system", "user", "assistant", "tool"):
+            raise TypeError(
+                f"message {position} has role {message['role']!r}; expected system, user, assistant or tool"
+            )
         if not isinstance(message.get("content"), str):
             raise TypeError(f"message {position} needs a string 'content'")
     if value[-1]["role"] != "assistant":
@@ -86,8 +88,17 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
     if source == "synthetic":
         task, count = data.synthetic, data.synthetic.num_train if split == "train" else data.synthetic.num_val
         levels = {"min_level": task.min_level, "max_level": task.max_level, "max_number": task.max_number}
-        problems: Sequence[synthetic.Problem | synthetic_code.CodeProblem]
-        if task.task == "code":
+        problems: Sequence[synthetic.Problem | synthetic_code.CodeProblem | synthetic_tool.ToolProblem]
+        if task.task == "tool":
+            problems = synthetic_tool.generate(
+                "train" if split == "train" else "test",
+                count,
+                min_level=task.min_level,
+                max_level=task.max_level,
+                answer_only_fraction=task.answer_only_fraction,
+                seed=task.seed,
+            )
+        elif task.task == "code":
             problems = synthetic_code.generate(
                 "train" if split == "train" else "test",
                 count,
