@@ -12,7 +12,7 @@ from omegaconf import MISSING
 
 from thinkforge.config import CANONICAL_FIELDS, ModelConfig, SyntheticConfig
 from thinkforge.errors import require
-from thinkforge.rollout.settings import RolloutConfig, SamplingConfig
+from thinkforge.rollout.settings import RolloutConfig, SamplingConfig, ToolsConfig
 
 
 @dataclass
@@ -107,6 +107,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 4])
     budget: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # tools=python: the model may call the Python tool while it answers, as it did in training
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     system_prompt: Optional[str] = None
     seed: int = 0
     # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
@@ -121,6 +123,11 @@ class EvalConfig:
         self.sampling.check("sampling")
         require(self.sampling.max_new_tokens is not None, "sampling.max_new_tokens", "is required")
         require(all(k > 0 for k in self.ks), "ks", "must be positive")
+        require(
+            not (self.tools.enabled and self.budget.enabled),
+            "budget",
+            "budget forcing appends to one-turn replies; it does not take tools (set tools=none)",
+        )
         require(
             self.samples_file is not None or self.model is not None,
             "model",

@@ -20,6 +20,7 @@ from thinkforge.rewards.grading import Gold, gold_json, grade_many
 from thinkforge.rewards.math import THINK_END, extract_answer
 from thinkforge.rollout.base import Rollout, RolloutEngine
 from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.tools import ToolRollouts
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class Completion:
     finished: bool = False
     waits: int = 0
     thinking_done: bool = False
+    # with tools: the calls made, and the reply with the tool's results in place
+    tool_calls: int = 0
+    transcript: str = ""
 
 
 def _advance_thinking(state: Completion, rollout: Rollout, budget: BudgetForcingConfig, cap: int) -> None:
@@ -127,10 +131,11 @@ def build_engine(cfg: EvalConfig, chat: ChatFormat, prompts: Sequence[str]) -> R
 def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
     assert cfg.model is not None
     problems, golds = load_benchmark(cfg)
-    chat = ChatFormat.for_model(cfg.model, cfg.system_prompt)
+    chat = ChatFormat.for_model(cfg.model, cfg.system_prompt, tools=cfg.tools.enabled)
     prompts = [chat.prompt(problem) for problem in problems]
     sampling = cfg.sampling.at()
     engine = build_engine(cfg, chat, prompts)
+    generate = ToolRollouts(engine.generate, chat, cfg.tools) if cfg.tools.enabled else engine.generate
     if cfg.budget.enabled:
         jobs = [(p, s) for p in range(len(prompts)) for s in range(sampling.num_samples)]
         flat = generate_with_budget(engine, [prompts[p] for p, _ in jobs], sampling, cfg.budget, seed=cfg.seed)
@@ -138,10 +143,16 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
     else:
         progress = GenerationProgress(len(prompts) * sampling.num_samples, f"{cfg.benchmark.name}: samples")
         try:
-            groups = engine.generate(prompts, sampling, seed=cfg.seed, progress=progress)
+            groups = generate(prompts, sampling, seed=cfg.seed, progress=progress)
         finally:
             progress.close()
-        completions = [[Completion(r.text, len(r.token_ids), r.finished) for r in group] for group in groups]
+        completions = [
+            [
+                Completion(r.text, len(r.token_ids), r.finished, tool_calls=len(r.calls), transcript=r.transcript)
+                for r in group
+            ]
+            for group in groups
+        ]
     return [
         {
             "benchmark": cfg.benchmark.name,
@@ -154,6 +165,7 @@ def sample_benchmark(cfg: EvalConfig) -> list[dict[str, Any]]:
             "num_tokens": c.num_tokens,
             "finished": c.finished,
             "waits": c.waits,
+            **({"tool_calls": c.tool_calls, "transcript": c.transcript} if cfg.tools.enabled else {}),
         }
         for p, group in enumerate(completions)
         for s, c in enumerate(group)

@@ -1,8 +1,8 @@
 """`thinkforge-doctor`: the silent failures of RL and SFT trainers, checked on the user's own config in minutes.
 
-One module per check (template, splits, logprobs, grader, resume), each a function the test suite also calls on
-the same stage code the run will use. Each check declares what it needs of the run (`Need`); a run that cannot
-meet a need skips the check with that reason. Short training runs go through `run_stage` itself (`runs`).
+One module per check (template, tool turns, splits, logprobs, grader, resume), each a function the test suite
+also calls on the same stage code the run will use. Each check declares what it needs of the run (`Need`); a run
+that cannot meet a need skips the check with that reason. Short training runs go through `run_stage` itself (`runs`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from thinkforge.doctor.resume import check_resume, resume_gap
 from thinkforge.doctor.runs import InterruptAt, SimulatedKill, disk_usage, prune_runs
 from thinkforge.doctor.splits import check_micro_batches, check_packing, check_ranks
 from thinkforge.doctor.template import check_template
+from thinkforge.doctor.tool_turns import NAME as TOOL_TURNS
+from thinkforge.doctor.tool_turns import check_tool_turns
 from thinkforge.preflight import check_train_paths
 from thinkforge.training import build_stage
 
@@ -67,6 +69,7 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
         else f"this stage's data has {'tests, which the sandbox runs' if golds else 'no gold answers'}",
         Need.TWO_RANKS: None if run.hardware.strategy == "fsdp" else "one process",
         Need.PACKED_DOCUMENTS: None if documents else "this stage does not pack",
+        Need.TOOLS: None if run.tools.enabled else "this run calls no tools",
     }
     checks = [
         Check("template and mask", frozenset(), lambda: check_template(probe)),
@@ -87,6 +90,11 @@ def run_doctor(cfg: DictConfig, *, stand_in: bool = False) -> list[Finding]:
             lambda: check_logprobs(run, stage.chat, sampling, prompts),  # type: ignore[arg-type]
         ),
         Check("grader audit", frozenset({Need.GOLD_ANSWERS}), lambda: grader_audit(answers)),
+        Check(
+            TOOL_TURNS,
+            frozenset({Need.TOOLS}),
+            lambda: check_tool_turns(stage.chat, run.tools, prompts[0] if prompts else "What is 6 * 7?"),
+        ),
         Check("resume equivalence", frozenset({Need.TRAINING_RUN}), lambda: check_resume(cfg, run, workdir)),
     ]
     findings: list[Finding] = []

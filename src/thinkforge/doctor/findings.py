@@ -26,6 +26,7 @@ class Need(Enum):
     GOLD_ANSWERS = "gold answers in the training rows"
     TWO_RANKS = "more than one data-parallel rank"
     PACKED_DOCUMENTS = "a stage that packs documents into rows"
+    TOOLS = "a run whose model calls tools (tools=python)"
 
 
 @dataclass(frozen=True)
