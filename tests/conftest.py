@@ -68,7 +68,7 @@ LEARNABLE_GRPO = [
 #: calls that train, sample or evaluate through a whole stage: a test making one is an end-to-end test
 END_TO_END_CALLS = ("run_stage(", "run_cli(", "run_pipeline(", ".fit(", "run_doctor(", "resume_gap(", "first_step(")
 #: fixtures that train a model before the test starts
-TRAINED_FIXTURES = {"coin", "midtrain_run", "smollm2", "word_problems"}
+TRAINED_FIXTURES = {"coin", "midtrain_run", "smollm2", "tool_sft", "word_problems"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -207,3 +207,36 @@ def test_the_doctor_passes_on_this_model(smollm2, word_problems, tmp_path, stage
     assert {f.check: f.status for f in findings}["template and mask"] == "pass"
     if stage == "grpo":
         assert {f.check: f.status for f in findings}["sampler vs trainer log-probs"] == "pass"
+
+
+def test_multi_turn_rollouts_through_vllm_with_its_own_template(smollm2):
+    """SmolLM2 calls the tool in ```python blocks (no tool-call syntax in its template) and gets the result in its
+    template's tool turn. For every rollout, the tokens the trainer would score render back, through the template,
+    to the same text as the conversation they hold; the same seed gives the same rollouts; the doctor's check
+    passes on its template."""
+    pytest.importorskip("vllm")
+    from thinkforge.config import ModelConfig
+    from thinkforge.doctor.tool_turns import check_tool_turns
+    from thinkforge.rollout.settings import SamplingParams, ToolsConfig, VLLMEngineConfig
+    from thinkforge.rollout.tools import ToolRollouts
+    from thinkforge.rollout.vllm import VLLMEngine
+
+    chat = ChatFormat.for_model(ModelConfig(name_or_path=str(smollm2)), tools=True)
+    tools = ToolsConfig(tool="python")
+    assert check_tool_turns(chat, tools, "What is 17 * 23?").status == "pass"
+    engine = VLLMEngine(smollm2, chat, VLLMEngineConfig(), max_model_len=1024, seed=0)
+    rollouts = ToolRollouts(engine.generate, chat, tools)
+    problem = "Write a Python code block that prints the product 17 * 23."
+    sampling = SamplingParams(num_samples=8, temperature=1.0, max_new_tokens=96)
+    (group,) = rollouts([chat.prompt(problem)], sampling, seed=0)
+    (again,) = rollouts([chat.prompt(problem)], sampling, seed=0)
+    assert [r.token_ids for r in group] == [r.token_ids for r in again]
+    assert any(call.ok for rollout in group for call in rollout.calls), [r.transcript for r in group]
+    for rollout in group:
+        assert len(rollout.inserted) == len(rollout.token_ids) == len(rollout.logprobs)
+        conversation = [{"role": "user", "content": problem}]
+        conversation += [{"role": role, "content": text} for role, text in rollout.turns]
+        stream = chat.tokenizer.decode(chat.encode(chat.prompt(problem)) + list(rollout.token_ids))
+        rendered = chat.render(conversation)
+        # a finished rollout ends with the turn's end; an unfinished one stops inside its last turn
+        assert rendered.startswith(stream) if rollout.finished else rendered.startswith(stream.rstrip()), rollout
