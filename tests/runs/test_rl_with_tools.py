@@ -1,7 +1,8 @@
 """Multi-turn GRPO with the Python tool on the tiny model: SFT on tool-using traces teaches the call; its rollouts
 are scored by the trainer exactly as the engine sampled them, across turns; GRPO teaches a model that mostly
 answers at once (and wrong) to call the tool, on seeds 0-2, and fails to with the advantage's sign flipped; a
-killed run resumes to the same losses. About eight minutes on 2 CPU cores: `slow`, run by CI's second step."""
+killed run resumes to the same losses; greedy turns through vLLM are the HF engine's tokens. About eight minutes on
+2 CPU cores: `slow`, run by CI's second step."""
 
 from __future__ import annotations
 
@@ -107,6 +108,26 @@ def test_the_trainer_scores_every_turn_as_the_engine_sampled_it(tool_sft):
     # the mean per token, as train/rollout_logprob_diff logs it (measured 3e-7); single tokens differ by fp32
     # rounding between the engine's cached decoding and the trainer's one pass (measured at most 1.2e-5)
     assert every.mean() <= 1e-5 and every.max() <= 1e-4, (every.mean(), every.max())
+
+
+def test_greedy_turns_are_the_same_tokens_through_vllm(tool_sft):
+    """Both engines, the same greedy tokens over every turn, the tool's turns inserted alike."""
+    pytest.importorskip("vllm")
+    from thinkforge.rollout.settings import VLLMEngineConfig
+    from thinkforge.rollout.vllm import VLLMEngine
+
+    export = tool_sft / "export"
+    source = ModelConfig(name_or_path=str(export))
+    chat = ChatFormat.for_model(source, tools=True)
+    settings = ToolsConfig(tool="python")
+    hf = ToolRollouts(HFEngine(CausalLM(load_for_generation(source, chat)), chat).generate, chat, settings)
+    engine = VLLMEngine(export, chat, VLLMEngineConfig(), max_model_len=256, seed=0)
+    vllm = ToolRollouts(engine.generate, chat, settings)
+    prompts = [chat.prompt(f"What is {a} * {b}?") for a, b in [(347, 829), (512, 604), (731, 488)]]
+    greedy = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=80)
+    ours, theirs = hf(prompts, greedy, seed=0), vllm(prompts, greedy, seed=0)
+    assert [(r.token_ids, r.inserted) for (r,) in ours] == [(r.token_ids, r.inserted) for (r,) in theirs]
+    assert all(r.calls for (r,) in ours)
 
 
 GRPO_TOOLS = [
