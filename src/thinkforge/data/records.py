@@ -87,11 +87,12 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
     """Yields (row number as a person would count it, raw row); jsonl rows are numbered by line."""
     if source == "synthetic":
         task, count = data.synthetic, data.synthetic.num_train if split == "train" else data.synthetic.num_val
+        which = "train" if split == "train" else "test"
         levels = {"min_level": task.min_level, "max_level": task.max_level, "max_number": task.max_number}
         problems: Sequence[synthetic.Problem | synthetic_code.CodeProblem | synthetic_tool.ToolProblem]
         if task.task == "tool":
             problems = synthetic_tool.generate(
-                "train" if split == "train" else "test",
+                which,
                 count,
                 min_level=task.min_level,
                 max_level=task.max_level,
@@ -100,7 +101,7 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
             )
         elif task.task == "code":
             problems = synthetic_code.generate(
-                "train" if split == "train" else "test",
+                which,
                 count,
                 **levels,
                 buggy_fraction=task.buggy_fraction,
@@ -108,7 +109,7 @@ def raw_rows(source: str, split: str, data: DataConfig) -> Iterator[tuple[int, A
             )
         else:
             problems = synthetic.generate(
-                "train" if split == "train" else "test",
+                which,
                 count,
                 **levels,
                 answer_only_fraction=task.answer_only_fraction,

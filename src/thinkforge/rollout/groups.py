@@ -182,8 +182,5 @@ def tool_metrics(totals: dict[str, float]) -> dict[str, float]:
     return {
         "tools/calls_per_sample": calls / samples,
         "tools/turns_per_sample": totals["tools/turns"] / samples,
-        **{
-            f"{name.replace('clean_calls', 'clean_call')}_rate": totals[name] / calls if calls else 0.0
-            for name in counted
-        },
+        **{f"{name}_rate": totals[name] / calls if calls else 0.0 for name in counted},
     }

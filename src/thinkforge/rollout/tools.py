@@ -193,7 +193,7 @@ def tool_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
     calls = [call for rollout in rollouts for call in rollout.calls]
     return {
         "calls": float(len(calls)),
-        "clean_calls": float(sum(call.ok for call in calls)),
+        "clean_call": float(sum(call.ok for call in calls)),
         "turns": float(sum(sum(role == "assistant" for role, _ in rollout.turns) for rollout in rollouts)),
         "timed_out": float(sum(call.timed_out for call in calls)),
         **{
