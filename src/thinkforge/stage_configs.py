@@ -198,6 +198,11 @@ class GRPOConfig(StageSchema):
     # none | token_truncate | token_mask | sequence_truncate | sequence_mask, with weights capped at / masked past
     rollout_correction: str = "none"
     rollout_correction_cap: float = 2.0
+    # rollouts may come from weights this many optimizer steps older than the ones they train (0: on-policy): each
+    # step samples ahead the rollouts of the steps up to max_staleness later (thinkforge.rollout.ahead); the loss
+    # weighs them by the trainer's over the sampler's probability, as stage.rollout_correction says (AReaL's
+    # decoupled PPO), so it must not be none
+    max_staleness: int = 0
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
     # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)
     share_prompt: bool = True
@@ -244,6 +249,15 @@ class GRPOConfig(StageSchema):
             f"must be >= 1; got {self.rollout_correction_cap}",
         )
         require(self.max_steps_without_signal >= 0, "stage.max_steps_without_signal", "must be >= 0 (0: never stop)")
+        require(
+            self.max_staleness >= 0, "stage.max_staleness", f"must be >= 0 (0: on-policy); got {self.max_staleness}"
+        )
+        require(
+            not self.max_staleness or self.rollout_correction != "none",
+            "stage.rollout_correction",
+            f"is none, but stage.max_staleness={self.max_staleness} trains on rollouts of older weights: weigh them "
+            "by the trainer's over the sampler's probability (token_truncate, as AReaL's decoupled PPO)",
+        )
         try:
             RewardModel(self.reward)  # building it checks names and options
         except ValueError as error:

@@ -47,6 +47,8 @@ GRPO_CASES = {
         "stage.num_iterations=2",
     ],
     "cispo": ["stage.surrogate=cispo", "stage.epsilon_low=1.0", "stage.epsilon_high=4.0", "stage.num_iterations=2"],
+    # rollouts of the weights two steps older, weighed by the truncated trainer/sampler ratio (AReaL's decoupled PPO)
+    "two_steps_stale": ["stage.max_staleness=2", "stage.rollout_correction=token_truncate"],
 }
 
 

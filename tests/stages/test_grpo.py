@@ -127,13 +127,15 @@ def test_grpo_runs_and_logs_what_matters(tmp_path):
     "settings",
     [
         # the batch std is reduced over both ranks; the KL's frozen reference is sharded outside the checkpoint; the
-        # entropy threshold is taken over both ranks' tokens
+        # entropy threshold is taken over both ranks' tokens; each rank saves its own rollouts sampled ahead
         [
             "stage.aggregation=token_mean",
             "stage.advantage_scale=batch",
             "stage.beta=0.04",
             "stage.kl_estimator=k2",
             "stage.top_entropy_quantile=0.2",
+            "stage.max_staleness=1",
+            "stage.rollout_correction=token_truncate",
         ],
         [
             "stage.surrogate=gspo",
@@ -158,6 +160,12 @@ def test_grpo_with_fsdp(tmp_path, settings):
     assert (tmp_path / "export" / "model.safetensors").exists()
     losses = logged(tmp_path, "train/loss")
     assert losses and not any(math.isnan(loss) for loss in losses.values())
+    if "stage.max_staleness=1" in settings:
+        assert list(logged(tmp_path, "train/staleness/mean").values()) == [0, 1]
+        assert sorted(path.name for path in (tmp_path / "rollouts_ahead").iterdir()) == [
+            "step2_rank0.pt",
+            "step2_rank1.pt",
+        ]
 
 
 def test_the_top_entropy_tokens_do_not_depend_on_the_micro_batches(tmp_path):
@@ -406,3 +414,49 @@ def test_heldout_without_a_val_file_holds_out_training_rows(tmp_path):
         cwd=tmp_path,
     )
     assert too_many.returncode == 2 and "heldout.num_prompts=24 would hold out all 24 rows" in too_many.stderr
+
+
+STALE = [
+    *GRPO_FAST,
+    "reward@stage.reward=phi4_plus",  # rewards that differ on a random model's text: the losses are not all 0
+    "stage.dynamic_sampling=false",
+    "heldout.num_prompts=0",
+    "stage.max_staleness=2",
+    "stage.rollout_correction=token_truncate",
+    "trainer.max_steps=6",
+    "logger=csv",
+]
+
+
+def test_stale_rollouts_log_their_age_and_a_killed_run_resumes_to_the_same_losses(tmp_path):
+    """max_staleness=2: step t trains on rollouts sampled by the weights of step max(0, t - 2). They are saved with
+    each checkpoint; a run killed after step 3 resumes from step 2's checkpoint onto the very losses of a run that
+    was never killed."""
+    full = run_cli(*STALE, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert list(logged(tmp_path / "full", "train/staleness/mean").values()) == [0, 1, 2, 2, 2, 2]
+    assert list(logged(tmp_path / "full", "train/staleness/share_2").values()) == [0, 0, 1, 1, 1, 1]
+    assert logged(tmp_path / "full", "train/rollout_correction/mean")
+    losses = logged(tmp_path / "full", "train/loss")
+    assert any(abs(loss) > 1e-6 for loss in losses.values()), "a run that trains on nothing would show nothing"
+
+    killed = run_cli(
+        *STALE, f"hydra.run.dir={tmp_path / 'killed'}", "+callbacks.kill._target_=faults.KillAtStep",
+        "+callbacks.kill.step=3", cwd=tmp_path,
+    )  # fmt: skip
+    assert killed.returncode == -9, "the fault callback should have SIGKILLed the run"
+    assert sorted(path.name for path in (tmp_path / "killed" / "rollouts_ahead").iterdir()) == ["step2_rank0.pt"]
+    resumed = run_cli(*STALE, f"hydra.run.dir={tmp_path / 'killed'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sampled ahead read back" in resumed.stderr + resumed.stdout
+    got = logged(tmp_path / "killed", "train/loss")
+    assert sorted(got) == sorted(losses)
+    for step, loss in losses.items():
+        assert abs(got[step] - loss) < 1e-6, (step, got[step], loss)
+
+
+def test_stale_rollouts_need_a_correction_for_the_policy_that_sampled_them():
+    from thinkforge.config import validate
+
+    with pytest.raises(ConfigError, match=r"stage.rollout_correction.*max_staleness=1 trains on rollouts"):
+        validate(compose_config(*GRPO_FAST, "stage.max_staleness=1"))

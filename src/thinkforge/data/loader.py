@@ -152,7 +152,7 @@ class StageDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader[list[Any]]:
-        rank, world_size = self.ranks()
+        rank, _ = self.ranks()
         if rank == 0 and len(self.train_items) < self.batch_size:
             log.warning(
                 "data.batch_size=%d is more than the %d training items: every step sees each item %.1f times "
@@ -161,7 +161,13 @@ class StageDataModule(L.LightningDataModule):
                 len(self.train_items),
                 self.batch_size / max(len(self.train_items), 1),
             )
-        batches = StepBatches(
+        return DataLoader(self.step_batches(self.start_step()), batch_size=None)
+
+    def step_batches(self, start_step: int = 0) -> StepBatches[Batch]:
+        """This rank's training batches by step, from `start_step` on; any step's batch can be asked for (GRPO
+        samples rollouts of later steps ahead of the trainer)."""
+        rank, world_size = self.ranks()
+        return StepBatches(
             self.train_items,
             batch_size=self.batch_size,
             micro_batch_size=self.micro_batch_size,
@@ -169,10 +175,9 @@ class StageDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
-            start_step=self.start_step(),
+            start_step=start_step,
             lengths=None if self.item_length is None else [self.item_length(item) for item in self.train_items],
         )
-        return DataLoader(batches, batch_size=None)
 
     def val_dataloader(self) -> DataLoader[list[Any]] | list[Any]:
         if not self.val_items:

@@ -56,6 +56,8 @@ class Rollout:
     #: a multi-turn rollout's conversation after the prompt: (role, text) turns, "assistant" or "tool"
     turns: tuple[tuple[str, str], ...] = ()
     calls: tuple[ToolCall, ...] = ()
+    #: the optimizer step whose weights sampled it (its staleness, when trained at step t, is t - policy_version)
+    policy_version: int = 0
 
     @property
     def trainable(self) -> tuple[bool, ...]:

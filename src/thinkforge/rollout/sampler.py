@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ class PolicySampler:
         with contextlib.nullcontext() if engine.holds_weights else self.compute_context():
             groups = engine.generate(prompts, sampling, seed=seed, progress=progress)
         engine.sleep()
-        return groups
+        return [[replace(rollout, policy_version=step) for rollout in group] for group in groups]
 
     def start(self, step: int) -> RolloutEngine:
         def weights_dir() -> str | Path:

@@ -46,6 +46,8 @@ class _Sample:
     ended: bool = False
     finished: bool = False
     stopped_by: str | None = None
+    #: the optimizer step whose weights sampled its first turn (a server may move on to newer ones between turns)
+    policy_version: int = 0
 
     def rollout(self) -> Rollout:
         text = "".join(text for role, text in self.turns if role == "assistant")
@@ -59,6 +61,7 @@ class _Sample:
             inserted=tuple(self.inserted),
             turns=tuple(self.turns),
             calls=tuple(self.calls),
+            policy_version=self.policy_version,
         )
 
 
@@ -125,6 +128,8 @@ class ToolRollouts:
         sample.logprobs += logprobs + [0.0] * (len(tokens) - len(logprobs))
         sample.inserted += [False] * len(tokens)
         sample.model_turns += 1
+        if sample.model_turns == 1:
+            sample.policy_version = rollout.policy_version
         ended_by_end_token = rollout.finished and not cut
         text_tokens = tokens[:-1] if ended_by_end_token else tokens
         text = str(self.chat.tokenizer.decode(text_tokens, skip_special_tokens=False))

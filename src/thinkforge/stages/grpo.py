@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ from thinkforge.losses import (
 from thinkforge.resume import data_position
 from thinkforge.rewards.grading import gold_is_usable
 from thinkforge.rewards.shaping import RewardModel
+from thinkforge.rollout.ahead import RolloutsAhead, SampledBatch
 from thinkforge.rollout.base import Rollout
 from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cause
 from thinkforge.rollout.settings import SamplingParams
@@ -82,6 +84,8 @@ class GRPO(Stage):
         self.steps_per_batch = self.settings.num_iterations
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
+        self._step_batches: StepBatches[Batch] | None = None
+        self.rollouts_ahead = RolloutsAhead(self.settings.max_staleness, self.sample_position)
         self.step_sampling = self.sampling()  # this step's (set as each step starts): its loss uses its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -141,18 +145,16 @@ class GRPO(Stage):
         return self.settings.sampling.at(data_position(self.global_step, self.steps_per_batch))
 
     def training_step(self, micro_batches: list[Batch], batch_idx: int) -> None:
+        """The step's rollouts (`sample_position`'s, here or up to `max_staleness` steps ago) are trained on; the
+        loader's `micro_batches` are the same prompts, which `sample_position` reads by position."""
         started = time.perf_counter()
-        items = self.loaded_data.train_items
-        prompts = [items[int(i)] for batch in micro_batches for i in batch["prompt_index"]]
-        sampling = self.step_sampling = self.sampling()
         position = data_position(self.global_step, self.steps_per_batch)
-        seed = self.run.seed * 7919 + position * 104729 + self.global_rank
-        sampler = self.group_sampler(len(prompts))
-        if self.tool_rollouts is not None:
-            self.tool_rollouts.start_step()
-        groups, stats = sampler.sample(prompts, sampling, seed=seed, position=position, collectives=self.collectives)
+        sampled, generation_seconds = self.rollouts_ahead.take(position)
+        groups, stats, sampling = sampled.groups, sampled.stats, sampled.sampling
+        self.step_sampling = sampling
         steps_without_signal = self.check_signal(groups, stats, sampling)
-        generation_seconds = time.perf_counter() - started
+        if self.settings.max_staleness:
+            stats = {**stats, **self.staleness_stats(groups)}
         train_batches = self.training_batches(groups, sampling)
         training_started = time.perf_counter()
         step = self.global_step
@@ -174,6 +176,49 @@ class GRPO(Stage):
         self.log_dict({f"train/{k}": v for k, v in stats_time.items()}, rank_zero_only=True)
         # kept only once the step is done: a run stopped inside it resumes counting from the step before
         self.steps_without_signal = steps_without_signal
+        self.rollouts_ahead.done(position)
+
+    def sample_position(self, position: int) -> SampledBatch:
+        """This rank's scored groups of data `position`, sampled with the current weights and the position's own
+        seed and sampling settings (its schedules move with the data, not with when it is sampled)."""
+        started = time.perf_counter()
+        if self._step_batches is None:
+            self._step_batches = self.loaded_data.step_batches()
+        items = self.loaded_data.train_items
+        prompts = [items[int(i)] for batch in self._step_batches.rank_batch(position) for i in batch["prompt_index"]]
+        sampling = self.settings.sampling.at(position)
+        seed = self.run.seed * 7919 + position * 104729 + self.global_rank
+        if self.tool_rollouts is not None:
+            self.tool_rollouts.start_step()
+        groups, stats = self.group_sampler(len(prompts)).sample(
+            prompts, sampling, seed=seed, position=position, collectives=self.collectives
+        )
+        return SampledBatch(position, groups, stats, sampling, time.perf_counter() - started)
+
+    def staleness_stats(self, groups: list[Group]) -> dict[str, float]:
+        """Optimizer steps between the weights that sampled each rollout and the ones it trains: mean, max, and
+        the share of rollouts at each staleness 0..max_staleness, over every rank's rollouts."""
+        ages = [self.global_step - rollout.policy_version for group in groups for rollout in group.rollouts]
+        limit = self.settings.max_staleness
+        counts = {f"staleness/share_{k}": float(sum(age == k for age in ages)) for k in range(limit + 1)}
+        totals = self.collectives.sums({"ages": float(sum(ages)), "samples": float(len(ages)), **counts})
+        oldest = self.collectives.extremes({"staleness/max": float(max(ages))})
+        samples = totals.pop("samples")
+        return {
+            "staleness/mean": totals.pop("ages") / samples,
+            **oldest,
+            **{name: count / samples for name, count in totals.items()},
+        }
+
+    # ---- resume: the rollouts sampled ahead live beside the checkpoint ---------------------------------------
+    def ahead_directory(self) -> Path:
+        return Path(self.run.output_dir) / "rollouts_ahead"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollouts_ahead.save(self.ahead_directory(), int(checkpoint["global_step"]), self.global_rank)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollouts_ahead.load(self.ahead_directory(), int(checkpoint["global_step"]), self.global_rank)
 
     def on_heldout_point(self, step: int, metrics: dict[str, float]) -> None:
         collapse = self.collapse_watch.heldout_point(step, metrics["accuracy"])
