@@ -151,6 +151,26 @@ def test_grpo_with_vllm_learns_the_learnable_reward(tmp_path, monkeypatch):
     assert len(logged(tmp_path, "train/weight_sync_s")) == 40
 
 
+def test_a_tensor_the_engine_never_took_stops_grpo_at_that_push_naming_it(tmp_path, monkeypatch):
+    """An engine push that silently leaves one tensor old (as an adapter never synced): the check after the push
+    reads it back from vLLM's own parameters and stops the run. (vLLM on CPU repacks its linear weights, so the
+    check reads the norms there.)"""
+    from thinkforge.rollout.vllm import VLLMEngine
+    from thinkforge.rollout.weight_check import WeightSyncError
+
+    monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
+    stale = "model.layers.1.post_attention_layernorm.weight"
+    push = VLLMEngine.update_weights
+
+    def push_all_but_one(self, weights):
+        push(self, ((name, tensor) for name, tensor in weights if name != stale))
+
+    monkeypatch.setattr(VLLMEngine, "update_weights", push_all_but_one)
+    # the engine starts from the policy's step-0 export; step 1's push is the first, and every weight moved
+    with pytest.raises(WeightSyncError, match=rf"weight push of step 1: the engine's {stale} is not the trainer's"):
+        run_stage(grpo_config(tmp_path, 3, "trainer.ckpt_every=1000"))
+
+
 def test_grpo_with_vllm_resumes_exactly(tmp_path, monkeypatch):
     from thinkforge.doctor import InterruptAt, SimulatedKill
 

@@ -15,6 +15,7 @@ from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
 from thinkforge.rollout.base import EnginePrompt, Rollout, prompt_token_ids, rollout_of
 from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.weight_check import read_elements
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -153,6 +154,10 @@ class HFEngine:
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: generation runs on the live policy weights."""
+
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The live policy's own elements (a stage's policy wraps the HF model as `hf`)."""
+        return read_elements(getattr(self.model, "hf", self.model), positions)
 
     def sleep(self) -> None:
         """Nothing to free: the engine is the policy."""

@@ -19,6 +19,7 @@ from thinkforge.progress import GenerationProgress
 from thinkforge.rollout.base import EnginePrompt, Rollout, RolloutEngine
 from thinkforge.rollout.engines import EngineSource, build_engine
 from thinkforge.rollout.settings import RolloutConfig, SamplingParams
+from thinkforge.rollout.weight_check import PushedSample
 
 
 def policy_weights(policy: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
@@ -34,7 +35,8 @@ def policy_weights(policy: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class PolicySampler:
-    """Feeds the engine the policy's weights whenever they moved on since it last sampled. `starting_weights`: the
+    """Feeds the engine the policy's weights whenever they moved on since it last sampled, and checks that it holds
+    them (`rollout/weight_check.py`: a mismatch stops the run naming the tensor). `starting_weights`: the
     directory (or hub id) of the checkpoint the policy started from, which an engine that holds its own weights
     starts from; None when the policy was built from a config, which `export()` then writes for it.
     `compute_context`: the trainer's compute dtype, for the HF engine, which runs the live policy."""
@@ -82,7 +84,9 @@ class PolicySampler:
         engine = self.engine or self.start(step)
         if engine.holds_weights and self.engine_step != step:
             started = time.perf_counter()
-            engine.update_weights(policy_weights(self.policy))
+            pushed = PushedSample()
+            engine.update_weights(pushed.recording(policy_weights(self.policy)))
+            pushed.check(engine.read_weights(pushed.positions), step)
             self.weight_sync_seconds, self.engine_step = time.perf_counter() - started, step
         with contextlib.nullcontext() if engine.holds_weights else self.compute_context():
             groups = engine.generate(prompts, sampling, seed=seed, progress=progress)

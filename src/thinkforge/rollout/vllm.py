@@ -28,6 +28,7 @@ from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
 from thinkforge.rollout.base import EnginePrompt, Rollout, prompt_token_ids, rollout_of
 from thinkforge.rollout.settings import SamplingParams, VLLMEngineConfig
+from thinkforge.rollout.weight_check import read_elements
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,12 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         # cached prefixes hold keys and values of the old weights
         self.llm.reset_prefix_cache()
+
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The elements of the engine's own parameters (one worker: no tensor parallelism here)."""
+        self.wake_up()
+        [elements] = self.llm.apply_model(lambda model: read_elements(model, positions))
+        return dict(elements)
 
     def sleep(self) -> None:
         """On GPU, free the KV cache while the trainer runs; a no-op on CPU, where vLLM cannot sleep."""
