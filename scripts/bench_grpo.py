@@ -3,13 +3,17 @@
     python scripts/bench_grpo.py                                  # the demo's tiny model on the synthetic task
     python scripts/bench_grpo.py stage.sampling.num_samples=4 stage.sampling.max_new_tokens=64 --steps 5
     python scripts/bench_grpo.py --engines hf,vllm                # the same steps with each engine, side by side
+    python scripts/bench_grpo.py --engines vllm,vllm_server --threads 1 rollout.vllm_server.cpus=1 \
+        stage.max_staleness=1 stage.rollout_correction=token_truncate  # a server sampling while the trainer trains
 
 Arguments are Hydra overrides of `thinkforge-train stage=grpo` (conf/train.yaml). The stage runs as training
 runs it (Lightning, the configured rollout engine, the stage's own micro-batches); a callback times each step.
 `--engines` runs the configuration once per engine (`rollout=<engine>`) in this process, the HF engine first
 (vLLM's side effects on the process come after it), and prints the step times with their ratio. MFU counts
 the training pass only, at 6·N FLOPs per trained token (attention left out, so it is a lower bound), against this
-machine's matmul peak.
+machine's matmul peak. The trainer waits for its rollouts `generation_s` of each step (its idle share); the engine
+samples `sampling_s` of it (in the background with a server and stage.max_staleness >= 1) and idles the rest;
+`weight sync` is the push and its check.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class StepTimer(Callback):
 class GRPOBench:
     step_s: float
     generation_s: float
+    sampling_s: float
+    weight_sync_s: float
+    trainer_idle_share: float
+    engine_idle_share: float
     training_s: float
     generated_tokens_per_s: float
     trained_tokens_per_s: float
@@ -72,6 +80,9 @@ class GRPOBench:
             f"training          {self.training_s:.2f} s, {self.trained_tokens_per_s:,.0f} tokens/s, "
             f"fill ratio {self.fill_ratio:.3f}",
             f"training MFU      {self.mfu:.1%}",
+            f"trainer idle      {self.trainer_idle_share:.1%} of the step (waiting for rollouts)",
+            f"engine idle       {self.engine_idle_share:.1%} of the step (sampling {self.sampling_s:.2f} s)",
+            f"weight sync       {self.weight_sync_s:.3f} s",
         ]
 
 
@@ -101,6 +112,9 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
     def median(name: str) -> float:
         return statistics.median(step.metrics[name] for step in measured)
 
+    def share(name: str) -> float:
+        return statistics.median(step.metrics[name] / step.seconds for step in measured)
+
     samples = cfg.data.batch_size * cfg.stage.sampling.num_samples
     generated = median("train/completion/mean_length") * samples
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +123,10 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
     return GRPOBench(
         step_s=statistics.median(step.seconds for step in measured),
         generation_s=median("train/generation_s"),
+        sampling_s=median("train/sampling_s"),
+        weight_sync_s=median("train/weight_sync_s") if "train/weight_sync_s" in measured[0].metrics else 0.0,
+        trainer_idle_share=share("train/generation_s"),
+        engine_idle_share=1 - share("train/sampling_s"),
         training_s=median("train/training_s"),
         generated_tokens_per_s=generated / median("train/generation_s"),
         trained_tokens_per_s=trained_per_s,
@@ -122,7 +140,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--engines", default=None, help="comma-separated rollout engines to compare, e.g. hf,vllm")
+    parser.add_argument("--threads", type=int, default=None, help="the trainer's torch threads (default: torch's)")
     args, overrides = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device            {'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads)")
     if args.engines is None:
         print("\n".join(run_grpo_bench(overrides, args.steps, args.warmup).lines()))

@@ -198,10 +198,10 @@ class GRPOConfig(StageSchema):
     # none | token_truncate | token_mask | sequence_truncate | sequence_mask, with weights capped at / masked past
     rollout_correction: str = "none"
     rollout_correction_cap: float = 2.0
-    # rollouts may come from weights this many optimizer steps older than the ones they train (0: on-policy): each
-    # step samples ahead the rollouts of the steps up to max_staleness later (thinkforge.rollout.ahead); the loss
-    # weighs them by the trainer's over the sampler's probability, as stage.rollout_correction says (AReaL's
-    # decoupled PPO), so it must not be none
+    # rollouts may come from the weights of up to this many batches of rollouts earlier (optimizer steps, with
+    # num_iterations=1; 0: on-policy): each step samples ahead the rollouts of the batches up to max_staleness later
+    # (thinkforge.rollout.ahead; on rollout=vllm_server, while it trains); the loss weighs them by the trainer's over
+    # the sampler's probability, as stage.rollout_correction says (AReaL's decoupled PPO), so it must not be none
     max_staleness: int = 0
     # score the group's (or pair's) prompt once, each completion attending to it and to itself (SDPA only; with
     # flash-attn, or past SHARED_PROMPT_MAX_TOKENS in one span, the prompt is repeated per completion)

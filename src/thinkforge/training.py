@@ -244,7 +244,9 @@ def run_stage(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             logger.log_hyperparams({str(key): value for key, value in hyperparameters.items()})
     try:
         trainer.fit(stage, datamodule=datamodule, ckpt_path=checkpoint)
-    finally:  # whatever the CSV holds when the run stops, for any reason
+    finally:  # whatever the CSV holds when the run stops, for any reason; a rollout server stopped
+        if stage.sampler is not None:
+            stage.sampler.close()
         curves = draw_curves(run, stage) if trainer.is_global_zero else None
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     metrics.update({f"heldout/{name}": value for name, value in stage.heldout_metrics.items()})

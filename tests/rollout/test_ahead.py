@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from thinkforge.rollout.ahead import KEPT_SAVES, RolloutsAhead, SampledBatch
@@ -39,13 +41,76 @@ def test_each_position_is_sampled_once_by_the_weights_of_max_staleness_steps_bef
     assert [position for position, _ in sampler.calls] == list(range(6 + staleness))
 
 
-def test_take_reports_the_seconds_it_sampled_and_keeps_the_batch_until_done():
+def test_a_batch_is_kept_until_done_and_nothing_past_the_final_position_is_sampled():
     sampler = Sampler()
-    ahead = RolloutsAhead(2, sampler)
-    assert ahead.take(0)[1] == 1.5, "positions 0, 1 and 2 were sampled"
-    assert ahead.take(0)[1] == 0.0, "a step taken again (stopped inside, resumed) samples nothing"
+    ahead = RolloutsAhead(2, sampler, final_position=3)
+    ahead.take(0)
+    ahead.take(0)
+    assert sampler.calls == [(0, 0), (1, 0), (2, 0)], "a step taken again (stopped inside, resumed) samples nothing"
     ahead.done(0)
-    assert ahead.take(1)[1] == 0.5 and sorted(ahead.batches) == [1, 2, 3]
+    ahead.take(1)
+    assert sorted(ahead.batches) == [1, 2, 3]
+    ahead.done(1)
+    ahead.take(2)
+    assert sorted(ahead.batches) == [2, 3], "the run ends at position 3"
+
+
+class BackgroundSampler(Sampler):
+    """Readies the engine in the caller's thread (the weights' version then) and samples in another thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[tuple[int, str]] = []
+        self.readied: list[int] = []
+
+    def start(self):
+        version = self.version
+        self.readied.append(version)
+
+        def sample(position: int) -> SampledBatch:
+            self.threads.append((position, threading.current_thread().name))
+            self.calls.append((position, version))
+            return SampledBatch(position, [], {"version": float(version)}, SamplingParams(), seconds=0.5)
+
+        return sample
+
+
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_in_the_background_the_last_position_ahead_is_sampled_while_the_trainer_trains_with_the_same_results(
+    staleness,
+):
+    plain = Sampler()
+    expected = run_steps(RolloutsAhead(staleness, plain, final_position=7), plain, range(8))
+    sampler = BackgroundSampler()
+    ahead = RolloutsAhead(staleness, sampler, start_in_background=sampler.start, final_position=7)
+    assert run_steps(ahead, sampler, range(8)) == expected
+    assert sorted(sampler.calls) == sorted(plain.calls), "every position once, by the same weights"
+    background = [position for position, thread in sampler.threads if thread != threading.current_thread().name]
+    assert background == list(range(staleness, 8)), "all but the first ones, sampled before the first step"
+
+
+def test_a_save_waits_for_the_sampling_in_the_background_and_keeps_it(tmp_path):
+    sampler = BackgroundSampler()
+    ahead = RolloutsAhead(1, sampler, start_in_background=sampler.start)
+    ahead.take(0)
+    ahead.save(tmp_path, step=0, rank=0)
+    resumed = RolloutsAhead(1, Sampler())
+    resumed.load(tmp_path, step=0, rank=0)
+    assert sorted(resumed.batches) == [0, 1]
+
+
+def test_an_error_in_the_background_is_raised_in_the_trainers_thread():
+    def failing_start():
+        def sample(position):
+            raise RuntimeError(f"the server died sampling position {position}")
+
+        return sample
+
+    ahead = RolloutsAhead(1, Sampler(), start_in_background=failing_start)
+    ahead.take(0)
+    ahead.done(0)
+    with pytest.raises(RuntimeError, match="the server died sampling position 1"):
+        ahead.take(1)
 
 
 def test_a_checkpoint_keeps_the_held_batches_and_a_resume_trains_on_them(tmp_path):

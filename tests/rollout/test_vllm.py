@@ -162,12 +162,12 @@ def test_a_tensor_the_engine_never_took_stops_grpo_at_that_push_naming_it(tmp_pa
     stale = "model.layers.1.post_attention_layernorm.weight"
     push = VLLMEngine.update_weights
 
-    def push_all_but_one(self, weights):
-        push(self, ((name, tensor) for name, tensor in weights if name != stale))
+    def push_all_but_one(self, weights, **options):
+        push(self, ((name, tensor) for name, tensor in weights if name != stale), **options)
 
     monkeypatch.setattr(VLLMEngine, "update_weights", push_all_but_one)
     # the engine starts from the policy's step-0 export; step 1's push is the first, and every weight moved
-    with pytest.raises(WeightSyncError, match=rf"weight push of step 1: the engine's {stale} is not the trainer's"):
+    with pytest.raises(WeightSyncError, match=rf"weights of step 1: the engine's {stale} is not the trainer's"):
         run_stage(grpo_config(tmp_path, 3, "trainer.ckpt_every=1000"))
 
 

@@ -72,7 +72,7 @@ def test_a_tensor_the_engine_did_not_take_stops_the_run_naming_it():
     del engine_values[stale]
     with pytest.raises(WeightSyncError, match=rf"the engine has no parameter {stale}"):
         sample.check(engine_values, step=5)
-    with pytest.raises(WeightSyncError, match="carried none of the tensors the check reads"):
+    with pytest.raises(WeightSyncError, match="have none of the tensors the check reads"):
         PushedSample().check({}, step=5)
     # vLLM on CPU empties its repacked linear weights: those are not compared, the others are
     repacked = {name: None for name in sample.positions}
@@ -94,7 +94,7 @@ class CopyingEngine(HFEngine):
         super().__init__(copy, chat)
         self.dropped = dropped
 
-    def update_weights(self, weights):
+    def update_weights(self, weights, *, version=0):
         own = dict(self.model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, tensor in weights:

@@ -102,8 +102,8 @@ class RolloutEngine(Protocol):
         """`num_samples` rollouts for each prompt, grouped by prompt, in prompt order; the same seed gives the
         same rollouts whatever else is in the batch. `progress` hears of the samples as they finish."""
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Sample from these (HF-named, full) weights from now on."""
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
+        """Sample from these (HF-named, full) weights, of optimizer step `version`, from now on."""
 
     def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The elements at `positions` [elements, ndim] of the weights it samples, by HF name (None for a tensor it
@@ -112,6 +112,9 @@ class RolloutEngine(Protocol):
 
     def sleep(self) -> None:
         """Free what sampling holds (a KV cache) while the trainer runs; the next call wakes it."""
+
+    def close(self) -> None:
+        """Stop what the engine started outside this process (a server); it samples no more."""
 
 
 def rollout_of(

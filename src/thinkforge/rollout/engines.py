@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.chat import ChatFormat
+from thinkforge.errors import UserError
 from thinkforge.rollout.base import RolloutEngine
-from thinkforge.rollout.settings import HFEngineConfig, RolloutConfig, VLLMEngineConfig
+from thinkforge.rollout.settings import HFEngineConfig, RolloutConfig, VLLMEngineConfig, VLLMServerConfig
 
 
 @dataclass
@@ -52,7 +53,23 @@ def build_vllm(settings: VLLMEngineConfig, source: EngineSource) -> RolloutEngin
     return VLLMEngine(source.weights_dir(), source.chat, settings, max_model_len=source.max_model_len, seed=source.seed)
 
 
-ENGINES: dict[str, Callable[[Any, EngineSource], RolloutEngine]] = {"hf": build_hf, "vllm": build_vllm}
+def build_vllm_server(settings: VLLMServerConfig, source: EngineSource) -> RolloutEngine:
+    from thinkforge.rollout.vllm_server import VLLMServerEngine
+
+    if source.synced:
+        raise UserError(
+            "rollout=vllm_server serves one trainer process for now; under FSDP use rollout=vllm (an engine per rank)"
+        )
+    return VLLMServerEngine(
+        source.weights_dir(), source.chat, settings, max_model_len=source.max_model_len, seed=source.seed
+    )
+
+
+ENGINES: dict[str, Callable[[Any, EngineSource], RolloutEngine]] = {
+    "hf": build_hf,
+    "vllm": build_vllm,
+    "vllm_server": build_vllm_server,
+}
 
 
 def build_engine(rollout: RolloutConfig, source: EngineSource) -> RolloutEngine:

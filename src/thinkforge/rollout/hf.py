@@ -152,7 +152,7 @@ class HFEngine:
 
     holds_weights = False
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
         """Nothing to do: generation runs on the live policy weights."""
 
     def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -161,6 +161,9 @@ class HFEngine:
 
     def sleep(self) -> None:
         """Nothing to free: the engine is the policy."""
+
+    def close(self) -> None:
+        """Nothing started outside this process."""
 
     @torch.no_grad()
     def generate(

@@ -81,17 +81,34 @@ class PolicySampler:
     ) -> list[list[Rollout]]:
         """This rank's prompts sampled from the weights of optimizer step `step`; under FSDP every rank calls it
         together."""
-        engine = self.engine or self.start(step)
-        if engine.holds_weights and self.engine_step != step:
-            started = time.perf_counter()
-            pushed = PushedSample()
-            engine.update_weights(pushed.recording(policy_weights(self.policy)))
-            pushed.check(engine.read_weights(pushed.positions), step)
-            self.weight_sync_seconds, self.engine_step = time.perf_counter() - started, step
+        engine = self.sync(step)
         with contextlib.nullcontext() if engine.holds_weights else self.compute_context():
             groups = engine.generate(prompts, sampling, seed=seed, progress=progress)
         engine.sleep()
         return [[replace(rollout, policy_version=step) for rollout in group] for group in groups]
+
+    def sync(self, step: int) -> RolloutEngine:
+        """The engine, holding the weights of optimizer step `step`: pushed (and checked) if it holds its own copy
+        and they moved on. Reads the policy's parameters: call it where nothing is training them."""
+        engine = self.engine
+        if engine is None:
+            engine = self.start(step)
+            if engine.holds_weights:  # it loaded them itself: from the starting checkpoint, or a server's own
+                held = PushedSample()
+                for _ in held.recording(policy_weights(self.policy)):
+                    pass
+                held.check(engine.read_weights(held.positions), self.engine_step)
+        if engine.holds_weights and self.engine_step != step:
+            started = time.perf_counter()
+            pushed = PushedSample()
+            engine.update_weights(pushed.recording(policy_weights(self.policy)), version=step)
+            pushed.check(engine.read_weights(pushed.positions), step)
+            self.weight_sync_seconds, self.engine_step = time.perf_counter() - started, step
+        return engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def start(self, step: int) -> RolloutEngine:
         def weights_dir() -> str | Path:

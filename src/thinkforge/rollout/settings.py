@@ -159,7 +159,7 @@ class ToolsConfig:
         return self.tool is not None
 
 
-ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_ENGINES = ("hf", "vllm", "vllm_server")
 VLLM_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -203,21 +203,55 @@ class VLLMEngineConfig:
 
 
 @dataclass
+class VLLMServerConfig(VLLMEngineConfig):
+    """vLLM as its own server process on devices the trainer does not use (`rollout/vllm_server.py`), its weights
+    pushed after every optimizer step and checked. `sleep_while_training` does not apply: it never waits."""
+
+    # a server started elsewhere (another node, a SLURM job step): its base URL; null starts one with the stage
+    url: Optional[str] = None
+    # CPU cores its workers run on (VLLM_CPU_OMP_THREADS_BIND: "1", "4-7"), or the GPUs it sees
+    # (CUDA_VISIBLE_DEVICES); null: vLLM's own choice
+    cpus: Optional[str] = None
+    gpus: Optional[str] = None
+    # a directory the trainer and the server both read, for the pushed weights (null: /dev/shm, one machine)
+    push_dir: Optional[str] = None
+    # seconds to wait for the server to answer /health, and for any one request
+    start_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    # requests sent at once (one per prompt); the server batches them
+    max_requests_in_flight: int = 256
+    # more `vllm serve` arguments, as on its command line
+    extra_args: list[str] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.start_timeout_s > 0 and self.request_timeout_s > 0, f"{key}.start_timeout_s", "must be positive")
+        require(self.max_requests_in_flight > 0, f"{key}.max_requests_in_flight", "must be positive")
+        require(
+            self.url is None or self.url.startswith(("http://", "https://")),
+            f"{key}.url",
+            f"must be an http(s) URL; got {self.url!r}",
+        )
+
+
+@dataclass
 class RolloutConfig:
     """The engine that samples: GRPO rollouts, rollout-DPO pairs, rejection samples, held-out scores,
     `thinkforge-eval` and `thinkforge-data`'s sampling commands. `hf`: HF generate on the live policy (no weight
-    sync). `vllm`: vLLM in the trainer's own process, fed the policy's weights after every optimizer step."""
+    sync). `vllm`: vLLM in the trainer's own process, fed the policy's weights after every optimizer step.
+    `vllm_server`: vLLM as its own server process, pushed the weights after every optimizer step."""
 
     engine: str = "hf"
     hf: HFEngineConfig = field(default_factory=HFEngineConfig)
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+    vllm_server: VLLMServerConfig = field(default_factory=VLLMServerConfig)
 
     def __post_init__(self) -> None:
         one_of(self.engine, ROLLOUT_ENGINES, "rollout.engine")
         self.settings.check(f"rollout.{self.engine}")
 
     @property
-    def settings(self) -> HFEngineConfig | VLLMEngineConfig:
+    def settings(self) -> HFEngineConfig | VLLMEngineConfig | VLLMServerConfig:
         """The chosen engine's own knobs."""
-        chosen: HFEngineConfig | VLLMEngineConfig = getattr(self, self.engine)
+        chosen: HFEngineConfig | VLLMEngineConfig | VLLMServerConfig = getattr(self, self.engine)
         return chosen

@@ -209,7 +209,7 @@ class VLLMEngine:
             ]
         return groups
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
         self.wake_up()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         # cached prefixes hold keys and values of the old weights
@@ -226,6 +226,9 @@ class VLLMEngine:
         if self.sleeps and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
+
+    def close(self) -> None:
+        """Nothing started outside this process: the engine is freed with this object."""
 
     def wake_up(self) -> None:
         if self.asleep:

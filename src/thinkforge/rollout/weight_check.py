@@ -58,7 +58,7 @@ class PushedSample:
         compared = 0
         for name, pushed in self.values.items():
             if name not in engine_values:
-                raise WeightSyncError(f"after the weight push of step {step}: the engine has no parameter {name}")
+                raise WeightSyncError(f"with the weights of step {step}: the engine has no parameter {name}")
             held = engine_values[name]
             if held is None:
                 continue
@@ -68,13 +68,13 @@ class PushedSample:
             if differ.any():
                 largest = (expected.float() - held.float()).abs().max().item()
                 raise WeightSyncError(
-                    f"after the weight push of step {step}: the engine's {name} is not the trainer's "
+                    f"with the weights of step {step}: the engine's {name} is not the trainer's "
                     f"({int(differ.sum())} of {len(held)} sampled elements differ, largest difference {largest:.3g}); "
                     "the engine would sample weights that were not trained"
                 )
         if not compared:
             raise WeightSyncError(
-                f"the weight push of step {step} carried none of the tensors the check reads (names ending in "
+                f"the weights of step {step} have none of the tensors the check reads (names ending in "
                 f"{', '.join(PROBED)}) in a layout the engine keeps: cannot tell whether it holds the trained weights"
             )
 

@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,6 +47,10 @@ from thinkforge.stages.probe import StageProbe
 from thinkforge.stages.steps import StepSums, stop_unless_finite
 
 log = logging.getLogger(__name__)
+
+#: set in a sampling that runs in the background while the trainer trains (GRPO sampling ahead on a server): the
+#: optimizer step whose weights were pushed to the engine before it started, which it samples with
+WEIGHTS_STEP: ContextVar[int | None] = ContextVar("WEIGHTS_STEP", default=None)
 
 
 class Stage(L.LightningModule):
@@ -256,7 +261,14 @@ class Stage(L.LightningModule):
         seed: int,
         progress: GenerationProgress | None = None,
     ) -> list[list[Rollout]]:
-        """One turn of this rank's prompts, sampled from the policy's current weights (`rollout.*`)."""
+        """One turn of this rank's prompts, sampled from the policy's current weights (`rollout.*`), or in a
+        sampling started in the background, from those of the step it was started at (`WEIGHTS_STEP`)."""
+        pinned = WEIGHTS_STEP.get()
+        step = self.global_step if pinned is None else pinned
+        return self.policy_sampler().generate(prompts, sampling, seed=seed, step=step, progress=progress)
+
+    def policy_sampler(self) -> PolicySampler:
+        """The stage's sampler, created on first use."""
         if self.sampler is None:
             completions = self.completion_length()
             longest = self.run.stage.longest_prompt(self.run.data) + max(
@@ -274,7 +286,7 @@ class Stage(L.LightningModule):
                 compute_context=self.trainer.precision_plugin.forward_context,
                 stop_point=lambda: self.stop_request.check(),
             )
-        return self.sampler.generate(prompts, sampling, seed=seed, step=self.global_step, progress=progress)
+        return self.sampler
 
     def export_for_engine(self) -> Path:
         """The policy as an HF directory, for an engine that loads its own copy of a model built from a config."""

@@ -7,10 +7,11 @@ them, compute group advantages, optionally drop zero-variance groups and refill 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cau
 from thinkforge.rollout.settings import SamplingParams
 from thinkforge.rollout.tools import tool_call_reward
 from thinkforge.stage_configs import GRPOConfig
-from thinkforge.stages.base import Stage
+from thinkforge.stages.base import WEIGHTS_STEP, Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.heldout import describe_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
@@ -85,7 +86,15 @@ class GRPO(Stage):
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
         self._step_batches: StepBatches[Batch] | None = None
-        self.rollouts_ahead = RolloutsAhead(self.settings.max_staleness, self.sample_position)
+        # on a server, rollouts sampled ahead overlap the training steps (in the colocated engines they share its
+        # devices, and the HF engine samples the very weights being trained)
+        overlaps = self.settings.max_staleness >= 1 and run.rollout.engine == "vllm_server"
+        self.rollouts_ahead = RolloutsAhead(
+            self.settings.max_staleness,
+            self.sample_position,
+            start_in_background=self.start_sampling_in_background if overlaps else None,
+            final_position=run.trainer.max_steps // self.steps_per_batch - 1,
+        )
         self.step_sampling = self.sampling()  # this step's (set as each step starts): its loss uses its temperature
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -166,7 +175,12 @@ class GRPO(Stage):
                 collapse = self.collapse_watch.update(step, metrics["entropy"], stats["reward/mean"])
                 if collapse and self.trainer.is_global_zero:
                     log.warning(collapse)
-        stats_time = {"generation_s": generation_seconds, "training_s": time.perf_counter() - training_started}
+        stats_time = {
+            # the trainer's wait for its rollouts, and the time it took to sample them (in the background, if so)
+            "generation_s": generation_seconds,
+            "sampling_s": sampled.seconds,
+            "training_s": time.perf_counter() - training_started,
+        }
         if self.sampler is not None and self.sampler.holds_weights:
             stats_time["weight_sync_s"] = self.sampler.weight_sync_seconds
         if self.tool_rollouts is not None:
@@ -195,11 +209,25 @@ class GRPO(Stage):
         )
         return SampledBatch(position, groups, stats, sampling, time.perf_counter() - started)
 
+    def start_sampling_in_background(self) -> Callable[[int], SampledBatch]:
+        """Pushes the current weights to the engine here, in the trainer's thread, and returns `sample_position`
+        pinned to them, for the background thread."""
+        step = self.global_step
+        self.policy_sampler().sync(step)
+        context = contextvars.copy_context()
+        context.run(WEIGHTS_STEP.set, step)
+        return lambda position: context.run(self.sample_position, position)
+
+    def evaluate_heldout(self, filename: str | None = "heldout.json", *, with_pass_k: bool = True) -> dict[str, float]:
+        """After the sampling in the background, if one runs: the held-out samples use the engine too."""
+        self.rollouts_ahead.settle()
+        return super().evaluate_heldout(filename, with_pass_k=with_pass_k)
+
     def staleness_stats(self, groups: list[Group]) -> dict[str, float]:
         """Optimizer steps between the weights that sampled each rollout and the ones it trains: mean, max, and
-        the share of rollouts at each staleness 0..max_staleness, over every rank's rollouts."""
+        the share of rollouts at each age, over every rank's rollouts."""
         ages = [self.global_step - rollout.policy_version for group in groups for rollout in group.rollouts]
-        limit = self.settings.max_staleness
+        limit = self.settings.max_staleness * self.steps_per_batch
         counts = {f"staleness/share_{k}": float(sum(age == k for age in ages)) for k in range(limit + 1)}
         totals = self.collectives.sums({"ages": float(sum(ages)), "samples": float(len(ages)), **counts})
         oldest = self.collectives.extremes({"staleness/max": float(max(ages))})
