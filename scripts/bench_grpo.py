@@ -40,6 +40,8 @@ from thinkforge.training import run_stage
 class StepRecord:
     seconds: float
     metrics: dict[str, float]
+    #: from this step's start to the next one's (what a background sampling overlaps)
+    period: float = 0.0
 
 
 @dataclass
@@ -51,7 +53,10 @@ class StepTimer(Callback):
     parameters: int = 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.started = time.perf_counter()
+        now = time.perf_counter()
+        if self.steps:
+            self.steps[-1].period = now - self.started
+        self.started = now
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         seconds = time.perf_counter() - self.started
@@ -87,7 +92,8 @@ class GRPOBench:
 
 
 def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
-    """Runs `steps + warmup` GRPO steps in a temporary directory and summarises the last `steps` (medians)."""
+    """Runs `steps + warmup + 1` GRPO steps in a temporary directory and summarises `steps` after the warm-up
+    (medians)."""
     register_configs()
     timer = StepTimer()
     with (
@@ -99,7 +105,7 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
             overrides=[
                 "stage=grpo",
                 f"output_dir={output_dir}",
-                f"trainer.max_steps={steps + warmup}",
+                f"trainer.max_steps={steps + warmup + 1}",
                 "trainer.ckpt_every=100000",
                 "heldout.num_prompts=0",
                 *overrides,
@@ -107,7 +113,7 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
         )
         quiet_console()
         run_stage(cfg, callbacks=[timer])
-    measured = timer.steps[warmup:]
+    measured = timer.steps[warmup:-1]  # the last step has no period
 
     def median(name: str) -> float:
         return statistics.median(step.metrics[name] for step in measured)
@@ -126,7 +132,7 @@ def run_grpo_bench(overrides: list[str], steps: int, warmup: int) -> GRPOBench:
         sampling_s=median("train/sampling_s"),
         weight_sync_s=median("train/weight_sync_s") if "train/weight_sync_s" in measured[0].metrics else 0.0,
         trainer_idle_share=share("train/generation_s"),
-        engine_idle_share=1 - share("train/sampling_s"),
+        engine_idle_share=1 - median("train/sampling_s") / statistics.median(step.period for step in measured),
         training_s=median("train/training_s"),
         generated_tokens_per_s=generated / median("train/generation_s"),
         trained_tokens_per_s=trained_per_s,
