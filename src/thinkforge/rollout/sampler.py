@@ -93,7 +93,9 @@ class PolicySampler:
         engine = self.engine
         if engine is None:
             engine = self.start(step)
-            if engine.holds_weights:  # it loaded them itself: from the starting checkpoint, or a server's own
+            # it loaded its own copy, of the weights of `engine_step`: when those are the ones it is about to sample
+            # with (no push comes first), they must be the policy's (a server started elsewhere may hold others)
+            if engine.holds_weights and self.engine_step == step:
                 held = PushedSample()
                 for _ in held.recording(policy_weights(self.policy)):
                     pass
