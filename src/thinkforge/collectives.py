@@ -13,16 +13,20 @@ import torch.distributed as dist
 
 
 class Collectives:
-    """Sums, extremes and gathers across `world_size` ranks, on `device` (gloo on CPU, NCCL on GPU)."""
+    """Sums, extremes and gathers across `world_size` ranks, on `device` (gloo on CPU, NCCL on GPU), over `group`
+    (None: the default one; a thread of its own needs a group of its own, or its calls interleave with the
+    trainer's)."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(
+        self, rank: int, world_size: int, device: torch.device, group: dist.ProcessGroup | None = None
+    ) -> None:
+        self.rank, self.world_size, self.device, self.group = rank, world_size, device, group
 
     def sum(self, value: torch.Tensor | float | list[float]) -> torch.Tensor:
         """The float64 sum over ranks of a number or a vector of them."""
         tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
 
     def sums(self, values: dict[str, float]) -> dict[str, float]:
@@ -36,7 +40,9 @@ class Collectives:
         for name in sorted(values):
             value = torch.tensor(values[name], dtype=torch.float64, device=self.device)
             if self.world_size > 1:
-                dist.all_reduce(value, op=dist.ReduceOp.MIN if name.endswith("/min") else dist.ReduceOp.MAX)
+                dist.all_reduce(
+                    value, op=dist.ReduceOp.MIN if name.endswith("/min") else dist.ReduceOp.MAX, group=self.group
+                )
             combined[name] = value.item()
         return combined
 
@@ -53,12 +59,12 @@ class Collectives:
             return values
         local = values.to(self.device)
         lengths = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
-        dist.all_gather(lengths, torch.tensor([local.numel()], device=self.device))
+        dist.all_gather(lengths, torch.tensor([local.numel()], device=self.device), group=self.group)
         longest = max(int(length.item()) for length in lengths)
         padded = torch.zeros(longest, dtype=local.dtype, device=self.device)
         padded[: local.numel()] = local
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded)
+        dist.all_gather(gathered, padded, group=self.group)
         return torch.cat([part[: int(length.item())] for part, length in zip(gathered, lengths)])
 
     def share(self, count: int) -> list[int]:
@@ -71,5 +77,5 @@ class Collectives:
         if self.world_size == 1:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
+        dist.all_gather_object(gathered, value, group=self.group)
         return gathered

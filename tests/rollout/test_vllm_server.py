@@ -32,7 +32,9 @@ pytestmark = pytest.mark.slow
 SERVER = ["rollout=vllm_server", "rollout.vllm_server.cpus=1"]
 
 
-def test_the_server_samples_what_the_colocated_engine_samples_and_takes_a_push(tmp_path):
+def test_two_replicas_sample_what_the_colocated_engine_samples_and_take_a_push(tmp_path):
+    """Requests spread over two servers, each on its own core: seeded per prompt, the tokens are the colocated
+    engine's whichever replica samples them; a push reaches both, and each is read back."""
     from thinkforge.rollout.vllm import VLLMEngine
     from thinkforge.rollout.vllm_server import VLLMServerEngine
     from thinkforge.tokenizer import build_synthetic_tokenizer
@@ -45,7 +47,8 @@ def test_the_server_samples_what_the_colocated_engine_samples_and_takes_a_push(t
     sampling = SamplingParams(4, 1.0, 1.0, 16)
     prompts = prompts_of(chat)
     colocated = VLLMEngine(tmp_path, chat, VLLMEngineConfig(), max_model_len=512, seed=0)
-    server = VLLMServerEngine(tmp_path, chat, VLLMServerConfig(cpus="1"), max_model_len=512, seed=0)
+    replicas = VLLMServerConfig(replicas=2, cpus="0-1")
+    server = VLLMServerEngine(tmp_path, chat, replicas, max_model_len=512, seed=0)
     try:
         local, remote = (engine.generate(prompts, sampling, seed=5) for engine in (colocated, server))
         assert [[r.token_ids for r in group] for group in local] == [[r.token_ids for r in group] for group in remote]
@@ -58,16 +61,18 @@ def test_the_server_samples_what_the_colocated_engine_samples_and_takes_a_push(t
                 parameter.add_(torch.randn_like(parameter) * 0.05)
         pushed = PushedSample()
         server.update_weights(pushed.recording(model.named_parameters(remove_duplicate=False)), version=3)
-        held = server.read_weights(pushed.positions)
-        pushed.check(held, step=3)
-        assert held["lm_head.weight"] is not None and held["model.layers.0.self_attn.o_proj.weight"] is None
+        copies = server.read_weights(pushed.positions)
+        assert sorted(copies) == sorted(f"the server at {replica.url}" for replica in server.servers)
+        pushed.check_all(copies, step=3)
+        for held in copies.values():
+            assert held["lm_head.weight"] is not None and held["model.layers.0.self_attn.o_proj.weight"] is None
         colocated.update_weights(model.named_parameters(remove_duplicate=False))
         local, remote = (engine.generate(prompts, sampling, seed=5) for engine in (colocated, server))
         assert [[r.token_ids for r in group] for group in local] == [[r.token_ids for r in group] for group in remote]
         assert server.version == "3"
     finally:
         server.close()
-    assert server.server.process is not None and server.server.process.poll() is not None, "close stops it"
+    assert all(replica.process.poll() is not None for replica in server.servers), "close stops them"
 
 
 def grpo_config(directory, steps, *overrides):
@@ -86,7 +91,8 @@ class KillServerAfterStep(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            process = pl_module.sampler.engine.server.process
+            [server] = pl_module.sampler.engine.servers
+            process = server.process
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
 
@@ -120,6 +126,17 @@ def test_grpo_through_the_server_equals_the_colocated_engine_and_survives_a_kill
         assert logged(tmp_path / "killed", metric) == logged(tmp_path / "server", metric), metric
 
 
+def test_on_policy_grpo_through_the_server_equals_the_colocated_engine(tmp_path, monkeypatch):
+    """Staleness 0: every step pushes, then samples its own batch, as the colocated engine does."""
+    monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
+    run_stage(grpo_config(tmp_path / "colocated", 4, "rollout=vllm", "trainer.ckpt_every=1000"))
+    run_stage(grpo_config(tmp_path / "server", 4, *SERVER, "trainer.ckpt_every=1000"))
+    for metric in ("train/reward/mean", "train/grad_norm", "train/loss"):
+        colocated, server = logged(tmp_path / "colocated", metric), logged(tmp_path / "server", metric)
+        assert colocated.keys() == server.keys() and all(abs(colocated[s] - server[s]) < 1e-6 for s in server), metric
+    assert len(logged(tmp_path / "server", "train/weight_sync_s")) == 4
+
+
 def test_a_push_that_corrupts_a_tensor_stops_the_run_naming_it(tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -134,13 +151,39 @@ def test_a_push_that_corrupts_a_tensor_stops_the_run_naming_it(tmp_path, monkeyp
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_with_one_bad_element)
     with pytest.raises(
-        WeightSyncError, match=rf"weights of step 1: the engine's {corrupted} is not the trainer's \(1 of"
+        WeightSyncError,
+        match=rf"weights of step 1: the server at http://127.0.0.1:\d+'s {corrupted} is not the trainer's \(1 of",
     ):
         run_stage(grpo_config(tmp_path, 3, *SERVER, "trainer.ckpt_every=1000"))
 
 
-# on-policy (0) equals the colocated engine, which learns in test_vllm.py
-@pytest.mark.parametrize("staleness", [1, 2])
+def test_an_fsdp_trainer_feeds_one_server_as_an_engine_per_rank_would(tmp_path):
+    """Two gloo ranks, one server: each rank samples its own prompts from it and writes its half of the gathered
+    weights for the push, which rank 0 has the server reload. One step stale and overlapped (the sampling thread's
+    collectives on a process group of its own), the losses are those of an engine per rank sampling before each
+    step."""
+    from conftest import run_cli
+
+    common = [
+        *SMALL_MODEL, "stage=grpo", "hardware=cpu_fsdp",
+        "data.synthetic.num_train=64", "data.batch_size=8", "data.micro_batch_size=4",
+        "stage.sampling.num_samples=4", "stage.sampling.max_new_tokens=16", "reward@stage.reward=phi4_plus",
+        "stage.max_staleness=1", "stage.rollout_correction=token_truncate",
+        "optim.lr=1e-2", "trainer.max_steps=4", "heldout.num_prompts=0", "logger=csv",
+    ]  # fmt: skip
+    pushes_before = set(Path("/dev/shm").glob("thinkforge-weights-*"))
+    for name, rollout in (("colocated", ["rollout=vllm"]), ("server", SERVER)):
+        result = run_cli(*common, *rollout, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for metric in ("train/reward/mean", "train/grad_norm", "train/loss"):
+        colocated, server = logged(tmp_path / "colocated", metric), logged(tmp_path / "server", metric)
+        assert colocated.keys() == server.keys() and all(abs(colocated[s] - server[s]) < 1e-6 for s in server), metric
+    assert min(logged(tmp_path / "server", "train/grad_norm").values()) > 0  # the weights moved every step
+    assert len(logged(tmp_path / "server", "train/weight_sync_s")) == 4
+    assert set(Path("/dev/shm").glob("thinkforge-weights-*")) == pushes_before, "rank 0 removes the pushed weights"
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 2])
 def test_grpo_through_the_server_learns_with_rollouts_up_to_two_steps_stale(tmp_path, monkeypatch, staleness):
     monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
     stale = [f"stage.max_staleness={staleness}", "stage.rollout_correction=token_truncate"]
@@ -148,7 +191,11 @@ def test_grpo_through_the_server_learns_with_rollouts_up_to_two_steps_stale(tmp_
     reward = list(logged(tmp_path, "train/reward/mean").values())
     assert mean(reward[:3]) <= 0.3, reward[:3]
     assert mean(reward[-5:]) >= 0.8, reward
-    assert list(logged(tmp_path, "train/staleness/max").values())[staleness:] == [staleness] * (40 - staleness)
+    if staleness:
+        ages = list(logged(tmp_path, "train/staleness/max").values())
+        assert ages[staleness:] == [staleness] * (40 - staleness)
+    else:  # every batch sampled with the weights it trains: the server's log-probs are the trainer's, every step
+        assert max(logged(tmp_path, "train/rollout_logprob_diff").values()) < 1e-5
 
 
 FAKE_SRUN = """#!/bin/sh

@@ -105,10 +105,10 @@ class RolloutEngine(Protocol):
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
         """Sample from these (HF-named, full) weights, of optimizer step `version`, from now on."""
 
-    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor | None]]:
         """The elements at `positions` [elements, ndim] of the weights it samples, by HF name (None for a tensor it
-        keeps in a layout of its own): what the check after each weight push compares with the trainer's
-        (`rollout/weight_check.py`)."""
+        keeps in a layout of its own), for each copy it samples from ("the engine", or each server replica): what
+        the check after each weight push compares with the trainer's (`rollout/weight_check.py`)."""
 
     def sleep(self) -> None:
         """Free what sampling holds (a KV cache) while the trainer runs; the next call wakes it."""

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.chat import ChatFormat
-from thinkforge.errors import UserError
 from thinkforge.rollout.base import RolloutEngine
 from thinkforge.rollout.settings import HFEngineConfig, RolloutConfig, VLLMEngineConfig, VLLMServerConfig
 
@@ -56,12 +55,13 @@ def build_vllm(settings: VLLMEngineConfig, source: EngineSource) -> RolloutEngin
 def build_vllm_server(settings: VLLMServerConfig, source: EngineSource) -> RolloutEngine:
     from thinkforge.rollout.vllm_server import VLLMServerEngine
 
-    if source.synced:
-        raise UserError(
-            "rollout=vllm_server serves one trainer process for now; under FSDP use rollout=vllm (an engine per rank)"
-        )
     return VLLMServerEngine(
-        source.weights_dir(), source.chat, settings, max_model_len=source.max_model_len, seed=source.seed
+        source.weights_dir(),
+        source.chat,
+        settings,
+        max_model_len=source.max_model_len,
+        seed=source.seed,
+        synced=source.synced,
     )
 
 

@@ -155,9 +155,9 @@ class HFEngine:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
         """Nothing to do: generation runs on the live policy weights."""
 
-    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor | None]]:
         """The live policy's own elements (a stage's policy wraps the HF model as `hf`)."""
-        return read_elements(getattr(self.model, "hf", self.model), positions)
+        return {"the engine": read_elements(getattr(self.model, "hf", self.model), positions)}
 
     def sleep(self) -> None:
         """Nothing to free: the engine is the policy."""

@@ -99,12 +99,12 @@ class PolicySampler:
                 held = PushedSample()
                 for _ in held.recording(policy_weights(self.policy)):
                     pass
-                held.check(engine.read_weights(held.positions), self.engine_step)
+                held.check_all(engine.read_weights(held.positions), self.engine_step)
         if engine.holds_weights and self.engine_step != step:
             started = time.perf_counter()
             pushed = PushedSample()
             engine.update_weights(pushed.recording(policy_weights(self.policy)), version=step)
-            pushed.check(engine.read_weights(pushed.positions), step)
+            pushed.check_all(engine.read_weights(pushed.positions), step)
             self.weight_sync_seconds, self.engine_step = time.perf_counter() - started, step
         return engine
 

@@ -13,7 +13,7 @@ rollout DPO's pairs and rejection-sampled SFT's replies (`stage.sampling`), held
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from thinkforge.errors import one_of, require
@@ -202,15 +202,27 @@ class VLLMEngineConfig:
         require(self.max_num_batched_tokens > 0, f"{key}.max_num_batched_tokens", "must be positive")
 
 
+def device_numbers(devices: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; ValueError for anything else."""
+    numbers: list[int] = []
+    for part in devices.split(","):
+        first, _, last = part.strip().partition("-")
+        numbers += range(int(first), int(last or first) + 1)
+    return numbers
+
+
 @dataclass
 class VLLMServerConfig(VLLMEngineConfig):
     """vLLM as its own server process on devices the trainer does not use (`rollout/vllm_server.py`), its weights
     pushed after every optimizer step and checked. `sleep_while_training` does not apply: it never waits."""
 
-    # a server started elsewhere (another node, a SLURM job step): its base URL; null starts one with the stage
+    # servers started elsewhere (another node, a SLURM job step): their base URLs, separated by ","; null starts
+    # `replicas` of them with the stage
     url: Optional[str] = None
+    replicas: int = 1
     # CPU cores its workers run on (VLLM_CPU_OMP_THREADS_BIND: "1", "4-7"), or the GPUs it sees
-    # (CUDA_VISIBLE_DEVICES); null: vLLM's own choice
+    # (CUDA_VISIBLE_DEVICES: "1", or "2-3" here too); several replicas share them out in equal, contiguous parts
+    # ("0-7" for two: "0-3" and "4-7"); null: vLLM's own choice
     cpus: Optional[str] = None
     gpus: Optional[str] = None
     # a directory the trainer and the server both read, for the pushed weights (null: /dev/shm, one machine)
@@ -227,11 +239,47 @@ class VLLMServerConfig(VLLMEngineConfig):
         super().check(key)
         require(self.start_timeout_s > 0 and self.request_timeout_s > 0, f"{key}.start_timeout_s", "must be positive")
         require(self.max_requests_in_flight > 0, f"{key}.max_requests_in_flight", "must be positive")
+        for url in self.urls():
+            require(url.startswith(("http://", "https://")), f"{key}.url", f"must be http(s) URLs; got {url!r}")
+        require(self.replicas >= 1, f"{key}.replicas", "must be at least 1")
         require(
-            self.url is None or self.url.startswith(("http://", "https://")),
-            f"{key}.url",
-            f"must be an http(s) URL; got {self.url!r}",
+            self.url is None or self.replicas == 1,
+            f"{key}.replicas",
+            "is for servers the stage starts; servers started elsewhere are the URLs of `url`",
         )
+        for devices in ("cpus", "gpus"):
+            value = getattr(self, devices)
+            if value is None or self.replicas == 1:
+                continue
+            try:
+                count = len(device_numbers(value))
+            except ValueError:
+                count = 0
+            require(
+                count > 0 and count % self.replicas == 0,
+                f"{key}.{devices}",
+                f"must list devices ('0-7', '0,2,4,6') that share out evenly between {self.replicas} replicas; "
+                f"got {value!r}",
+            )
+
+    def urls(self) -> list[str]:
+        """The base URLs of the servers started elsewhere (none when the stage starts its own)."""
+        return [url.strip().rstrip("/") for url in self.url.split(",")] if self.url else []
+
+    def each_replica(self) -> list[VLLMServerConfig]:
+        """The settings of each server the stage starts, on its own share of the cores or GPUs."""
+
+        def share(value: str | None, index: int) -> str | None:
+            if value is None or self.replicas == 1:
+                return value
+            numbers = device_numbers(value)
+            size = len(numbers) // self.replicas
+            return ",".join(str(number) for number in numbers[index * size : (index + 1) * size])
+
+        return [
+            replace(self, replicas=1, cpus=share(self.cpus, index), gpus=share(self.gpus, index))
+            for index in range(self.replicas)
+        ]
 
 
 @dataclass

@@ -89,6 +89,32 @@ def quiet_vllm_notices() -> None:
             handler.addFilter(RotaryNoticeFilter())
 
 
+def request_plan(sampling: SamplingParams, count: int, end_ids: Sequence[int]) -> tuple[list[int], dict[str, Any]]:
+    """The requests for `count` prompts, as the prompt each samples, and the vLLM sampling parameters they share
+    (all but the seed), for the colocated engine and the server alike. vLLM draws n samples of one request only
+    when sampling: greedy decoding repeats the request instead."""
+    greedy = sampling.temperature == 0
+    copies, n = (sampling.num_samples, 1) if greedy else (1, sampling.num_samples)
+    common = {
+        "n": n,
+        "temperature": sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "max_tokens": sampling.max_new_tokens,
+        "logprobs": 0,
+        "stop_token_ids": list(end_ids),
+        "stop": list(sampling.stop_strings) or None,
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+    }
+    return [index for index in range(count) for _ in range(copies)], common
+
+
+def request_seed(seed: int, index: int) -> int:
+    """One seed per prompt: the same seed samples the same completions whatever else is in the batch, and in
+    whichever engine or server replica."""
+    return (seed * 1_000_003 + index) % 2**31
+
+
 class VLLMEngine:
     holds_weights = True
 
@@ -171,26 +197,8 @@ class VLLMEngine:
 
         self.wake_up()
         encoded = prompt_token_ids(self.tokenizer, [prompt for _, prompt in prompts])
-        # vLLM draws n samples of one request only when sampling; greedy decoding repeats the request instead
-        greedy = sampling.temperature == 0
-        copies, n = (sampling.num_samples, 1) if greedy else (1, sampling.num_samples)
-        owners = [position for position in range(len(prompts)) for _ in range(copies)]
-        # one seed per prompt: the same seed samples the same completions, whatever else is in the batch
-        params = [
-            VLLMSamplingParams(
-                n=n,
-                temperature=sampling.temperature,
-                top_p=1.0 if greedy else sampling.top_p,
-                max_tokens=sampling.max_new_tokens,
-                logprobs=0,
-                seed=(seed * 1_000_003 + prompts[position][0]) % 2**31,
-                stop_token_ids=self.end_ids,
-                stop=list(sampling.stop_strings) or None,
-                include_stop_str_in_output=True,
-                skip_special_tokens=False,
-            )
-            for position in owners
-        ]
+        owners, common = request_plan(sampling, len(prompts), self.end_ids)
+        params = [VLLMSamplingParams(**common, seed=request_seed(seed, prompts[position][0])) for position in owners]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=encoded[position]) for position in owners], params, use_tqdm=False
         )
@@ -215,11 +223,11 @@ class VLLMEngine:
         # cached prefixes hold keys and values of the old weights
         self.llm.reset_prefix_cache()
 
-    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor | None]]:
         """The elements of the engine's own parameters (one worker: no tensor parallelism here)."""
         self.wake_up()
         [elements] = self.llm.apply_model(lambda model: read_elements(model, positions))
-        return dict(elements)
+        return {"the engine": dict(elements)}
 
     def sleep(self) -> None:
         """On GPU, free the KV cache while the trainer runs; a no-op on CPU, where vLLM cannot sleep."""

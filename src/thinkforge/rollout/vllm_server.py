@@ -1,4 +1,5 @@
-"""vLLM as its own server process (`rollout=vllm_server`), on devices the trainer does not use, through vLLM's own API.
+"""vLLM as its own server process (`rollout=vllm_server`), on devices the trainer does not use, through vLLM's own API:
+one or more replicas, fed by one trainer process or by every rank of an FSDP one.
 
 - Sampling: `/inference/v1/generate`, token ids in and out with the processed log-probs (`--enable-scale-out`), one
   request per prompt, all in flight at once so the server batches them, each seeded as the colocated engine seeds
@@ -17,6 +18,7 @@ exit code and log. A server this process started dies with it (PR_SET_PDEATHSIG)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -30,17 +32,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
+import torch.distributed as dist
 
 from thinkforge.chat import ChatFormat
 from thinkforge.progress import GenerationProgress
 from thinkforge.rollout.base import EnginePrompt, Rollout, prompt_token_ids, rollout_of
 from thinkforge.rollout.settings import SamplingParams, VLLMServerConfig
+from thinkforge.rollout.vllm import request_plan, request_seed
 from thinkforge.rollout.weight_check import read_elements
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 WEIGHT_READER = "thinkforge.rollout.vllm_server.WeightReader"
 #: a shard of the weights file the trainer writes for the server, in bytes (one shard in memory at a time)
 SHARD_BYTES = 1 << 30
+
+T = TypeVar("T")
 
 
 class ServerError(RuntimeError):
@@ -70,10 +76,18 @@ class WeightReader:
         }
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now (held open together, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    [port] = free_ports(1)
+    return port
 
 
 def die_with_parent() -> None:
@@ -118,34 +132,38 @@ def server_command(
 
 
 class VLLMServer:
-    """A `vllm serve` process this trainer starts, or (settings.url) one started elsewhere."""
+    """One `vllm serve` process: started by this trainer (`start`), or started elsewhere and reached at `url`."""
 
-    def __init__(self, model_dir: str | Path, settings: VLLMServerConfig, *, max_model_len: int, seed: int) -> None:
-        self.settings = settings
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path: Path | None = None
-        if settings.url:
-            self.url = settings.url.rstrip("/")
-            self.wait_ready()
-            return
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(
+        self,
+        url: str,
+        settings: VLLMServerConfig,
+        process: subprocess.Popen[bytes] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.url, self.settings, self.process, self.log_path = url.rstrip("/"), settings, process, log_path
+
+    @classmethod
+    def start(
+        cls, model_dir: str | Path, settings: VLLMServerConfig, *, port: int, max_model_len: int, seed: int
+    ) -> VLLMServer:
+        """Starts a server on this machine, on `settings`' cores or GPUs, without waiting for it to be ready."""
         command, variables = server_command(
             model_dir, settings, host="127.0.0.1", port=port, max_model_len=max_model_len, seed=seed
         )
         handle, name = tempfile.mkstemp(prefix="thinkforge-vllm-server-", suffix=".log")
         os.close(handle)
-        self.log_path = Path(name)
-        with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
+        log_path = Path(name)
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
                 command,
                 env={**os.environ, **variables},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
             )
-        log.info("vLLM server starting at %s (pid %d, log %s)", self.url, self.process.pid, self.log_path)
-        self.wait_ready()
+        log.info("vLLM server starting at http://127.0.0.1:%d (pid %d, log %s)", port, process.pid, log_path)
+        return cls(f"http://127.0.0.1:{port}", settings, process, log_path)
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -172,7 +190,8 @@ class VLLMServer:
             time.sleep(1.0)
         raise ServerError(
             f"the vLLM server at {self.url} did not answer /health within "
-            f"rollout.vllm_server.start_timeout_s={self.settings.start_timeout_s:g} s; its log: {self.log_path}"
+            f"rollout.vllm_server.start_timeout_s={self.settings.start_timeout_s:g} s"
+            + (f"; its log: {self.log_path}" if self.log_path else "")
         )
 
     def post(self, path: str, body: dict[str, Any], doing: str) -> Any:
@@ -206,28 +225,104 @@ class VLLMServer:
             self.process.wait()
 
 
+class TrainerRanks:
+    """The trainer's data-parallel ranks as one server sees them (FSDP: `synced`): rank 0 starts the server and has
+    it reload what every rank wrote; the others learn the outcome from rank 0, so all stop with the same line."""
+
+    def __init__(self, synced: bool) -> None:
+        self.rank = dist.get_rank() if synced else 0
+        self.world_size = dist.get_world_size() if synced else 1
+
+    def from_first(self, make: Callable[[], T]) -> T:
+        """`make()`, run on rank 0 only: its value on every rank, or its error raised on every rank."""
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                outcome[0] = ("value", make())
+            except Exception as error:
+                outcome[0] = ("error", str(error))
+                if self.world_size > 1:
+                    dist.broadcast_object_list(outcome, src=0)
+                raise
+        if self.world_size > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise ServerError(f"on rank 0: {value}")
+        return cast(T, value)
+
+    def all_ok(self, error: str | None, doing: str) -> None:
+        """Raises on every rank when any rank had an `error` while `doing`."""
+        errors = [error]
+        if self.world_size > 1:
+            errors = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            raise ServerError("; ".join(f"rank {rank} failed {doing}: {message}" for rank, message in failed))
+
+
+def push_directory(settings: VLLMServerConfig) -> Path:
+    """A fresh directory for the pushed weights, under `push_dir` (default /dev/shm: memory, not disk)."""
+    base = Path(settings.push_dir) if settings.push_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="thinkforge-weights-", dir=base))
+
+
 class VLLMServerEngine:
-    """The `RolloutEngine` over a vLLM server: the policy's weights pushed to it after every optimizer step."""
+    """The `RolloutEngine` over one or more vLLM servers (replicas): requests spread over them in turn, the
+    policy's weights pushed to every one after every optimizer step and read back from each. Under FSDP (`synced`)
+    rank 0 starts the servers, every rank samples its own prompts from them and writes its share of the weights for
+    the push (on one node through /dev/shm; across nodes `push_dir` must be a directory both sides read)."""
 
     holds_weights = True
 
     def __init__(
-        self, model_dir: str | Path, chat: ChatFormat, settings: VLLMServerConfig, *, max_model_len: int, seed: int
+        self,
+        model_dir: str | Path,
+        chat: ChatFormat,
+        settings: VLLMServerConfig,
+        *,
+        max_model_len: int,
+        seed: int,
+        synced: bool = False,
     ) -> None:
         self.tokenizer, self.end_ids, self.settings = chat.tokenizer, chat.end_ids, settings
-        self.server = VLLMServer(model_dir, settings, max_model_len=max_model_len, seed=seed)
-        self.version = "0"
-        self.post(
-            "/update_weight_version", {"new_version": self.version}, "while setting the starting weights' version"
-        )
-        base = (
-            Path(settings.push_dir) if settings.push_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
-        )
-        base.mkdir(parents=True, exist_ok=True)
-        self.push_dir = Path(tempfile.mkdtemp(prefix="thinkforge-weights-", dir=base))
+        self.ranks = TrainerRanks(synced)
+        self.servers: list[VLLMServer] = []
 
-    def post(self, path: str, body: dict[str, Any], doing: str) -> Any:
-        return self.server.post(path, body, doing)
+        def start() -> tuple[list[str], str]:
+            """Rank 0's: starts the replicas side by side (or reaches those started elsewhere), waits for each."""
+            if settings.url:
+                self.servers = [VLLMServer(url, settings) for url in settings.urls()]
+            else:
+                replicas = settings.each_replica()
+                self.servers = [
+                    VLLMServer.start(model_dir, one, port=port, max_model_len=max_model_len, seed=seed)
+                    for one, port in zip(replicas, free_ports(len(replicas)))
+                ]
+            try:
+                for server in self.servers:
+                    server.wait_ready()
+                    server.post(
+                        "/update_weight_version", {"new_version": "0"}, "while setting the starting weights' version"
+                    )
+            except BaseException:
+                for server in self.servers:
+                    server.close()
+                raise
+            return [server.url for server in self.servers], str(push_directory(settings))
+
+        urls, push_dir = self.ranks.from_first(start)
+        if not self.servers:
+            self.servers = [VLLMServer(url, settings) for url in urls]
+        self.version, self.push_dir = "0", Path(push_dir)
+
+    def on_every_server(self, call: Callable[[VLLMServer], None]) -> None:
+        """`call` on every replica at once (each waits on its own server)."""
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
+            for done in [pool.submit(call, server) for server in self.servers]:
+                done.result()
 
     def generate(
         self,
@@ -239,32 +334,20 @@ class VLLMServerEngine:
     ) -> list[list[Rollout]]:
         """Every prompt's request in flight at once; seeded per prompt as the colocated engine seeds them."""
         encoded = prompt_token_ids(self.tokenizer, prompts)
-        greedy = sampling.temperature == 0
-        copies, n = (sampling.num_samples, 1) if greedy else (1, sampling.num_samples)
-        owners = [index for index in range(len(prompts)) for _ in range(copies)]
-        params = {
-            "n": n,
-            "temperature": sampling.temperature,
-            "top_p": 1.0 if greedy else sampling.top_p,
-            "max_tokens": sampling.max_new_tokens,
-            "logprobs": 0,
-            "stop_token_ids": list(self.end_ids),
-            "stop": list(sampling.stop_strings) or None,
-            "include_stop_str_in_output": True,
-            "skip_special_tokens": False,
-        }
+        owners, params = request_plan(sampling, len(prompts), self.end_ids)
 
-        def sample(index: int) -> dict[str, Any]:
+        def sample(request: int, index: int) -> dict[str, Any]:
             body = {
                 "token_ids": encoded[index],
-                "sampling_params": {**params, "seed": (seed * 1_000_003 + index) % 2**31},
+                "sampling_params": {**params, "seed": request_seed(seed, index)},
                 "return_token_ids": True,
             }
-            reply: dict[str, Any] = self.post("/inference/v1/generate", body, f"while sampling prompt {index}")
+            server = self.servers[request % len(self.servers)]
+            reply: dict[str, Any] = server.post("/inference/v1/generate", body, f"while sampling prompt {index}")
             return reply
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.settings.max_requests_in_flight, len(owners)))) as pool:
-            pending = [pool.submit(sample, index) for index in owners]
+            pending = [pool.submit(sample, request, index) for request, index in enumerate(owners)]
             for done in as_completed(pending):
                 choices = done.result()["choices"]
                 if progress is not None:
@@ -292,51 +375,76 @@ class VLLMServerEngine:
             )
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, version: int = 0) -> None:
-        """Writes the weights in shards of about `SHARD_BYTES`, has the server reload them in place, tags them with
-        `version` and drops the prefix cache computed with the old ones."""
-        shutil.rmtree(self.push_dir, ignore_errors=True)
-        self.push_dir.mkdir(parents=True)
+        """Writes the weights in shards of about `SHARD_BYTES` (under FSDP, every rank the tensors of its turn, as
+        each is gathered), has the server reload them in place, tags them with `version` and drops the prefix
+        cache computed with the old ones."""
         from safetensors.torch import save_file
 
+        rank = self.ranks.rank
+        for stale in self.push_dir.glob(f"rank{rank:03d}-*.safetensors"):
+            stale.unlink()
         shard: dict[str, torch.Tensor] = {}
-        size, count = 0, 0
-        for name, tensor in weights:
+        size, count, error = 0, 0, None
+
+        def write() -> None:
+            nonlocal shard, size, count, error
+            try:
+                save_file(shard, str(self.push_dir / f"rank{rank:03d}-{count:05d}.safetensors"))
+            except OSError as failure:
+                error = f"writing the weights to {self.push_dir}: {failure}"
+            shard, size, count = {}, 0, count + 1
+
+        # every rank reads every tensor (under FSDP each is gathered by all ranks together)
+        for index, (name, tensor) in enumerate(weights):
+            if index % self.ranks.world_size != rank or error is not None:
+                continue
             # a tied weight comes under each name: each is its own tensor in the file (vLLM on CPU keeps two copies)
             shard[name] = tensor.detach().to("cpu", copy=True).contiguous()
             size += tensor.numel() * tensor.element_size()
             if size >= SHARD_BYTES:
-                save_file(shard, str(self.push_dir / f"model-{count:05d}.safetensors"))
-                shard, size, count = {}, 0, count + 1
+                write()
         if shard:
-            save_file(shard, str(self.push_dir / f"model-{count:05d}.safetensors"))
-        self.post(
-            "/collective_rpc",
-            {"method": "reload_weights", "kwargs": {"weights_path": str(self.push_dir)}},
-            "while reloading the pushed weights",
-        )
-        self.version = str(version)
-        self.post("/update_weight_version", {"new_version": self.version}, "while tagging the pushed weights")
-        self.post("/reset_prefix_cache", {}, "while dropping the prefix cache of the old weights")
+            write()
+        self.ranks.all_ok(error, "pushing the weights")
 
-    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        def reload(server: VLLMServer) -> None:
+            server.post(
+                "/collective_rpc",
+                {"method": "reload_weights", "kwargs": {"weights_path": str(self.push_dir)}},
+                "while reloading the pushed weights",
+            )
+            server.post("/update_weight_version", {"new_version": str(version)}, "while tagging the pushed weights")
+            server.post("/reset_prefix_cache", {}, "while dropping the prefix cache of the old weights")
+
+        self.ranks.from_first(lambda: self.on_every_server(reload))
+        self.version = str(version)
+
+    def read_weights(self, positions: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor | None]]:
+        """Every replica's elements, by its URL."""
         request = json.dumps({name: index.tolist() for name, index in positions.items()})
-        reply = self.post(
-            "/collective_rpc",
-            {"method": "thinkforge_read_elements", "args": [request]},
-            "while reading weights back for the check",
-        )
-        [elements] = reply["results"]
-        return {
-            name: None if entry is None else torch.tensor(entry[1], dtype=getattr(torch, entry[0]))
-            for name, entry in elements.items()
-        }
+        copies = {}
+        for server in self.servers:
+            reply = server.post(
+                "/collective_rpc",
+                {"method": "thinkforge_read_elements", "args": [request]},
+                "while reading weights back for the check",
+            )
+            [elements] = reply["results"]
+            copies[f"the server at {server.url}"] = {
+                name: None if entry is None else torch.tensor(entry[1], dtype=getattr(torch, entry[0]))
+                for name, entry in elements.items()
+            }
+        return copies
 
     def sleep(self) -> None:
         """Nothing to free: the server runs on devices the trainer does not use."""
 
     def close(self) -> None:
-        self.server.close()
-        shutil.rmtree(self.push_dir, ignore_errors=True)
+        """Stops the servers this trainer started (rank 0's)."""
+        for server in self.servers:
+            server.close()
+        if self.ranks.rank == 0:
+            shutil.rmtree(self.push_dir, ignore_errors=True)
 
 
 def main() -> None:

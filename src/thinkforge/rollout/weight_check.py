@@ -52,13 +52,18 @@ class PushedSample:
                 self.values[name] = tensor.detach()[tuple(positions.T)].cpu()
             yield name, tensor
 
-    def check(self, engine_values: dict[str, torch.Tensor | None], step: int) -> None:
+    def check_all(self, copies: dict[str, dict[str, torch.Tensor | None]], step: int) -> None:
+        """`check` of every copy of the weights an engine samples from (a server's replicas), by where it is."""
+        for holder, engine_values in copies.items():
+            self.check(engine_values, step, holder=holder)
+
+    def check(self, engine_values: dict[str, torch.Tensor | None], step: int, *, holder: str = "the engine") -> None:
         """Stops the run at the first probed tensor the engine does not hold as pushed; `engine_values` holds None
         for a tensor the engine keeps in a layout of its own, which is not compared."""
         compared = 0
         for name, pushed in self.values.items():
             if name not in engine_values:
-                raise WeightSyncError(f"with the weights of step {step}: the engine has no parameter {name}")
+                raise WeightSyncError(f"with the weights of step {step}: {holder} has no parameter {name}")
             held = engine_values[name]
             if held is None:
                 continue
@@ -68,14 +73,14 @@ class PushedSample:
             if differ.any():
                 largest = (expected.float() - held.float()).abs().max().item()
                 raise WeightSyncError(
-                    f"with the weights of step {step}: the engine's {name} is not the trainer's "
+                    f"with the weights of step {step}: {holder}'s {name} is not the trainer's "
                     f"({int(differ.sum())} of {len(held)} sampled elements differ, largest difference {largest:.3g}); "
                     "the engine would sample weights that were not trained"
                 )
         if not compared:
             raise WeightSyncError(
                 f"the weights of step {step} have none of the tensors the check reads (names ending in "
-                f"{', '.join(PROBED)}) in a layout the engine keeps: cannot tell whether it holds the trained weights"
+                f"{', '.join(PROBED)}) in a layout {holder} keeps: cannot tell whether it holds the trained weights"
             )
 
 

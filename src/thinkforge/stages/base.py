@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 #: set in a sampling that runs in the background while the trainer trains (GRPO sampling ahead on a server): the
 #: optimizer step whose weights were pushed to the engine before it started, which it samples with
 WEIGHTS_STEP: ContextVar[int | None] = ContextVar("WEIGHTS_STEP", default=None)
+#: set in that same sampling under FSDP: its collectives, over a process group of its own (on the trainer's, they
+#: would interleave with the training step's)
+BACKGROUND_COLLECTIVES: ContextVar[Collectives | None] = ContextVar("BACKGROUND_COLLECTIVES", default=None)
 
 
 class Stage(L.LightningModule):
@@ -164,7 +167,7 @@ class Stage(L.LightningModule):
 
     @property
     def collectives(self) -> Collectives:
-        return Collectives(self.global_rank, self.trainer.world_size, self.device)
+        return BACKGROUND_COLLECTIVES.get() or Collectives(self.global_rank, self.trainer.world_size, self.device)
 
     @property
     def loaded_data(self) -> StageDataModule:

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from thinkforge.chat import ChatFormat
+from thinkforge.collectives import Collectives
 from thinkforge.config import TrainConfig
 from thinkforge.data.loader import StepBatches
 from thinkforge.data.packing import IGNORE_INDEX
@@ -42,7 +44,7 @@ from thinkforge.rollout.groups import Group, GroupSampler, Prompt, no_signal_cau
 from thinkforge.rollout.settings import SamplingParams
 from thinkforge.rollout.tools import tool_call_reward
 from thinkforge.stage_configs import GRPOConfig
-from thinkforge.stages.base import WEIGHTS_STEP, Stage
+from thinkforge.stages.base import BACKGROUND_COLLECTIVES, WEIGHTS_STEP, Stage
 from thinkforge.stages.completions import Batch, completion_scores
 from thinkforge.stages.heldout import describe_scores
 from thinkforge.stages.probe import StageProbe, TrainingExample, capped, formatted_answer
@@ -86,6 +88,7 @@ class GRPO(Stage):
         self.validates = False  # held-out scores instead: greedy samples graded, not a loss
         self._groups: GroupSampler | None = None
         self._step_batches: StepBatches[Batch] | None = None
+        self._background_group: dist.ProcessGroup | None = None
         # on a server, rollouts sampled ahead overlap the training steps (in the colocated engines they share its
         # devices, and the HF engine samples the very weights being trained)
         overlaps = self.settings.max_staleness >= 1 and run.rollout.engine == "vllm_server"
@@ -211,11 +214,18 @@ class GRPO(Stage):
 
     def start_sampling_in_background(self) -> Callable[[int], SampledBatch]:
         """Pushes the current weights to the engine here, in the trainer's thread, and returns `sample_position`
-        pinned to them, for the background thread."""
+        pinned to them, for the background thread (under FSDP with collectives of its own)."""
         step = self.global_step
         self.policy_sampler().sync(step)
         context = contextvars.copy_context()
         context.run(WEIGHTS_STEP.set, step)
+        if self.trainer.world_size > 1:
+            if self._background_group is None:  # every rank gets here at the same step: a collective call
+                self._background_group = dist.new_group(backend="gloo")
+            collectives = Collectives(
+                self.global_rank, self.trainer.world_size, torch.device("cpu"), self._background_group
+            )
+            context.run(BACKGROUND_COLLECTIVES.set, collectives)
         return lambda position: context.run(self.sample_position, position)
 
     def evaluate_heldout(self, filename: str | None = "heldout.json", *, with_pass_k: bool = True) -> dict[str, float]:
