@@ -50,7 +50,7 @@ TOOL_SFT = [
 def tool_sft(tmp_path_factory):
     """The tiny model after SFT on tool-using traces: it writes the call, and boxes what the tool printed."""
     root = tmp_path_factory.mktemp("tool_sft")
-    steps = ["optim.lr=3e-3", "optim.warmup_steps=10", "trainer.max_steps=300"]
+    steps = ["optim.lr=1e-3", "optim.warmup_steps=10", "trainer.max_steps=200"]  # the recipe's tool_sft
     result = run_cli(*TOOL_SFT, *steps, f"hydra.run.dir={root}", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -110,11 +110,13 @@ def test_the_trainer_scores_every_turn_as_the_engine_sampled_it(tool_sft):
     assert every.mean() <= 1e-5 and every.max() <= 1e-4, (every.mean(), every.max())
 
 
-def test_greedy_turns_are_the_same_tokens_through_vllm(tool_sft):
-    """Both engines, the same greedy tokens over every turn, the tool's turns inserted alike."""
+def test_greedy_turns_are_the_same_tokens_through_vllm_and_its_server(tool_sft):
+    """Every engine, the same greedy tokens over every turn, the tool's turns inserted alike; sampled, the server's
+    are the colocated vLLM engine's (seeded per prompt)."""
     pytest.importorskip("vllm")
-    from thinkforge.rollout.settings import VLLMEngineConfig
+    from thinkforge.rollout.settings import VLLMEngineConfig, VLLMServerConfig
     from thinkforge.rollout.vllm import VLLMEngine
+    from thinkforge.rollout.vllm_server import VLLMServerEngine
 
     export = tool_sft / "export"
     source = ModelConfig(name_or_path=str(export))
@@ -123,11 +125,22 @@ def test_greedy_turns_are_the_same_tokens_through_vllm(tool_sft):
     hf = ToolRollouts(HFEngine(CausalLM(load_for_generation(source, chat)), chat).generate, chat, settings)
     engine = VLLMEngine(export, chat, VLLMEngineConfig(), max_model_len=256, seed=0)
     vllm = ToolRollouts(engine.generate, chat, settings)
+    server_engine = VLLMServerEngine(export, chat, VLLMServerConfig(cpus="1"), max_model_len=256, seed=0)
+    server = ToolRollouts(server_engine.generate, chat, settings)
     prompts = [chat.prompt(f"What is {a} * {b}?") for a, b in [(347, 829), (512, 604), (731, 488)]]
     greedy = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=80)
-    ours, theirs = hf(prompts, greedy, seed=0), vllm(prompts, greedy, seed=0)
-    assert [(r.token_ids, r.inserted) for (r,) in ours] == [(r.token_ids, r.inserted) for (r,) in theirs]
-    assert all(r.calls for (r,) in ours)
+    sampled = SamplingParams(num_samples=4, temperature=1.0, max_new_tokens=80)
+    try:
+        ours, theirs, served = (rollouts(prompts, greedy, seed=0) for rollouts in (hf, vllm, server))
+        assert [(r.token_ids, r.inserted) for (r,) in ours] == [(r.token_ids, r.inserted) for (r,) in theirs]
+        assert [(r.token_ids, r.inserted) for (r,) in served] == [(r.token_ids, r.inserted) for (r,) in theirs]
+        assert all(r.calls for (r,) in ours)
+        local, remote = vllm(prompts, sampled, seed=3), server(prompts, sampled, seed=3)
+        assert [[(r.token_ids, r.inserted) for r in group] for group in local] == [
+            [(r.token_ids, r.inserted) for r in group] for group in remote
+        ]
+    finally:
+        server_engine.close()
 
 
 GRPO_TOOLS = [
