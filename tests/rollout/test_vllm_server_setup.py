@@ -51,6 +51,11 @@ def test_the_command_line_sets_the_replicas():
         )
     )
     assert [replica.cpus for replica in cfg.rollout.vllm_server.each_replica()] == ["0", "1"]
+    # docs/long-runs.md's form for servers started elsewhere
+    cfg = validate(
+        compose_config("stage=grpo", "rollout=vllm_server", "rollout.vllm_server.url='http://a:8000,http://b:8000'")
+    )
+    assert cfg.rollout.vllm_server.urls() == ["http://a:8000", "http://b:8000"]
 
 
 def test_ports_handed_out_together_are_distinct():
