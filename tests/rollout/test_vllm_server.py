@@ -185,15 +185,17 @@ def test_an_fsdp_trainer_feeds_one_server_as_an_engine_per_rank_would(tmp_path):
 
 @pytest.mark.parametrize("staleness", [0, 1, 2])
 def test_grpo_through_the_server_learns_with_rollouts_up_to_two_steps_stale(tmp_path, monkeypatch, staleness):
+    """The mean reward of the last five of 50 steps: 1.00, 0.99, 0.99 (staleness 0, 1, 2; docs/results.md). At 40
+    steps it was 0.89, 0.82 and 0.86, too near the bar for another CPU's rounding."""
     monkeypatch.setitem(REWARD_FUNCTIONS, "leading_space", leading_space)
     stale = [f"stage.max_staleness={staleness}", "stage.rollout_correction=token_truncate"]
-    run_stage(grpo_config(tmp_path, 40, *SERVER, *stale, "trainer.ckpt_every=1000"))
+    run_stage(grpo_config(tmp_path, 50, *SERVER, *stale, "trainer.ckpt_every=1000"))
     reward = list(logged(tmp_path, "train/reward/mean").values())
     assert mean(reward[:3]) <= 0.3, reward[:3]
     assert mean(reward[-5:]) >= 0.8, reward
     if staleness:
         ages = list(logged(tmp_path, "train/staleness/max").values())
-        assert ages[staleness:] == [staleness] * (40 - staleness)
+        assert ages[staleness:] == [staleness] * (50 - staleness)
     else:  # every batch sampled with the weights it trains: the server's log-probs are the trainer's, every step
         assert max(logged(tmp_path, "train/rollout_logprob_diff").values()) < 1e-5
 
