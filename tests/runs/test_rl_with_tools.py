@@ -192,8 +192,8 @@ LEARN_WITH_THE_TOOL = [
     "stage.sampling.num_samples=8",
     "stage.sampling.max_new_tokens=80",
     "stage.dynamic_sampling=false",
-    # five warm-up steps: without them Adam's first full-size steps broke the call's own tokens on seed 1
-    "optim.lr=2e-4",
+    # the recipe's: at 2e-4 one seed's first full-size steps broke the text after the tool's turn
+    "optim.lr=1e-4",
     "optim.warmup_steps=5",
     "optim.min_lr_ratio=1.0",
     "optim.weight_decay=0.0",
@@ -216,7 +216,7 @@ def _rewards(tool_habits, output_dir, steps: int, seed: int, *overrides: str) ->
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grpo_teaches_the_model_to_call_the_tool(tool_habits, tmp_path, seed):
-    """Seeds 0-2 start at 0.08-0.16 and end at 0.87-0.89 (the mean of the last ten steps); calls per sample rise
+    """Seeds 0-2 start at 0.08-0.16 and end at 0.85-0.86 (the mean of the last ten steps); calls per sample rise
     from 0.13-0.22 to 1.00 (docs/results.md)."""
     reward, calls = _rewards(tool_habits, tmp_path, 40, seed)
     assert mean(reward[:3]) <= 0.3 and mean(calls[:3]) <= 0.4, (reward[:3], calls[:3])
