@@ -5,6 +5,8 @@ the run in one line, which then resumes exactly."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +75,8 @@ def test_two_replicas_sample_what_the_colocated_engine_samples_and_take_a_push(t
     finally:
         server.close()
     assert all(replica.process.poll() is not None for replica in server.servers), "close stops them"
+    # and removes each one's folder: its log and the RPC sockets vLLM would leave in /tmp
+    assert not any(replica.log_path.parent.exists() for replica in server.servers)
 
 
 def grpo_config(directory, steps, *overrides):
@@ -119,8 +123,12 @@ def test_grpo_through_the_server_equals_the_colocated_engine_and_survives_a_kill
     # in optimizer steps: each batch of rollouts trains two
     assert list(logged(tmp_path / "server", "train/staleness/mean").values()) == [0, 2, 2]
 
-    with pytest.raises(ServerError, match=r"vLLM server at http://127.0.0.1:\d+ exited with code -9 while"):
+    with pytest.raises(ServerError, match=r"vLLM server at http://127.0.0.1:\d+ exited with code -9 while") as died:
         run_stage(grpo_config(tmp_path / "killed", 6, *SERVER, *common), callbacks=[KillServerAfterStep(2)])
+    # the dead server's log is kept where the error says, for the user to read
+    log_path = Path(re.search(r"its log: (\S+)", str(died.value)).group(1))
+    assert "Application startup complete" in log_path.read_text()
+    shutil.rmtree(log_path.parent)
     run_stage(grpo_config(tmp_path / "killed", 6, *SERVER, *common))  # resumes from step 2 with a new server
     for metric in ("train/grad_norm", "train/loss"):
         assert logged(tmp_path / "killed", metric) == logged(tmp_path / "server", metric), metric

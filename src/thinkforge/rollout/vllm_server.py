@@ -151,13 +151,14 @@ class VLLMServer:
         command, variables = server_command(
             model_dir, settings, host="127.0.0.1", port=port, max_model_len=max_model_len, seed=seed
         )
-        handle, name = tempfile.mkstemp(prefix="thinkforge-vllm-server-", suffix=".log")
-        os.close(handle)
-        log_path = Path(name)
+        # its log and its temporary files go in one folder of its own: vLLM leaves its RPC sockets and the
+        # rendezvous file of its workers in the temporary directory (five files per start here)
+        folder = Path(tempfile.mkdtemp(prefix="thinkforge-vllm-server-"))
+        log_path = folder / "server.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 command,
-                env={**os.environ, **variables},
+                env={**os.environ, **variables, "TMPDIR": str(folder)},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
@@ -215,6 +216,7 @@ class VLLMServer:
         return json.loads(payload) if payload else None
 
     def close(self) -> None:
+        """Stops a server this process started and removes its folder; one that had died keeps its log to read."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
@@ -223,6 +225,8 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.log_path is not None:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
 class TrainerRanks:
