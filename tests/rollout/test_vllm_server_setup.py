@@ -3,13 +3,16 @@ the rank-0 relay every FSDP rank learns a server's outcome from."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from conftest import compose_config
 
 from thinkforge.config import validate
 from thinkforge.errors import ConfigError
 from thinkforge.rollout.settings import RolloutConfig, VLLMServerConfig
-from thinkforge.rollout.vllm_server import ServerError, TrainerRanks, free_ports, server_command
+from thinkforge.rollout.vllm_server import ServerError, TrainerRanks, VLLMServer, free_ports, server_command
 
 
 def test_each_replica_gets_its_own_cores_and_the_launch_binds_them():
@@ -74,3 +77,28 @@ def test_a_single_process_relays_rank_zeros_outcome_to_itself():
     ranks.all_ok(None, "pushing the weights")
     with pytest.raises(ServerError, match="rank 0 failed pushing the weights: disk full"):
         ranks.all_ok("disk full", "pushing the weights")
+
+
+def started_server(tmp_path, **settings) -> VLLMServer:
+    """A server as `VLLMServer.start` leaves it, its process a stand-in that never answers."""
+    folder = tmp_path / "thinkforge-vllm-server-x"
+    folder.mkdir()
+    (folder / "server.log").write_text("INFO loading the model\nERROR out of memory\n")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    [port] = free_ports(1)
+    return VLLMServer(f"http://127.0.0.1:{port}", VLLMServerConfig(**settings), process, folder / "server.log")
+
+
+def test_a_closed_server_leaves_nothing_behind(tmp_path):
+    server = started_server(tmp_path)
+    server.close()
+    assert server.process.poll() is not None and not (tmp_path / "thinkforge-vllm-server-x").exists()
+
+
+def test_a_server_that_fails_keeps_the_log_its_error_names(tmp_path):
+    server = started_server(tmp_path, start_timeout_s=0.5)
+    named_with_its_tail = r"(?s)did not answer /health .*; its log: \S+server.log\n.*ERROR out of memory"
+    with pytest.raises(ServerError, match=named_with_its_tail):
+        server.wait_ready()
+    server.close()
+    assert server.process.poll() is not None and (tmp_path / "thinkforge-vllm-server-x" / "server.log").exists()

@@ -142,6 +142,7 @@ class VLLMServer:
         log_path: Path | None = None,
     ) -> None:
         self.url, self.settings, self.process, self.log_path = url.rstrip("/"), settings, process, log_path
+        self.failed = False
 
     @classmethod
     def start(
@@ -171,12 +172,16 @@ class VLLMServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def failure(self, message: str) -> ServerError:
+        """The error that stops the run, with the log of a server this trainer started, which `close` then keeps."""
+        self.failed = True
+        if self.log_path is None:
+            return ServerError(message)
+        return ServerError(f"{message}; its log: {self.log_path}\n{self.log_tail()}")
+
     def check_alive(self, doing: str) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise ServerError(
-                f"the vLLM server at {self.url} exited with code {self.process.returncode} {doing}; "
-                f"its log: {self.log_path}\n{self.log_tail()}"
-            )
+            raise self.failure(f"the vLLM server at {self.url} exited with code {self.process.returncode} {doing}")
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.start_timeout_s
@@ -189,10 +194,9 @@ class VLLMServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(1.0)
-        raise ServerError(
+        raise self.failure(
             f"the vLLM server at {self.url} did not answer /health within "
             f"rollout.vllm_server.start_timeout_s={self.settings.start_timeout_s:g} s"
-            + (f"; its log: {self.log_path}" if self.log_path else "")
         )
 
     def post(self, path: str, body: dict[str, Any], doing: str) -> Any:
@@ -204,28 +208,27 @@ class VLLMServer:
             with urllib.request.urlopen(request, timeout=self.settings.request_timeout_s) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
-            raise ServerError(
+            raise self.failure(
                 f"the vLLM server at {self.url} refused {path} {doing}: HTTP {error.code} {error.read()[:500]!r}"
             ) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             self.check_alive(doing)
-            raise ServerError(
+            raise self.failure(
                 f"no answer from the vLLM server at {self.url}{path} {doing} within "
                 f"rollout.vllm_server.request_timeout_s={self.settings.request_timeout_s:g} s: {error}"
             ) from None
         return json.loads(payload) if payload else None
 
     def close(self) -> None:
-        """Stops a server this process started and removes its folder; one that had died keeps its log to read."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.log_path is not None:
+        """Stops a server this process started and removes its folder, unless an error named its log."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.log_path is not None and not self.failed:
             shutil.rmtree(self.log_path.parent, ignore_errors=True)
 
 
