@@ -12,10 +12,11 @@ from thinkforge.chat import ChatFormat
 from thinkforge.config import TrainConfig
 from thinkforge.data.packing import TokenSequence
 from thinkforge.doctor.findings import Finding
-from thinkforge.rollout.base import RolloutEngine
+from thinkforge.rollout.base import Generate, RolloutEngine
 from thinkforge.rollout.engines import EngineSource, build_engine
 from thinkforge.rollout.hf import HFEngine
-from thinkforge.rollout.settings import SamplingParams
+from thinkforge.rollout.settings import SamplingParams, ToolsConfig
+from thinkforge.rollout.tools import ToolRollouts
 
 LOGPROB_WARN, LOGPROB_FAIL = 1e-2, 1e-1
 
@@ -28,11 +29,17 @@ def sampler_trainer_gap(
     *,
     score_temperature: float | None = None,
     engine: RolloutEngine | None = None,
+    tools: ToolsConfig | None = None,
 ) -> float:
-    """Mean |log p_sampler − log p_trainer| per completion token: the engine's recorded log-probs (HF generate on
+    """Mean |log p_sampler − log p_trainer| per sampled token: the engine's recorded log-probs (HF generate on
     `model` unless another engine is given) against the training forward pass at `score_temperature` (the
-    sampling temperature unless told otherwise). `prompts` are rendered already."""
-    groups = (engine or HFEngine(model, chat)).generate(prompts, sampling, seed=0)
+    sampling temperature unless told otherwise). With `tools`, the rollouts run their calls, and the model's
+    tokens of every turn are compared, as the trainer scores them (the tool's tokens carry no loss).
+    `prompts` are rendered already."""
+    generate: Generate = (engine or HFEngine(model, chat)).generate
+    if tools is not None and tools.enabled:
+        generate = ToolRollouts(generate, chat, tools)
+    groups = generate(prompts, sampling, seed=0)
     temperature = score_temperature or sampling.temperature
     total, count = 0.0, 0
     with torch.no_grad():
@@ -41,13 +48,14 @@ def sampler_trainer_gap(
                 if not rollout.token_ids:
                     continue
                 ids = list(prompt_ids) + list(rollout.token_ids)
-                sequence = TokenSequence.causal(ids, [False] * len(prompt_ids) + [True] * len(rollout.token_ids))
+                sequence = TokenSequence.causal(ids, [False] * len(prompt_ids) + list(rollout.trainable))
                 logps, _ = model(
                     torch.tensor([sequence.input_ids]), torch.tensor([sequence.labels]), temperature=temperature
                 )
                 trainer_side = logps[0, len(prompt_ids) - 1 : len(ids) - 1]
-                total += (trainer_side - torch.tensor(rollout.logprobs)).abs().sum().item()
-                count += len(rollout.logprobs)
+                sampled = torch.tensor(rollout.trainable)
+                total += (trainer_side - torch.tensor(rollout.logprobs))[sampled].abs().sum().item()
+                count += int(sampled.sum())
     return total / max(count, 1)
 
 
@@ -67,10 +75,12 @@ def check_logprobs(run: TrainConfig, chat: ChatFormat, sampling: SamplingParams,
         seed=0,
     )
     rendered = [chat.prompt(prompt) for prompt in prompts[:4]]
-    gap = sampler_trainer_gap(model, chat, rendered, sampling, engine=build_engine(run.rollout, source))
+    engine = build_engine(run.rollout, source)
+    gap = sampler_trainer_gap(model, chat, rendered, sampling, engine=engine, tools=run.tools)
     measured = (
         f"{run.rollout.engine} engine: mean |Δ log p| {gap:.1e} per token "
         f"at T={sampling.temperature}, top_p={sampling.top_p}"
+        + (f", the model's turns with tools={run.tools.tool}" if run.tools.enabled else "")
     )
     if gap < LOGPROB_WARN:
         return Finding("sampler vs trainer log-probs", "pass", measured)
