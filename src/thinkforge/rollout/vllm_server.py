@@ -153,7 +153,7 @@ class VLLMServer:
             model_dir, settings, host="127.0.0.1", port=port, max_model_len=max_model_len, seed=seed
         )
         # its log and its temporary files go in one folder of its own: vLLM leaves its RPC sockets and the
-        # rendezvous file of its workers in the temporary directory (five files per start here)
+        # rendezvous file of its workers in the temporary directory (three sockets and one file per start here)
         folder = Path(tempfile.mkdtemp(prefix="thinkforge-vllm-server-"))
         log_path = folder / "server.log"
         with log_path.open("wb") as log_file:
