@@ -42,6 +42,21 @@ def test_hostile_calls_end_within_their_limit_with_a_readable_result(name):
     assert result.ok == clean and expected in result.output and len(result.output) < 400, result.output
 
 
+@pytest.mark.parametrize(
+    ("code", "limits"),
+    [
+        ("while True:\n    pass", SandboxLimits(wall_s=30.0, cpu_s=1)),
+        ("import time\ntime.sleep(30)", SandboxLimits(wall_s=1.0)),
+    ],
+    ids=["past its CPU time", "past its wall clock"],
+)
+def test_either_time_limit_reads_as_a_time_out(code, limits):
+    """With both limits at the same seconds a busy loop meets either first; both must read alike."""
+    result = run_python(code, limits, 200)
+    assert result.timed_out and not result.ok and result.seconds < 10.0, result
+    assert result.output == f"error: timed out (its limits: {limits.wall_s:g} s of wall clock, {limits.cpu_s} s of CPU)"
+
+
 def test_a_write_outside_its_directory_fails_and_leaves_the_trainer_untouched(tmp_path):
     before = (os.getcwd(), dict(os.environ))
     target = tmp_path / "escaped.txt"

@@ -40,10 +40,13 @@ class Capped(io.StringIO):
         return len(text)
 def main():
     limits = json.loads(sys.argv[1])
-    for name, value in (("RLIMIT_AS", limits["memory"]), ("RLIMIT_CPU", limits["cpu"]), ("RLIMIT_NPROC", 0),
-                        ("RLIMIT_FSIZE", limits["file_size"]), ("RLIMIT_NOFILE", 64), ("RLIMIT_CORE", 0)):
+    memory, cpu, file_size = limits["memory"], limits["cpu"], limits["file_size"]
+    # CPU: SIGXCPU at the soft limit, which the parent reads as a time-out (at soft == hard Linux sends SIGKILL)
+    bounds = {"RLIMIT_AS": (memory, memory), "RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_NPROC": (0, 0),
+              "RLIMIT_FSIZE": (file_size, file_size), "RLIMIT_NOFILE": (64, 64), "RLIMIT_CORE": (0, 0)}
+    for name, (soft, hard) in bounds.items():
         try:
-            resource.setrlimit(getattr(resource, name), (value, value))
+            resource.setrlimit(getattr(resource, name), (soft, hard))
         except (ValueError, OSError):
             pass
     job = json.loads(sys.stdin.read())
@@ -148,7 +151,8 @@ def _network_isolation() -> list[str]:
 
 def run_sandboxed(job: dict[str, Any], limits: SandboxLimits) -> tuple[Any, bool]:
     """Runs a harness job ({kind, code, ...}); its report (None when the process was killed, crashed, or its
-    report is missing or forged) and whether the wall-clock limit killed it."""
+    report is missing or forged) and whether it ran out of time: the wall-clock limit, or the CPU limit (SIGXCPU),
+    whichever came first; with both at the same number of seconds, a busy loop meets either."""
     nonce = secrets.token_hex(16)
     settings = json.dumps({"memory": limits.memory_bytes, "cpu": limits.cpu_s, "file_size": limits.file_size_bytes})
     timed_out = False
@@ -171,6 +175,7 @@ def run_sandboxed(job: dict[str, Any], limits: SandboxLimits) -> tuple[Any, bool
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    timed_out = timed_out or process.returncode == -signal.SIGXCPU
     reports = [line[len(nonce) :] for line in output.decode(errors="replace").splitlines() if line.startswith(nonce)]
     if len(reports) != 1:
         return None, timed_out
@@ -198,7 +203,8 @@ def run_python(code: str, limits: SandboxLimits, max_output_chars: int) -> ToolR
     report, timed_out = run_sandboxed({"kind": "tool", "code": code, "max_output_chars": max_output_chars}, limits)
     seconds = time.perf_counter() - started
     if timed_out:
-        return ToolRun(f"error: timed out after {limits.wall_s:g} s", False, True, seconds)
+        limit = f"{limits.wall_s:g} s of wall clock, {limits.cpu_s} s of CPU"
+        return ToolRun(f"error: timed out (its limits: {limit})", False, True, seconds)
     if not isinstance(report, dict):
         return ToolRun("error: the process was killed (it passed a memory, CPU or file limit)", False, False, seconds)
     output = str(report.get("output", ""))
