@@ -17,9 +17,11 @@ from thinkforge.rollout.settings import RolloutConfig, SamplingConfig, ToolsConf
 
 @dataclass
 class BenchmarkConfig:
+    # Names its results' directory, logs/eval/<name>
     name: str = MISSING
     # A .jsonl/.parquet file (or a `datasets` hub name) with a problem and a gold answer per row.
     path: str = MISSING
+    # The split of a hub dataset, or of the synthetic task (test)
     split: str = "test"
     # Canonical field -> column, e.g. {prompt: problem, answer: answer}.
     fields: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
@@ -63,8 +65,11 @@ def shared_benchmarks() -> dict[str, BenchmarkConfig]:
 class BudgetForcingConfig:
     """s1 budget forcing: cap the thinking (force `</think>`), or extend it by replacing `</think>` with "Wait"."""
 
+    # The thinking is closed with </think> at this many tokens (null: no cap)
     max_thinking_tokens: Optional[int] = None
+    # An early </think> is replaced with wait_text this many times, so the model thinks longer
     num_waits: int = 0
+    # What replaces an early </think>
     wait_text: str = "Wait"
     # Tokens for the final answer after the thinking ends.
     max_answer_tokens: int = 256
@@ -104,19 +109,25 @@ class EvalConfig:
     # num_samples per problem: pass@1 is averaged over them; pass@k (unbiased) and maj@k use them too.
     # DeepScaleR's protocol is 16 samples at temperature 0.6, top-p 0.95; 4 here so the default runs on CPU
     sampling: SamplingConfig = field(default_factory=deepscaler_protocol)
+    # The k of pass@k and maj@k, each at most sampling.num_samples
     ks: list[int] = field(default_factory=lambda: [1, 4])
     budget: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # tools=python: the model may call the Python tool while it answers, as it did in training
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    # A system turn put first in every prompt
     system_prompt: Optional[str] = None
+    # The sampling seed
     seed: int = 0
     # Grade an existing per-sample file (problem, gold, completion per row) instead of generating.
     samples_file: Optional[str] = None
     # strict: a \boxed{} after </think>, as the RL reward; lenient: also a stated answer, a last formula or number
     grading: Grading = Grading.strict
+    # Where the shared benchmarks' .jsonl files are ($THINKFORGE_BENCHMARKS, else ../shared/data/benchmarks)
     benchmarks_dir: str = "../shared/data/benchmarks"
+    # The run directory, logs/eval/<benchmark>/runs/<time>
     output_dir: str = MISSING
+    # Compose and validate, print the config, and stop
     dry_run: bool = False
 
     def __post_init__(self) -> None:

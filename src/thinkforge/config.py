@@ -42,7 +42,9 @@ class LoraConfig:
 
     # 0: no adapter, the whole model trains
     rank: int = 0
+    # the adapter's output is scaled by alpha / rank
     alpha: float = 32.0
+    # dropout on the adapter's input (peft's lora_dropout)
     dropout: float = 0.0
     # module names (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the LM head)
     target_modules: Any = "all-linear"
@@ -72,12 +74,17 @@ class ModelConfig:
     config: Optional[dict[str, Any]] = None
     # Tokenizer id or directory; null means: the model's own, or the built-in synthetic-task tokenizer.
     tokenizer: Optional[str] = None
+    # auto: flash_attention_2 on GPU when flash-attn is installed and the architecture has it, else sdpa, else eager; or
+    # one of them by name
     attn_implementation: str = "auto"
     # The compute dtype: auto is bfloat16 on GPU, float32 on CPU. Parameters and optimizer state are fp32 in any
     # case (bf16 weights round small updates away); fp16 is not offered, as it needs loss scaling.
     dtype: str = "auto"
+    # Recompute each layer's activations in the backward pass (non-reentrant): less memory, one more forward.
     gradient_checkpointing: bool = False
+    # Run the model's own Python from its repository (architectures transformers does not ship).
     trust_remote_code: bool = False
+    # The initial weights' seed of a model built from `config` (the same on every device and strategy).
     init_seed: int = 0
     # Rows of this many tokens go through the LM head at once when computing log-probs.
     logprob_chunk_size: int = 2048
@@ -104,9 +111,14 @@ class SyntheticConfig:
     # math: word problems with a boxed answer; code: the same stories as Python functions graded by their tests;
     # tool: products of two (level + 1)-digit numbers, solved by calling the Python tool (data/synthetic_tool.py)
     task: str = "math"
+    # problems in the train split
     num_train: int = 4000
+    # problems in the test split, which shares no prompt with the train split
     num_val: int = 200
+    # difficulty, 1 to 5: math and code, the operations in a story (from 3, multiplication; from 4, division); tool,
+    # operands of level + 1 digits; levels cycle from min_level to max_level
     min_level: int = 1
+    # the hardest level
     max_level: int = 3
     # the largest starting quantity and amount added: 9 keeps every operand one digit
     max_number: int = 20
@@ -117,6 +129,7 @@ class SyntheticConfig:
     boxed_fraction: float = 1.0
     # code: the share of solutions that forget their last step (see data/synthetic_code.py)
     buggy_fraction: float = 0.0
+    # the generator's seed: the same settings and seed give the same problems
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -133,29 +146,43 @@ class SyntheticConfig:
 class DataConfig:
     # "synthetic", a .jsonl/.json/.parquet file, or a `datasets` hub name.
     train: Optional[str] = "synthetic"
+    # Held-out rows, in the same forms as train; null: none (stages that train on prompt + answer
+    # rows then hold out some of them).
     val: Optional[str] = "synthetic"
+    # The split read from a hub dataset or the synthetic task (train or test); a file has one.
     train_split: str = "train"
+    # The split data.val is read from, as train_split.
     val_split: str = "test"
     # Canonical field -> column in the source; override one with e.g. data.fields.prompt=problem.
     fields: dict[str, str] = field(default_factory=lambda: {name: name for name in CANONICAL_FIELDS})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # A system turn put first in every conversation that has none of its own.
     system_prompt: Optional[str] = None
     # The longest sequence midtrain, SFT and DPO train on: a packed row's capacity, one conversation, a DPO pair's
     # prompt + reply. GRPO's prompts are bounded by stage.max_prompt_length, its completions by the stage too.
     max_sequence_length: int = 512
+    # Sequences packed into rows of up to max_sequence_length tokens, each with its own position_ids (no padding, no
+    # attention across them); false: one sequence a row, padded.
     pack: bool = True
     # What to do with a sequence longer than max_sequence_length: split it into pieces, truncate it, or drop it.
     overflow: str = "split"
     # A malformed row stops the run (naming file, row and field) or is skipped and counted.
     bad_rows: str = "error"
+    # The validation loss reads at most this many rows of data.val.
     max_val_rows: int = 256
+    # Items per optimizer step over all processes: rows (midtrain, SFT: packed, or one sequence a row without
+    # data.pack), pairs (DPO), prompts (GRPO, each sampled stage.sampling.num_samples times).
     batch_size: int = 16
+    # Items per forward and backward on each process; a step accumulates gradients over batch_size / (processes x
+    # micro_batch_size) of them.
     micro_batch_size: int = 8
     # Unpacked rows are padded to their micro-batch's longest sequence, rounded up to this multiple (null: 64 on
-    # GPU, 8 on CPU). group_by_length puts sequences of similar length into the same micro-batches of a step (the
-    # step still trains on the same global batch): less padding, the same loss.
+    # GPU, 8 on CPU).
     pad_to_multiple_of: Optional[int] = None
+    # Sequences of similar length share the micro-batches of a step (the step still trains on the same global
+    # batch): less padding, the same loss.
     group_by_length: bool = False
+    # The order training rows are drawn in, reshuffled every pass.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -182,12 +209,17 @@ class DataConfig:
 class OptimConfig:
     # the tiny demo model's, trained from scratch; a pretrained model wants 1e-6 to 2e-5 (Stage warns)
     lr: float = 3e-3
+    # AdamW's decoupled weight decay, on matrices only (not on norms and biases)
     weight_decay: float = 0.1
+    # AdamW's (beta1, beta2)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # AdamW's epsilon
     eps: float = 1e-8
+    # the learning rate rises linearly to lr over this many optimizer steps
     warmup_steps: int = 10
     # The cosine schedule decays to lr * min_lr_ratio at trainer.max_steps.
     min_lr_ratio: float = 0.1
+    # gradients are clipped to this global L2 norm
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
@@ -200,13 +232,18 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
+    # optimizer steps the stage trains for
     max_steps: int = 60
+    # the validation loss on data.val every this many steps (none without data.val)
     val_every: int = 30
+    # metrics are logged every this many steps
     log_every: int = 1
+    # a checkpoint (checkpoints/, and last.ckpt to resume from) every this many steps
     ckpt_every: int = 30
     # also save checkpoints/last.ckpt every this many minutes of training (null: by steps alone), so a kill
     # without warning loses at most this much; a stop signal saves at once (thinkforge.preemption)
     ckpt_every_minutes: Optional[float] = 10.0
+    # Lightning's validation batches before training, to fail early on a broken val split
     num_sanity_val_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -222,12 +259,18 @@ class TrainerConfig:
 
 @dataclass
 class HardwareConfig:
+    # cpu, gpu (cuda is the same), or auto (a GPU when there is one)
     accelerator: str = "cpu"
+    # Processes per node: GPUs, or CPU processes with strategy=fsdp.
     devices: int = 1
+    # Nodes (under SLURM, the job's).
     num_nodes: int = 1
     # "single" (one process) or "fsdp" (FSDP2 fully_shard over all processes).
     strategy: str = "single"
+    # torch.distributed's backend: gloo (CPU) or nccl (GPU); null: Lightning's choice for the accelerator.
     process_group_backend: Optional[str] = None
+    # FSDP2: free each layer's gathered parameters after its forward and gather them again for the backward (less
+    # memory, one more all-gather per layer).
     reshard_after_forward: bool = True
     # torch.compile each decoder layer (fuses its norms, RoPE and activations); the first steps pay the compilation
     compile: bool = False
@@ -252,6 +295,7 @@ def greedy() -> SamplingConfig:
 class HeldOutConfig:
     """Generation on held-out prompts (data.val) after the stage: accuracy, EOS rate, completion length."""
 
+    # held-out prompts scored: greedy accuracy, EOS rate, completion length (0: off)
     num_prompts: int = 64
     # max_new_tokens null: the stage's own completion length (GRPO's at its last step, rollout DPO's sampling
     # budget, else data.max_sequence_length), so a 16K-token reasoning stage is not scored on 160 tokens
@@ -259,7 +303,9 @@ class HeldOutConfig:
     # pass@k beside pass@1: k samples at `pass_k_temperature` on the first `pass_k_prompts` prompts (0: off).
     # What RL can reach: it sharpens what the model already samples, so pass@k bounds its greedy gain.
     pass_k: int = 0
+    # pass@k's prompts: the first this many held-out prompts
     pass_k_prompts: int = 100
+    # pass@k's sampling temperature
     pass_k_temperature: float = 1.0
     # scores during the stage too, every this many optimizer steps, logged as heldout/* curves and drawn in
     # curves.png; null: a handful of points in an RL stage (GRPO, DPO: at most 4 between the start and the end,
@@ -338,19 +384,24 @@ class StageSchema:
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
+    # The stage and its knobs: stage=midtrain|sft|dpo|grpo (their keys below).
     stage: Any = MISSING
     hardware: HardwareConfig = MISSING
+    # Loggers by name (logger=default|csv|wandb|mlflow, conf/logger/); null: none.
     logger: Any = None
+    # More Lightning callbacks: name -> {_target_: a class, its arguments}; a null entry is switched off.
     callbacks: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    # Seeds the rest: Lightning's seed_everything, rollouts', held-out and own samples' sampling.
     seed: int = 1234
     # A Lightning checkpoint to resume this same run from (step, optimizer, scheduler, data position); "last" is
     # this run directory's newest checkpoint if there is one.
     ckpt_path: Optional[str] = "last"
+    # The run directory (Hydra's: logs/<stage>/runs/<time>).
     output_dir: str = MISSING
     # Compose and validate, print the config, and stop.
     dry_run: bool = False
@@ -384,6 +435,7 @@ class PipelineConfig:
 
     # Names the run directory (logs/pipeline/<name>-seed<seed>), so re-running a recipe resumes it.
     name: str = MISSING
+    # One line on what the recipe does, printed with its plan.
     description: str = ""
     # The first stage's model; later stages start from the previous export with the same loading options.
     model: ModelConfig = MISSING
@@ -397,9 +449,11 @@ class PipelineConfig:
     data: dict[str, Any] = field(default_factory=dict)
     # Every stage's seed: model init, data order and sampling move together.
     seed: int = 0
+    # Where every stage's run directory goes (logs/pipeline/<name>-seed<seed>/<stage>).
     output_dir: str = MISSING
-    # Compose and validate every stage, print the plan, and stop; verbose adds every stage's full config.
+    # Compose and validate every stage, print the plan, and stop.
     dry_run: bool = False
+    # With dry_run: print every stage's full config too.
     verbose: bool = False
     # Run thinkforge-doctor's checks on every stage instead of training.
     doctor: bool = False

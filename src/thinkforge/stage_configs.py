@@ -65,9 +65,9 @@ class SFTConfig(StageSchema):
     # file: the replies in the data; rejection: the starting model's own verified-correct samples of prompt + gold
     # rows (DeepSeek-R1's rejection-sampled SFT), sampled once before training and kept in the run directory
     replies: str = "file"
-    # rejection: how the starting model is sampled, and up to how many distinct verified-correct, finished samples
-    # of each prompt become replies
+    # rejection: how the starting model is sampled
     sampling: SamplingConfig = field(default_factory=own_samples)
+    # rejection: up to how many distinct verified-correct, finished samples of each prompt become replies
     max_per_prompt: int = 1
     # how rejection samples are verified: strict (\boxed{} after </think>) or lenient (also a stated answer)
     answer_extraction: str = "strict"
@@ -100,11 +100,15 @@ class SFTConfig(StageSchema):
 @dataclass
 class DPOConfig(StageSchema):
     _target_: str = "thinkforge.stages.dpo.DPO"
+    # the implicit reward's scale: the log-ratio margin to the reference is multiplied by beta
     beta: float = 0.1
+    # sigmoid (DPO), ipo or hinge
     loss_type: str = "sigmoid"
+    # sigmoid: the assumed share of flipped pairs (conservative DPO), in [0, 0.5)
     label_smoothing: float = 0.0
     # > 0 adds the chosen answer's per-token NLL (iterative RPO); 1.0 is the paper's value for reasoning pairs
     rpo_alpha: float = 0.0
+    # score every pair under the reference once before training, so no reference model is held while training
     precompute_ref_logps: bool = False
     # file: prompt/chosen/rejected rows; rollout: pairs from the starting model's own verified samples
     pairs: str = "rollout"
@@ -160,16 +164,18 @@ class GRPOConfig(StageSchema):
     sampling: SamplingConfig = field(default_factory=rollouts)
     # optimizer steps on each batch of rollouts (> 1: the ratio and clipping come into play)
     num_iterations: int = 1
-    # the objective (thinkforge.objectives.PolicyObjective), in two choices: the surrogate, clip (PPO's clipped
-    # token ratio), gspo (the clipped ratio of the whole sequence; the paper clips it at 3e-4/4e-4) or cispo
-    # (MiniMax-M1's clipped importance weight, detached, times log pi: every token keeps a gradient); and the
-    # aggregation, token_mean (DAPO), sequence_mean (DeepSeek-R1's GRPO) or constant (Dr. GRPO: B x max length)
+    # the objective's surrogate (thinkforge.objectives.PolicyObjective): clip (PPO's clipped token ratio), gspo (the
+    # clipped ratio of the whole sequence; the paper clips it at 3e-4/4e-4) or cispo (MiniMax-M1's clipped
+    # importance weight, detached, times log pi: every token keeps a gradient)
     surrogate: str = "clip"
+    # how its token losses are averaged: token_mean (DAPO), sequence_mean (DeepSeek-R1's GRPO) or constant (Dr.
+    # GRPO: the sum over B x max completion length)
     aggregation: str = "token_mean"
     # advantages divided by the group's std, the batch's std, or nothing (Dr. GRPO)
     advantage_scale: str = "group"
-    # the clip range [1 - epsilon_low, 1 + epsilon_high]; DAPO's clip-higher raises the upper side
+    # the clip range [1 - epsilon_low, 1 + epsilon_high]
     epsilon_low: float = 0.2
+    # the upper side, raised by DAPO's clip-higher (0.28 against 0.2) so unlikely tokens can gain
     epsilon_high: float = 0.28
     # INTELLECT-2's two-sided clip: the ratio of a negative-advantage token is capped at delta (> 1 + epsilon_high;
     # a dual-clip constant c does the same); null: off
@@ -186,6 +192,7 @@ class GRPOConfig(StageSchema):
     mask_truncated: bool = False
     # drop groups whose rewards are all equal and sample more prompts, up to max_refills times per step (DAPO)
     dynamic_sampling: bool = True
+    # dynamic sampling's extra rounds of prompts per step, at most
     max_refills: int = 2
     # reward function -> {weight, options}; see conf/reward/. null: RewardModel.DEFAULT (math accuracy alone)
     reward: Optional[dict[str, Any]] = None
@@ -196,7 +203,9 @@ class GRPOConfig(StageSchema):
     max_steps_without_signal: int = 10
     # truncated importance sampling of the trainer's policy over the sampler's (another engine's kernels, bf16):
     # none | token_truncate | token_mask | sequence_truncate | sequence_mask, with weights capped at / masked past
+    # rollout_correction_cap
     rollout_correction: str = "none"
+    # the importance weight's cap (truncate) or threshold (mask)
     rollout_correction_cap: float = 2.0
     # rollouts may come from the weights of up to this many batches of rollouts earlier (optimizer steps, with
     # num_iterations=1; 0: on-policy): each step samples ahead the rollouts of the batches up to max_staleness later

@@ -75,6 +75,7 @@ class SamplingConfig:
     num_samples: int = 1
     # a number, or a schedule {from_step: temperature}; 0 is greedy decoding
     temperature: Any = 1.0
+    # nucleus sampling: the smallest set of tokens whose probabilities reach top_p (1.0: every token)
     top_p: float = 1.0
     # new tokens per completion: a number, or a schedule {from_step: tokens} (iterative context lengthening);
     # null where the owner fills it in (held-out scores: the stage's own completion length)
@@ -126,17 +127,20 @@ class ToolsConfig:
     syntax: str = "auto"
     # model turns per sample; a call in the last one is not run
     max_turns: int = 4
-    # each call's limits: wall clock, CPU seconds, memory
+    # each call's wall-clock seconds: past them its whole process group is killed and the result says it timed out
     wall_s: float = 5.0
+    # each call's CPU seconds: past them it is stopped, which reads as timed out too
     cpu_s: int = 5
+    # each call's address space in MiB: past it, its allocation fails with a MemoryError the model is shown
     memory_mb: int = 1024
     # characters of a call's output the model is shown; the rest is cut, with a note saying how much
     max_output_chars: int = 512
     # seconds of tool time per rank and training step; calls past it are not run (null: no budget)
     step_budget_s: Optional[float] = 120.0
-    # added to a sample's reward for each call that failed or ran into the end of its turns or of the step's budget
-    # (negative to discourage them; 0: the reward reads the answer alone)
+    # added to a sample's reward for each call that failed: an error, a time-out, a limit (negative to discourage
+    # them; 0: the reward reads the answer alone)
     failed_call_reward: float = 0.0
+    # added for each call that was not run: written in the last of max_turns, or past the step's tool budget
     over_budget_call_reward: float = 0.0
     # calls run at once (null: one per core)
     workers: Optional[int] = None
@@ -185,9 +189,11 @@ class VLLMEngineConfig:
     max_model_len: Optional[int] = None
     # eager mode (null: on CPU, where CUDA graphs do not exist)
     enforce_eager: Optional[bool] = None
+    # reuse the KV cache of a prompt's shared prefix (a group's samples share their prompt)
     enable_prefix_caching: bool = True
-    # memory: the GPU share it may take, or on CPU the GiB of its KV cache
+    # GPU: the share of the GPU's memory it may take (weights, activations, KV cache)
     gpu_memory_utilization: float = 0.3
+    # CPU: the GiB of its KV cache (VLLM_CPU_KVCACHE_SPACE)
     cpu_kv_cache_gib: float = 1.0
     # tokens one engine step may schedule; below 16384 seeded sampling crashed vllm-cpu 0.32
     max_num_batched_tokens: int = 16384
@@ -219,16 +225,19 @@ class VLLMServerConfig(VLLMEngineConfig):
     # servers started elsewhere (another node, a SLURM job step): their base URLs, separated by ","; null starts
     # `replicas` of them with the stage
     url: Optional[str] = None
+    # servers the stage starts, each on its share of cpus or gpus; requests go round-robin and every weight push reaches
+    # all of them
     replicas: int = 1
-    # CPU cores its workers run on (VLLM_CPU_OMP_THREADS_BIND: "1", "4-7"), or the GPUs it sees
-    # (CUDA_VISIBLE_DEVICES: "1", or "2-3" here too); several replicas share them out in equal, contiguous parts
-    # ("0-7" for two: "0-3" and "4-7"); null: vLLM's own choice
+    # CPU cores its workers run on (VLLM_CPU_OMP_THREADS_BIND: "1", "4-7"); several replicas share them out in
+    # equal, contiguous parts ("0-7" for two: "0-3" and "4-7"); null: vLLM's own choice
     cpus: Optional[str] = None
+    # the GPUs it sees (CUDA_VISIBLE_DEVICES: "1", or "2-3" here too), shared out between replicas as cpus are
     gpus: Optional[str] = None
     # a directory the trainer and the server both read, for the pushed weights (null: /dev/shm, one machine)
     push_dir: Optional[str] = None
-    # seconds to wait for the server to answer /health, and for any one request
+    # seconds to wait for a started server to answer /health
     start_timeout_s: float = 600.0
+    # seconds to wait for any one request (a prompt's samples, a weight push)
     request_timeout_s: float = 600.0
     # requests sent at once (one per prompt); the server batches them
     max_requests_in_flight: int = 256
@@ -289,6 +298,7 @@ class RolloutConfig:
     sync). `vllm`: vLLM in the trainer's own process, fed the policy's weights after every optimizer step.
     `vllm_server`: vLLM as its own server process, pushed the weights after every optimizer step."""
 
+    # hf | vllm | vllm_server (rollout=<engine>), as above
     engine: str = "hf"
     hf: HFEngineConfig = field(default_factory=HFEngineConfig)
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
