@@ -173,8 +173,8 @@ class DataConfig:
     # Items per optimizer step over all processes: rows (midtrain, SFT: packed, or one sequence a row without
     # data.pack), pairs (DPO), prompts (GRPO, each sampled stage.sampling.num_samples times).
     batch_size: int = 16
-    # Items per forward and backward on each process; a step accumulates gradients over batch_size / (processes x
-    # micro_batch_size) of them.
+    # Items per forward and backward on each process; a step accumulates the gradients of batch_size / (processes
+    # x micro_batch_size) such micro-batches.
     micro_batch_size: int = 8
     # Unpacked rows are padded to their micro-batch's longest sequence, rounded up to this multiple (null: 64 on
     # GPU, 8 on CPU).
